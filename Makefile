@@ -1,0 +1,24 @@
+# The two commands of the README:
+#   make quickstart   set up, get the data, run the quickstart experiment and write its report
+#   make test         set up and run the whole test suite
+# Both reuse what is already done: the environment is installed once, finished runs are skipped.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test env env-dev data
+
+quickstart: env data
+	$(BIN)/dynexit run experiments/quickstart.yaml
+	$(BIN)/dynexit report results/quickstart
+
+test: env-dev
+	$(BIN)/python -m pytest -q tests
+
+env:
+	bash scripts/setup_env.sh $(VENV) dev,notebooks
+
+env-dev:
+	bash scripts/setup_env.sh $(VENV) dev
+
+data:
+	bash scripts/get_data.sh
