@@ -14,6 +14,7 @@ import sys
 # Subcommand modules, in the order ``dynexit --help`` lists them.
 COMMANDS = (
     "models",
+    "convert",
 )
 
 EPILOG = """examples:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dynexit.models.backbones import BACKBONES, load_backbone_weights
 from dynexit.models.official import convert_state_dict, load_official
 from dynexit.models.perceiver import DynPerceiver, MultiExitModel, State, StaticClassifier, build_model
 from dynexit.models.presets import PRESETS, PerceiverConfig, list_models, preset_config
@@ -15,6 +16,6 @@ def create_model(name: str, **overrides: Any) -> MultiExitModel:
 
 
 __all__ = [
-    "PRESETS", "DynPerceiver", "MultiExitModel", "PerceiverConfig", "State", "StaticClassifier",
-    "build_model", "convert_state_dict", "create_model", "list_models", "load_official", "preset_config",
+    "BACKBONES", "PRESETS", "DynPerceiver", "MultiExitModel", "PerceiverConfig", "State", "StaticClassifier",
+    "build_model", "convert_state_dict", "create_model", "list_models", "load_backbone_weights", "load_official", "preset_config",
 ]

@@ -127,9 +127,8 @@ def convert_state_dict(official: dict[str, torch.Tensor], model: nn.Module) -> d
     return converted
 
 
-def read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The official state dict inside a path or loaded checkpoint (``model``, ``model_ema``, ``state_dict``
-    or a raw state dict)."""
+def open_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint file loaded (on the CPU), or the dict itself; clear errors for missing or corrupt files."""
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint)
         if not path.is_file():
@@ -140,6 +139,13 @@ def read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.
             raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The official state dict inside a path or loaded checkpoint (``model``, ``model_ema``, ``state_dict``
+    or a raw state dict)."""
+    checkpoint = open_checkpoint(checkpoint)
     for key in ("model", "model_ema", "state_dict"):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -149,6 +155,24 @@ def read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.
         raise ValueError(f"not a state dict: entries {bad} are not tensors")
     # Checkpoints saved from DistributedDataParallel carry a "module." prefix.
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+
+
+# Official training arguments -> dynexit overrides.
+_OFFICIAL_ARGS = {"depth_factor": "depth_factor", "SA_widening_factor": "widening", "with_x2z": "x2z",
+                  "with_z2x": "z2x", "with_dwc": "dwc", "with_isc": "isc", "with_last_CA": "last_ca",
+                  "nb_classes": "num_classes", "input_size": "input_size", "dropout": "dropout"}
+
+
+def official_architecture(checkpoint: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The preset name and overrides recorded in an official checkpoint's ``args`` (None, {} if absent)."""
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if args is None:
+        return None, {}
+    args = vars(args) if not isinstance(args, dict) else args
+    overrides = {ours: args[theirs] for theirs, ours in _OFFICIAL_ARGS.items() if args.get(theirs) is not None}
+    if "depth_factor" in overrides:
+        overrides["depth_factor"] = [int(v) for v in overrides["depth_factor"]]
+    return args.get("model"), overrides
 
 
 def load_official(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> nn.Module:

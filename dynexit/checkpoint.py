@@ -1,0 +1,47 @@
+"""dynexit model checkpoints: weights plus the architecture they belong to.
+
+A dynexit checkpoint is a dict with ``model`` (state dict), ``model_config`` (the PerceiverConfig as a
+dict) and, when it comes from training, ``ema`` and the training state. ``load_model`` rebuilds the
+model from the file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynexit.models import MultiExitModel, PerceiverConfig, build_model
+from dynexit.utils import atomic_write
+
+
+def save_model(path: str | Path, model: MultiExitModel, **extra: Any) -> None:
+    """Writes the weights and the architecture of ``model`` atomically."""
+    payload = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), **extra}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a dynexit checkpoint (no 'model' and 'model_config'); "
+                         "for an official checkpoint use load_official or 'dynexit convert-official'")
+    return checkpoint
+
+
+def load_model(path: str | Path, ema: bool = False) -> MultiExitModel:
+    """The model stored in a dynexit checkpoint (its EMA weights with ``ema=True``), in eval mode."""
+    checkpoint = read(path)
+    model = build_model(PerceiverConfig(**checkpoint["model_config"]))
+    key = "ema" if ema else "model"
+    if key not in checkpoint:
+        raise ValueError(f"{path} holds no {key!r} weights")
+    model.load_state_dict(checkpoint[key])
+    return model.eval()
