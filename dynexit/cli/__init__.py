@@ -15,6 +15,8 @@ import sys
 COMMANDS = (
     "models",
     "convert",
+    "run",
+    "status",
 )
 
 EPILOG = """examples:

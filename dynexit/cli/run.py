@@ -1,0 +1,44 @@
+"""dynexit run: run an experiment spec's grid, resumably."""
+from __future__ import annotations
+
+from dynexit.cli import HelpFormatter
+
+EPILOG = """examples:
+  dynexit run experiments/quickstart.yaml
+  dynexit run experiments/quickstart.yaml --dry-run
+  dynexit run experiments/ablations.yaml --devices cuda:0,cuda:1 --set train.epochs=50
+  dynexit run experiments/quickstart.yaml --devices cpu --workers 2
+
+Running the same command again skips finished runs and resumes interrupted ones from their last
+checkpoint. Results: <results_dir>/runs.csv and curves.csv, one folder per run under runs/."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run an experiment spec (a grid of configurations), resumably",
+        description="Expand a YAML spec into runs, validate every run, then train and evaluate each run "
+                    "that is not finished, on the devices there are.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("spec", help="experiment spec (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of every run (dotted, e.g. train.epochs=3)")
+    p.add_argument("--devices", default="auto", help="auto | cpu | cuda:0,cuda:1,... (default: auto)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel workers (default: one per GPU, or 1 on the CPU)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what is done; run nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dynexit.cli.status import print_status
+    from dynexit.runner import FAILED, run_experiment
+    from dynexit.spec import load_spec
+
+    experiment = load_spec(args.spec, args.set)
+    if args.dry_run:
+        print_status(experiment)
+        return 0
+    outcomes = run_experiment(experiment, devices=args.devices, workers=args.workers, overrides=args.set)
+    print_status(experiment)
+    failed = [o for o in outcomes if o.state == FAILED]
+    return 1 if failed else 0

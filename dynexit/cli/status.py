@@ -1,0 +1,50 @@
+"""dynexit status: finished, running, failed and pending runs of an experiment."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from dynexit.cli import HelpFormatter
+
+EPILOG = """examples:
+  dynexit status experiments/quickstart.yaml
+  dynexit status results/quickstart"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "status", help="show the state of every run of an experiment",
+        description="Show which runs of an experiment are done, running, failed, interrupted or pending. "
+                    "Takes the spec, or the results folder (which keeps a copy of the spec).",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("target", help="SPEC.yaml or RESULTS_DIR")
+    p.set_defaults(func=run)
+
+
+def print_status(experiment) -> None:
+    from dynexit.runner import experiment_status
+
+    rows = experiment_status(experiment)
+    print(f"{experiment.name}: {len(rows)} runs in {experiment.results_dir}")
+    print(f"{'run':<11} {'state':<12} {'variant':<14} overrides / error")
+    for row in rows:
+        detail = row["error"] or ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
+        print(f"{row['run_id']:<11} {row['state']:<12} {row['variant']:<14} {detail}")
+    counts = Counter(row["state"] for row in rows)
+    print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())))
+
+
+def run(args) -> int:
+    from dynexit.spec import load_spec
+
+    target = Path(args.target)
+    if target.is_dir():
+        spec_copy = target / "experiment.yaml"
+        if not spec_copy.is_file():
+            raise FileNotFoundError(f"{target} holds no experiment.yaml; is it an experiment's results folder?")
+        experiment = load_spec(spec_copy)
+        experiment.results_dir = target
+    else:
+        experiment = load_spec(target)
+    print_status(experiment)
+    return 0

@@ -1,0 +1,140 @@
+"""One run, start to finish: train, per-exit logits on the calibration and test splits, per-exit costs,
+the budgeted curve and anytime accuracies, and a summary; every file lands in the run folder.
+
+Each step skips itself when its output exists (after a crash the run resumes where it stopped); the
+training loop resumes from its last checkpoint by itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dynexit.config import RunConfig, save_yaml
+from dynexit.utils import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str]) -> dict:
+    """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary."""
+    folder = Path(folder)
+    train_seconds = _train(cfg, folder, devices)
+    model = _trained_model(cfg, folder)
+    device = devices[0]
+    calib, test = _logits(cfg, folder, model, device)
+    costs = _costs(cfg, folder, model)
+    curve, anytime = _curves(cfg, folder, calib, test, costs)
+    summary = summarize(cfg, model, costs, curve, anytime, train_seconds)
+    atomic_write_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2))
+    return summary
+
+
+def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> float:
+    from dynexit.training import train
+
+    if len(devices) > 1:  # several GPUs for one run: torchrun, then evaluate here
+        save_yaml(cfg, folder / "config.yaml")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",
+               "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder)]
+        log.info("launching %s", " ".join(cmd))
+        subprocess.run(cmd, check=True, env=os.environ.copy())
+        return float(_read_json(folder / "train_result.json").get("wall_time", float("nan")))
+    result = train(cfg, folder, device=devices[0], resume=True)
+    return float(result.wall_time)
+
+
+def _trained_model(cfg: RunConfig, folder: Path):
+    from dynexit.checkpoint import load_model
+
+    return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema)
+
+
+def _logits(cfg: RunConfig, folder: Path, model, device: str):
+    from dynexit.data import build_datasets, build_loaders
+    from dynexit.logits import collect_logits, load_logits, save_logits
+
+    paths = {split: folder / f"logits_{split}.npz" for split in ("calib", "test")}
+    if all(p.is_file() for p in paths.values()):
+        return tuple(load_logits(p) for p in paths.values())
+    splits = build_datasets(cfg.data, folder)
+    loaders = build_loaders(splits, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                            seed=cfg.seed)
+    out = []
+    for split, path in paths.items():
+        logits, targets = collect_logits(model, loaders[split], device=device)
+        save_logits(path, logits, targets)
+        out.append((logits, targets))
+    return tuple(out)
+
+
+def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
+    from dynexit.costs import exit_costs
+
+    path = folder / "costs.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    costs = exit_costs(model.cpu(), input_size=cfg.data.image_size)
+    atomic_write(path, lambda tmp: costs.to_csv(tmp, index=False))
+    return costs
+
+
+def _curves(cfg: RunConfig, folder: Path, calib, test, costs: pd.DataFrame):
+    from dynexit.policies import anytime_accuracy, budgeted_curve
+
+    gmacs = costs["gmacs"].to_numpy(dtype=float)
+    (calib_logits, calib_targets), (test_logits, test_targets) = calib, test
+    if len(gmacs) > 1:
+        curve = budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, gmacs,
+                               grid=cfg.eval.grid, criterion=cfg.eval.criterion)
+    else:  # one exit: the curve is the single static point
+        accuracy = float((test_logits[0].argmax(-1) == test_targets).mean() * 100)
+        calib_accuracy = float((calib_logits[0].argmax(-1) == calib_targets).mean() * 100)
+        curve = pd.DataFrame([{"calib_accuracy": calib_accuracy, "calib_expected_cost": gmacs[0],
+                               "test_accuracy": accuracy, "test_expected_cost": gmacs[0]}])
+    anytime = anytime_accuracy(test_logits, test_targets, gmacs)
+    atomic_write(folder / "curve.csv", lambda tmp: curve.to_csv(tmp, index=False))
+    atomic_write(folder / "anytime.csv", lambda tmp: anytime.to_csv(tmp, index=False))
+    return curve, anytime
+
+
+def accuracy_at_budget(curve: pd.DataFrame, budget: float) -> float:
+    """Test accuracy interpolated along the curve at ``budget`` GMACs; NaN outside the curve's range
+    (never extrapolated)."""
+    ordered = curve.sort_values("test_expected_cost")
+    x = ordered["test_expected_cost"].to_numpy(dtype=float)
+    y = ordered["test_accuracy"].to_numpy(dtype=float)
+    if len(x) == 0 or budget < x[0] or budget > x[-1]:
+        return float("nan")
+    return float(np.interp(budget, x, y))
+
+
+def summarize(cfg: RunConfig, model, costs: pd.DataFrame, curve: pd.DataFrame, anytime: pd.DataFrame,
+              train_seconds: float) -> dict:
+    """The run's row of runs.csv: per-exit test accuracy and cost, parameters, time, curve summaries."""
+    names = list(model.exit_names)
+    row: dict = {"params": int(sum(p.numel() for p in model.parameters())), "train_seconds": train_seconds,
+                 "num_exits": len(names)}
+    for k, name in enumerate(names):
+        row[f"acc_{name}"] = float(anytime["accuracy"].iloc[k])
+        row[f"gmacs_{name}"] = float(costs["gmacs"].iloc[k])
+    row["acc_final"] = row[f"acc_{names[-1]}"]
+    row["gmacs_final"] = row[f"gmacs_{names[-1]}"]
+    row["curve_min_gmacs"] = float(curve["test_expected_cost"].min())
+    row["curve_max_gmacs"] = float(curve["test_expected_cost"].max())
+    row["curve_best_accuracy"] = float(curve["test_accuracy"].max())
+    for budget in cfg.eval.budgets:
+        row[f"acc_at_{budget:g}"] = accuracy_at_budget(curve, budget)
+    return row
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,256 @@
+"""Runs an experiment's grid on the devices there are, resumably, and keeps its CSV results current.
+
+Each run has a folder ``<results_dir>/runs/<run_id>/``. A run holds an exclusive lock on its folder while
+it executes (``fcntl.flock``, released by the OS even on SIGKILL), so "running" means "locked", and a
+second runner never executes a run twice. Finished runs are skipped; interrupted ones resume from their
+last checkpoint (the training loop restores everything); failed ones are marked with their error and
+retried by the next invocation while the other runs go on.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import multiprocessing as mp
+import queue as queue_module
+import os
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from dynexit.spec import Experiment, Run
+from dynexit.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
+
+
+def run_dir(experiment: Experiment, run: Run) -> Path:
+    return experiment.results_dir / "runs" / run.run_id
+
+
+# --------------------------------------------------------------------------- status
+
+def read_status(folder: Path) -> dict:
+    path = folder / STATUS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt status file {path}: {err}") from None
+
+
+def write_status(folder: Path, state: str, **info) -> None:
+    payload = {**read_status(folder), "state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    atomic_write_text(folder / STATUS_FILE, json.dumps(payload, indent=2, default=str))
+
+
+def _locked(folder: Path) -> bool:
+    lock = folder / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def run_state(folder: Path) -> str:
+    """done | failed | running | interrupted | pending."""
+    if not folder.is_dir():
+        return PENDING
+    if _locked(folder):
+        return RUNNING
+    state = read_status(folder).get("state")
+    if state in (DONE, FAILED):
+        return state
+    return INTERRUPTED if state == RUNNING else PENDING
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[bool]:
+    """Yields True while holding the run's lock, False if another process holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def experiment_status(experiment: Experiment) -> list[dict]:
+    """One row per run: run id, variant, overrides, state, error (if failed)."""
+    rows = []
+    for run in experiment.runs:
+        folder = run_dir(experiment, run)
+        state = run_state(folder)
+        rows.append({"run_id": run.run_id, "variant": run.variant, "state": state,
+                     "overrides": run.overrides,
+                     "error": read_status(folder).get("error", "") if state == FAILED else ""})
+    return rows
+
+
+# --------------------------------------------------------------------------- devices
+
+def plan_workers(devices: str, workers: int | None, cuda_count: int, gpus_per_run: int = 1) -> list[list[str]]:
+    """The devices of each worker: ``[["cpu"], ["cpu"]]`` for two CPU workers, ``[["cuda:0"], ["cuda:1"]]``
+    for one worker per GPU, ``[["cuda:0", "cuda:1"]]`` for one worker training through torchrun on two.
+
+    ``devices`` is "auto" (every GPU, else the CPU), "cpu", or a list such as "cuda:0,cuda:1".
+    """
+    if devices == "auto":
+        devices = ",".join(f"cuda:{i}" for i in range(cuda_count)) if cuda_count else "cpu"
+    if devices == "cpu":
+        n = workers or 1
+        if n < 1:
+            raise ValueError(f"--workers must be at least 1, got {n}")
+        return [["cpu"] for _ in range(n)]
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    for name in names:
+        if not name.startswith("cuda:") or not name[5:].isdigit():
+            raise ValueError(f"--devices: {name!r} is not 'cpu', 'auto' or 'cuda:N'")
+        if int(name[5:]) >= cuda_count:
+            raise ValueError(f"--devices: {name} does not exist ({cuda_count} CUDA device(s) visible)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--devices lists a device twice: {devices}")
+    if len(names) % gpus_per_run:
+        raise ValueError(f"{len(names)} GPUs cannot be split into groups of gpus_per_run={gpus_per_run}")
+    groups = [names[i:i + gpus_per_run] for i in range(0, len(names), gpus_per_run)]
+    return groups[: workers] if workers else groups
+
+
+def worker_environment(group: list[str], cpu_workers: int) -> dict[str, str]:
+    """Environment of a worker process: its GPUs only, or its share of the CPU threads."""
+    if group[0] == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":")[1] for d in group)}
+
+
+# --------------------------------------------------------------------------- execution
+
+@dataclass
+class Outcome:
+    run_id: str
+    state: str
+    error: str = ""
+
+
+def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
+    """Executes one run in this process (skipping it if it is done or another process runs it)."""
+    from dynexit.pipeline import run_pipeline
+
+    folder = run_dir(experiment, run)
+    with run_lock(folder) as acquired:
+        if not acquired:
+            return Outcome(run.run_id, RUNNING)
+        if read_status(folder).get("state") == DONE:
+            return Outcome(run.run_id, DONE)
+        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, variant=run.variant,
+                     overrides=run.overrides, error="")
+        log.info("run %s (%s %s) on %s", run.run_id, run.variant, run.overrides or "", ",".join(devices))
+        try:
+            run_pipeline(run.config, folder, devices)
+        except Exception as err:  # noqa: BLE001 - a failed run is recorded; the others go on
+            message = f"{type(err).__name__}: {err}"
+            atomic_write_text(folder / "error.txt", traceback.format_exc())
+            write_status(folder, FAILED, error=message)
+            log.error("run %s failed: %s", run.run_id, message)
+            return Outcome(run.run_id, FAILED, message)
+        write_status(folder, DONE)
+    return Outcome(run.run_id, DONE)
+
+
+def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, queue, results) -> None:
+    os.environ.update(env)
+    from dynexit.spec import load_spec
+
+    experiment = load_spec(spec_path, overrides)
+    devices = group if group[0] == "cpu" else [f"cuda:{i}" for i in range(len(group))]
+    while True:
+        run_id = queue.get()
+        if run_id is None:
+            return
+        outcome = execute(experiment, experiment.run(run_id), devices)
+        results.put(outcome)
+        from dynexit.results import aggregate
+
+        aggregate(experiment)
+
+
+def run_experiment(experiment: Experiment, devices: str = "auto", workers: int | None = None,
+                   overrides: list[str] | None = None) -> list[Outcome]:
+    """Runs every run of the experiment that is not done; returns the outcome of each run it tried."""
+    import torch
+
+    from dynexit.results import aggregate, write_experiment_files
+
+    write_experiment_files(experiment)
+    todo = [r for r in experiment.runs if run_state(run_dir(experiment, r)) not in (DONE, RUNNING)]
+    log.info("%s: %d runs, %d to do", experiment.name, len(experiment.runs), len(todo))
+    if not todo:
+        aggregate(experiment)
+        return []
+    kind = experiment.executor.kind
+    if kind in ("slurm", "submitit_local"):
+        from dynexit.slurm import submit
+
+        outcomes = submit(experiment, todo, overrides)
+    elif kind == "local":
+        groups = plan_workers(devices, workers, torch.cuda.device_count(), experiment.executor.gpus_per_run)
+        if len(groups) == 1 or len(todo) == 1:
+            outcomes = []
+            for run in todo:
+                outcomes.append(execute(experiment, run, groups[0]))
+                aggregate(experiment)
+        else:
+            outcomes = _run_pool(experiment, todo, groups, overrides)
+    else:
+        raise ValueError(f"executor.kind must be local, slurm or submitit_local, not {kind!r}")
+    aggregate(experiment)
+    return outcomes
+
+
+def _run_pool(experiment: Experiment, todo: list[Run], groups: list[list[str]],
+              overrides: list[str] | None) -> list[Outcome]:
+    if experiment.path is None:
+        raise ValueError("parallel workers need the experiment to come from a spec file")
+    ctx = mp.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    for run in todo:
+        queue.put(run.run_id)
+    cpu_workers = sum(g[0] == "cpu" for g in groups)
+    procs = []
+    for group in groups:
+        queue.put(None)
+        p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], group,
+                                              worker_environment(group, cpu_workers), queue, results))
+        p.start()
+        procs.append(p)
+    outcomes: list[Outcome] = []
+    while len(outcomes) < len(todo):
+        try:
+            outcomes.append(results.get(timeout=1.0))
+        except queue_module.Empty:
+            if not any(p.is_alive() for p in procs):
+                break  # every worker died (killed): what is left stays interrupted or pending
+    for p in procs:
+        p.join()
+    for p in procs:
+        if p.exitcode:
+            log.error("a worker process ended with exit code %s", p.exitcode)
+    return outcomes

@@ -1,0 +1,203 @@
+"""Experiment specs: a base run configuration and a grid of variations, expanded into runs.
+
+A spec (YAML)::
+
+    name: quickstart
+    results_dir: results/quickstart      # default: results/<name>
+    base:                                # a RunConfig: model, data, train, eval, seed
+      model: {name: tiny_perceiver_t16}
+      data: {name: digits}
+    variants:                            # named overrides, one run group each (default: {base: {}})
+      full: {}
+      no_x2z: {model.x2z: false}
+    grid:                                # cartesian product of dotted keys
+      train.lr: [0.001, 0.003]
+    zip:                                 # groups of equally long lists, varied together
+      - {model.name: [a, b], train.lr: [0.001, 0.0006]}
+    seeds: [0, 1]                        # default: the base seed
+    executor: {kind: local}              # local | slurm | submitit_local
+
+Runs = variants x grid x zip groups x seeds. Every run is validated against the typed RunConfig before
+anything runs: an unknown key, a wrong type or an impossible value is an error naming the file, the key
+path and, where the YAML gives it, the line. A run's id is a short hash of its resolved configuration.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+
+from dynexit.config import RunConfig, merge, parse_set, resolve_model, to_container
+
+
+@dataclass
+class ExecutorConfig:
+    kind: str = "local"  # local | slurm | submitit_local
+    gpus_per_run: int = 1  # > 1: each run trains through torchrun on that many GPUs
+    timeout_min: int = 60 * 24  # SLURM job time limit
+    slurm_partition: Optional[str] = None
+    slurm_account: Optional[str] = None
+    cpus_per_task: int = 8
+    mem_gb: int = 32
+    slurm_array_parallelism: int = 16
+
+
+@dataclass
+class SpecFile:
+    """The schema of a spec file (``base`` is checked separately, run by run)."""
+
+    name: str = "experiment"
+    description: str = ""
+    results_dir: Optional[str] = None
+    base: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    zip: list[dict[str, list[Any]]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+@dataclass
+class Run:
+    run_id: str
+    variant: str
+    overrides: dict[str, Any]  # the dotted keys this run sets (variant, grid, zip, seed)
+    config: RunConfig
+
+
+@dataclass
+class Experiment:
+    name: str
+    path: Optional[Path]
+    results_dir: Path
+    executor: ExecutorConfig
+    runs: list[Run]
+    grid_keys: list[str]  # the dotted keys that vary (columns of runs.csv)
+    raw: dict[str, Any]
+
+    def run(self, run_id: str) -> Run:
+        for run in self.runs:
+            if run.run_id == run_id:
+                return run
+        raise KeyError(f"no run {run_id} in experiment {self.name}")
+
+
+def run_id(cfg: RunConfig) -> str:
+    """A short, stable hash of a resolved run configuration."""
+    text = json.dumps(to_container(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Reads, validates and expands a spec file; ``overrides`` (``key=value``) apply to every run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: cannot parse YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a spec is a mapping with at least 'name' and 'base'")
+    return expand(raw, path, overrides)
+
+
+def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None) -> Experiment:
+    where = str(path) if path else "spec"
+    spec: SpecFile = merge(SpecFile, raw, where=where)
+    cli = to_plain(parse_set(overrides)) if overrides else {}
+    variants = spec.variants or {"base": {}}
+    axes: list[list[dict[str, Any]]] = [[{k: v} for v in _values(spec.grid[k], k, where)] for k in spec.grid]
+    for g, group in enumerate(spec.zip):
+        lengths = {k: len(_values(v, k, where)) for k, v in group.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{where}: zip group {g} has lists of different lengths: {lengths}")
+        n = next(iter(lengths.values()), 0)
+        axes.append([{k: group[k][i] for k in group} for i in range(n)])
+    seeds = spec.seeds or [None]
+    grid_keys = sorted({k for v in variants.values() for k in v} | set(spec.grid)
+                       | {k for group in spec.zip for k in group} | ({"seed"} if spec.seeds else set()))
+
+    runs: list[Run] = []
+    seen: dict[str, str] = {}
+    for variant, variant_overrides in variants.items():
+        for combo in itertools.product(*axes):
+            for seed in seeds:
+                dotted = dict(variant_overrides or {})
+                for part in combo:
+                    dotted.update(part)
+                if seed is not None:
+                    dotted["seed"] = seed
+                label = f"{where}: variant {variant!r}" + (f" with {dotted}" if dotted else "")
+                cfg = build_run_config(spec.base, dotted, cli, label, path)
+                rid = run_id(cfg)
+                if rid in seen:
+                    raise ValueError(f"{where}: runs {seen[rid]} and {label} have the same configuration")
+                seen[rid] = label
+                runs.append(Run(rid, variant, dotted, cfg))
+    results_dir = Path(spec.results_dir) if spec.results_dir else Path("results") / spec.name
+    return Experiment(spec.name, path, results_dir, spec.executor, runs, grid_keys, raw)
+
+
+def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, path: Path | None) -> RunConfig:
+    """base + dotted overrides + command-line overrides, validated; errors name the key (and line)."""
+    try:
+        cfg = merge(RunConfig, base, where="base")
+        cfg = merge(cfg, OmegaConf.from_dotlist([f"{k}={_yaml(v)}" for k, v in dotted.items()]), where="grid")
+        if cli:
+            cfg = merge(cfg, cli, where="--set")
+        resolve_model(cfg.model)
+    except (ValueError, TypeError) as err:
+        line = _line_of(path, str(err))
+        raise ValueError(f"{label}: {err}{line}") from None
+    return cfg
+
+
+def to_plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def _values(values: Any, key: str, where: str) -> list[Any]:
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where}: grid key {key!r} needs a non-empty list of values, got {values!r}")
+    return values
+
+
+def _yaml(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _line_of(path: Path | None, message: str) -> str:
+    """' (line N)' of the offending key (named as ``key 'a.b.c'`` in ``message``) in the YAML file."""
+    match = re.search(r"key '([^']+)'", message)
+    if path is None or match is None:
+        return ""
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return ""
+    line = _find_key(node, match.group(1).split(".")[-1])
+    return f" (line {line})" if line is not None else ""
+
+
+def _find_key(node: Any, key: str) -> int | None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if getattr(k, "value", None) == key or (isinstance(k.value, str) and k.value.endswith("." + key)):
+                return k.start_mark.line + 1
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _find_key(item, key)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,166 @@
+"""Spec expansion and validation, device planning, run states and aggregation (with a stand-in pipeline;
+tests/test_runner_e2e.py runs the real one)."""
+import json
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import dynexit.pipeline
+from dynexit.runner import (DONE, FAILED, INTERRUPTED, PENDING, RUNNING, experiment_status, plan_workers,
+                            run_dir, run_experiment, run_lock, run_state, write_status)
+from dynexit.spec import load_spec
+
+
+def write_spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+SPEC = """
+name: demo
+results_dir: {out}
+base:
+  model: {{name: tiny_perceiver_t16}}
+  train: {{epochs: 1}}
+variants:
+  full: {{}}
+  no_x2z: {{model.x2z: false}}
+  static: {{model.static: true}}
+grid:
+  train.batch_size: [16, 32]
+zip:
+  - {{model.num_latents: [16, 32], eval.batch_size: [64, 128]}}
+seeds: [0, 1]
+"""
+
+
+def test_spec_expands_to_the_product_with_distinct_ids(tmp_path):
+    experiment = load_spec(write_spec(tmp_path, SPEC.format(out=tmp_path / "res")))
+    assert len(experiment.runs) == 3 * 2 * 2 * 2
+    assert len({r.run_id for r in experiment.runs}) == 24
+    assert experiment.grid_keys == ["eval.batch_size", "model.num_latents", "model.static", "model.x2z", "seed",
+                                    "train.batch_size"]
+    run = next(r for r in experiment.runs if r.variant == "no_x2z" and r.overrides["model.num_latents"] == 32)
+    assert run.config.model.x2z is False and run.config.eval.batch_size == 128  # zipped together
+    assert run.config.train.epochs == 1
+    # The id is a hash of the resolved configuration: stable, and --set changes it.
+    again = load_spec(write_spec(tmp_path, SPEC.format(out=tmp_path / "res")))
+    assert [r.run_id for r in again.runs] == [r.run_id for r in experiment.runs]
+    changed = load_spec(tmp_path / "spec.yaml", ["train.epochs=2"])
+    assert changed.runs[0].config.train.epochs == 2
+    assert changed.runs[0].run_id != experiment.runs[0].run_id
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("  train: {epochz: 1}", r"train\.epochz.*line 6"),
+    ("  model: {name: tiny_perceiver_t16, x2z: sometimes}", r"model\.x2z"),
+    ("  model: {name: no_such_model}", r"no_such_model.*tiny_perceiver_t16"),
+    ("  model: {name: tiny_perceiver_t16, depth_factor: [1, 1]}", "depth_factor"),
+])
+def test_bad_specs_name_the_key_and_write_nothing(tmp_path, bad, message):
+    out = tmp_path / "res"
+    model = "" if "model:" in bad else "  model: {name: tiny_perceiver_t16}\n  data: {}\n"
+    text = f"name: bad\nresults_dir: {out}\nbase:\n{model}{bad}\n"
+    with pytest.raises(ValueError, match=message) as err:
+        run_experiment(load_spec(write_spec(tmp_path, text)))
+    assert "spec.yaml" in str(err.value)
+    assert not out.exists()
+
+
+def test_bad_grid_values(tmp_path):
+    base = "name: g\nbase: {model: {name: tiny_perceiver_t16}}\n"
+    with pytest.raises(ValueError, match="train.nope"):
+        load_spec(write_spec(tmp_path, base + "grid: {train.nope: [1, 2]}\n"))
+    with pytest.raises(ValueError, match="different lengths"):
+        load_spec(write_spec(tmp_path, base + "zip: [{seed: [1, 2], train.epochs: [1]}]\n"))
+    with pytest.raises(ValueError, match="same configuration"):
+        load_spec(write_spec(tmp_path, base + "variants: {a: {}, b: {seed: 0}}\n"))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_plan_workers():
+    assert plan_workers("auto", None, 0) == [["cpu"]]
+    assert plan_workers("cpu", 3, 4) == [["cpu"]] * 3
+    assert plan_workers("auto", None, 2) == [["cuda:0"], ["cuda:1"]]
+    assert plan_workers("cuda:1,cuda:3", None, 4) == [["cuda:1"], ["cuda:3"]]
+    assert plan_workers("auto", None, 4, gpus_per_run=2) == [["cuda:0", "cuda:1"], ["cuda:2", "cuda:3"]]
+    with pytest.raises(ValueError, match="cuda:2 does not exist"):
+        plan_workers("cuda:2", None, 2)
+    with pytest.raises(ValueError, match="gpu:0"):
+        plan_workers("gpu:0", None, 1)
+    with pytest.raises(ValueError, match="groups of gpus_per_run=2"):
+        plan_workers("cuda:0,cuda:1,cuda:2", None, 3, gpus_per_run=2)
+
+
+def fake_pipeline(fail_variant=None):
+    """Writes what the real pipeline writes, from the configuration alone."""
+    def run(cfg, folder, devices):
+        if cfg.model.static and fail_variant == "static":
+            raise RuntimeError("static exploded")
+        acc = 50.0 + cfg.seed + (10 if cfg.model.x2z is not False else 0)
+        curve = pd.DataFrame({"test_expected_cost": [0.1, 0.2], "test_accuracy": [acc - 1, acc],
+                              "calib_accuracy": [acc, acc], "calib_expected_cost": [0.1, 0.2]})
+        curve.to_csv(folder / "curve.csv", index=False)
+        (folder / dynexit.pipeline.SUMMARY_FILE).write_text(json.dumps({"acc_final": acc, "params": 7}))
+        return {}
+    return run
+
+
+def test_runs_aggregate_skip_and_retry(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, SPEC.format(out=tmp_path / "res"))
+    experiment = load_spec(spec)
+    monkeypatch.setattr(dynexit.pipeline, "run_pipeline", fake_pipeline(fail_variant="static"))
+    outcomes = run_experiment(experiment, devices="cpu")
+    assert sorted(o.state for o in outcomes).count(FAILED) == 8
+    runs = pd.read_csv(tmp_path / "res" / "runs.csv")
+    assert len(runs) == 16 and runs["run_id"].is_unique
+    assert set(runs["variant"]) == {"full", "no_x2z"}
+    assert (runs.loc[runs["variant"] == "full", "acc_final"] - runs.loc[runs["variant"] == "full", "seed"]).eq(60).all()
+    curves = pd.read_csv(tmp_path / "res" / "curves.csv")
+    assert len(curves) == 32 and set(curves.columns) >= {"run_id", "variant", "point", "test_accuracy", "seed"}
+    states = {row["run_id"]: row for row in experiment_status(experiment)}
+    failed = [row for row in states.values() if row["state"] == FAILED]
+    assert len(failed) == 8 and all("static exploded" in row["error"] for row in failed)
+    # Again: finished runs are skipped, the failed ones retried (and fixed now).
+    monkeypatch.setattr(dynexit.pipeline, "run_pipeline", fake_pipeline())
+    outcomes = run_experiment(load_spec(spec), devices="cpu")
+    assert len(outcomes) == 8 and all(o.state == DONE for o in outcomes)
+    runs = pd.read_csv(tmp_path / "res" / "runs.csv")
+    assert len(runs) == 24 and runs["run_id"].is_unique
+    assert run_experiment(load_spec(spec), devices="cpu") == []
+
+
+def test_run_states(tmp_path):
+    folder = tmp_path / "run"
+    assert run_state(folder) == PENDING
+    with run_lock(folder) as acquired:
+        assert acquired
+        assert run_state(folder) == RUNNING
+        with run_lock(folder) as second:
+            assert not second  # a second runner never executes the same run
+    write_status(folder, RUNNING, pid=1)
+    assert run_state(folder) == INTERRUPTED  # marked running but nobody holds the lock: killed
+    write_status(folder, DONE)
+    assert run_state(folder) == DONE
+    (folder / "status.json").write_text("{broken")
+    with pytest.raises(ValueError, match="status.json"):
+        run_state(folder)
+
+
+def test_status_command_from_results_folder(tmp_path, monkeypatch, capsys):
+    from dynexit.cli import main
+
+    spec = write_spec(tmp_path, SPEC.format(out=tmp_path / "res"))
+    monkeypatch.setattr(dynexit.pipeline, "run_pipeline", fake_pipeline(fail_variant="static"))
+    assert main(["run", str(spec), "--dry-run"]) == 0
+    assert "pending: 24" in capsys.readouterr().out
+    assert not (tmp_path / "res").exists()  # a dry run writes nothing
+    assert main(["run", str(spec)]) == 1  # some runs failed
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "res")]) == 0
+    out = capsys.readouterr().out
+    assert "done: 16" in out and "failed: 8" in out and "static exploded" in out
