@@ -17,6 +17,7 @@ COMMANDS = (
     "convert",
     "run",
     "status",
+    "curve",
 )
 
 EPILOG = """examples:
