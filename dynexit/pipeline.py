@@ -91,16 +91,17 @@ def _curves(cfg: RunConfig, folder: Path, calib, test, costs: pd.DataFrame):
     from dynexit.policies import anytime_accuracy, budgeted_curve
 
     gmacs = costs["gmacs"].to_numpy(dtype=float)
+    names = [str(e) for e in costs["exit"]]
     (calib_logits, calib_targets), (test_logits, test_targets) = calib, test
     if len(gmacs) > 1:
         curve = budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, gmacs,
-                               grid=cfg.eval.grid, criterion=cfg.eval.criterion)
+                               grid=cfg.eval.grid, criterion=cfg.eval.criterion, exit_names=names)
     else:  # one exit: the curve is the single static point
         accuracy = float((test_logits[0].argmax(-1) == test_targets).mean() * 100)
         calib_accuracy = float((calib_logits[0].argmax(-1) == calib_targets).mean() * 100)
         curve = pd.DataFrame([{"calib_accuracy": calib_accuracy, "calib_expected_cost": gmacs[0],
                                "test_accuracy": accuracy, "test_expected_cost": gmacs[0]}])
-    anytime = anytime_accuracy(test_logits, test_targets, gmacs)
+    anytime = anytime_accuracy(test_logits, test_targets, gmacs, exit_names=names)
     atomic_write(folder / "curve.csv", lambda tmp: curve.to_csv(tmp, index=False))
     atomic_write(folder / "anytime.csv", lambda tmp: anytime.to_csv(tmp, index=False))
     return curve, anytime

@@ -1,0 +1,16 @@
+import time, torch
+from dynexit.data import DataConfig, build_datasets, build_loaders
+for size in (28, 32):
+    s = build_datasets(DataConfig(name="fashion_mnist", image_size=size))
+    tf = s.train.transform
+    x = s.train.images[:128]
+    for _ in range(5): tf(x)
+    t = time.perf_counter(); n = 200
+    for _ in range(n): tf(x)
+    print(f"{size}px transform of a 128 batch: {(time.perf_counter()-t)/n*1e3:.2f} ms")
+    for bs, nw in ((128, 0), (256, 0), (128, 2)):
+        loader = build_loaders(s, bs, num_workers=nw)["train"]
+        t = time.perf_counter(); count = 0
+        for xb, yb in loader: count += len(xb)
+        dt = time.perf_counter() - t
+        print(f"{size}px train loader batch {bs} workers {nw}: {count} images in {dt:.2f} s = {count/dt:,.0f} img/s, {dt/len(loader)*1e3:.2f} ms/batch")
