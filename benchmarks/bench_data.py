@@ -1,4 +1,12 @@
-import time, torch
+"""Throughput of the in-memory training loader on Fashion-MNIST (needs the Debian package
+dataset-fashion-mnist): the batch transform alone, then whole epochs at a few batch sizes and workers.
+
+    python benchmarks/bench_data.py
+"""
+import time
+
+import torch  # noqa: F401  (imported first so that thread settings apply)
+
 from dynexit.data import DataConfig, build_datasets, build_loaders
 for size in (28, 32):
     s = build_datasets(DataConfig(name="fashion_mnist", image_size=size))
