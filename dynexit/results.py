@@ -43,7 +43,8 @@ def aggregate(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
             summary = json.loads((folder / SUMMARY_FILE).read_text())
             rows.append({**ids, **summary})
             curve = pd.read_csv(folder / "curve.csv")
-            curve.insert(0, "point", range(len(curve)))
+            if "point" not in curve.columns:  # a static run's single point
+                curve.insert(0, "point", range(len(curve)))
             for i, (key, value) in enumerate(ids.items()):
                 curve.insert(i, key, value)
             curves.append(curve)

@@ -14,10 +14,13 @@ import sys
 # Subcommand modules, in the order ``dynexit --help`` lists them.
 COMMANDS = (
     "models",
+    "costs",
+    "bench",
     "convert",
     "run",
     "status",
     "curve",
+    "report",
 )
 
 EPILOG = """examples:

@@ -1,0 +1,59 @@
+"""dynexit report: figures and tables of an experiment's results."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dynexit.cli import HelpFormatter
+
+EPILOG = """examples:
+  dynexit report results/quickstart
+  dynexit report results/ablations --out paper/figures --formats pdf --budgets 0.8,1.0,1.2
+
+Writes into RESULTS_DIR/report/ (or --out): budgeted_curves, exit_shares, exit_accuracy and confidence
+figures (PNG and PDF), the ablation table (ablation.csv, ablation.md, ablation.tex), and the data behind
+each figure as CSV. Accuracy at a budget is interpolated along each curve and left blank outside it."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="budgeted accuracy curves, ablation table and exit-behaviour figures of an experiment",
+        description="Read an experiment's results folder (runs.csv, curves.csv, run folders) and write its "
+                    "figures and tables: budgeted accuracy curves (mean and std over seeds), the ablation "
+                    "table, and where samples leave and how confident each exit is.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="an experiment's results folder")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RESULTS_DIR/report)")
+    p.add_argument("--formats", default="png,pdf", metavar="F,F",
+                   help="figure formats, comma-separated: png, pdf, svg (default: png,pdf)")
+    p.add_argument("--budgets", metavar="B,B,...",
+                   help="GMACs budgets of the table's accuracy columns (default: the spec's eval.budgets, "
+                        "else three budgets within the common cost range)")
+    p.add_argument("--no-published", action="store_true",
+                   help="leave the published numbers of the released ImageNet models out of the figure")
+    p.set_defaults(func=run)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r} is not a comma-separated list of numbers") from None
+
+
+def run(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from dynexit.analysis import write_report
+
+    results_dir = Path(args.results_dir)
+    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
+    budgets = _floats(args.budgets, "--budgets") if args.budgets else None
+    written = write_report(results_dir, args.out, formats=formats, budgets=budgets,
+                           published=False if args.no_published else "auto")
+    markdown = next(p for p in written["ablation table"] if p.suffix == ".md")
+    print(markdown.read_text())
+    width = max(len(item) for item in written)
+    for item, paths in written.items():
+        print(f"{item:<{width}}  {', '.join(str(p) for p in paths)}")
+    return 0
