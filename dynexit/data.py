@@ -71,8 +71,8 @@ class DataConfig:
     image_size: int = 32  # side S of the (S, S) images the model gets
     calib_size: float = 0.1  # held out of training for thresholds: a fraction (< 1) or a count (>= 1)
     split_seed: int = 0  # draws the calibration split and the subsets
-    train_subset: Optional[int] = None  # keep only this many training images (quick runs)
-    test_subset: Optional[int] = None  # keep only this many test images (quick runs)
+    train_subset: Optional[int] = None  # keep at most this many training images (quick runs)
+    test_subset: Optional[int] = None  # keep at most this many test images (quick runs)
     recipe: str = "small"  # "small" (tensor crop + flip, 28-32 px) or "imagenet" (official timm recipe)
     hflip: Optional[bool] = None  # random horizontal flip; None: the data set's default (off for digits)
     crop_padding: Optional[int] = None  # small recipe: zero padding of the random crop; None: S // 8
@@ -570,8 +570,9 @@ def _read_calib_file(path: Path, name: str, n_train: int, n_calib: int) -> np.nd
 def _subset(indices: np.ndarray, size: Optional[int], seed: list[int], what: str, key: str) -> np.ndarray:
     if size is None:
         return indices
-    if size > len(indices):
-        raise ValueError(f"data.{key}={size} is larger than the {len(indices)} {what}")
+    if size >= len(indices):  # "at most": the same spec serves a large data set and its small fallback
+        log.info("data.%s=%d keeps all %d %s", key, size, len(indices), what)
+        return indices
     return np.sort(np.random.default_rng(seed).choice(indices, size=size, replace=False))
 
 

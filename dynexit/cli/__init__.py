@@ -17,6 +17,7 @@ COMMANDS = (
     "costs",
     "bench",
     "convert",
+    "train",
     "run",
     "status",
     "curve",

@@ -1,0 +1,134 @@
+"""dynexit bench: measured latency of each exit and of early exit, against the counted costs."""
+from __future__ import annotations
+
+import logging
+
+from dynexit.cli import HelpFormatter
+from dynexit.cli.costs import add_model_arguments, build_model
+
+log = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  dynexit bench reg800m_perceiver_t128 --threads 2
+  dynexit bench reg800m_perceiver_t128 --batch-size 64 --shares 0.5,0,0,0.5 --repeats 5
+  dynexit bench tiny_perceiver_t16 --set z2x=false
+
+Latency to reach exit k: the median time of running segments 0..k on one random batch (the work of a
+sample leaving at exit k), after warm-up, under torch.inference_mode in eval mode; all exits are timed
+interleaved so that load from other work hits them alike. 'spread' is the interquartile range over the
+median: large values mean a noisy machine.
+
+Operating points: for each --shares (target fraction leaving at each exit), thresholds are set on the
+benchmark images' own confidences with the budgeted protocol (dynexit.policies.find_thresholds), so
+that these shares leave at each exit; early exit (with compaction of the samples still running) is
+then timed against the full model on the same batches. Expected gain = full cost / expected cost
+(sum of measured shares x per-exit GMACs); measured gain = full-model time / early-exit time.
+Default shares: half at the first exit and the rest at the last, and equal shares at every exit.
+
+Unless --default-malloc is given, glibc's malloc is told to keep freed memory for reuse
+(dynexit.inference.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
+pages fault in again on each run, which made batch 32-64 runs at 224 px about 1.5x slower.
+Weights are random: only timing matters here."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="latency of each exit and of early exit, against the counted costs",
+        description="Measure the latency of reaching each exit and of early exit at operating points, "
+                    "and compare them with the per-exit costs counted by fvcore.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (default: 1)")
+    p.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed runs per figure; the median is reported (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default: 2)")
+    p.add_argument("--images", type=int, metavar="N",
+                   help="images for the operating points (default: the batch size, at least 16)")
+    p.add_argument("--shares", action="append", metavar="S1,S2,...",
+                   help="target share of images leaving at each exit (repeatable; see below)")
+    p.add_argument("--criterion", choices=("max_softmax", "entropy", "margin"), default="max_softmax")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: keep freed memory for reuse, see below)")
+    p.set_defaults(func=run)
+
+
+def parse_shares(items: list[str] | None, num_exits: int) -> list[tuple[float, ...]]:
+    """The --shares settings; defaults: half at the first exit and the rest at the last, then equal
+    shares. Shares must be one non-negative number per exit, summing to 1."""
+    if not items:
+        half = (0.5,) + (0.0,) * (num_exits - 2) + (0.5,)
+        return [half, (1.0 / num_exits,) * num_exits]
+    settings = []
+    for item in items:
+        try:
+            shares = tuple(float(v) for v in item.split(","))
+        except ValueError:
+            raise ValueError(f"--shares {item!r}: expected comma-separated numbers") from None
+        if len(shares) != num_exits:
+            raise ValueError(f"--shares {item!r}: {len(shares)} values for {num_exits} exits")
+        if min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
+            raise ValueError(f"--shares {item!r}: shares must be non-negative and sum to 1")
+        settings.append(shares)
+    return settings
+
+
+def _shares(values) -> str:
+    return ",".join(f"{v:.2f}" for v in values)
+
+
+def run(args) -> int:
+    import torch
+
+    from dynexit.costs import UNIT, count_costs
+    from dynexit.inference import exit_latencies, operating_point, reuse_freed_memory
+
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.images is not None and args.images < 1:
+        raise ValueError(f"--images must be at least 1, got {args.images}")
+    malloc = "default"
+    if not args.default_malloc:
+        malloc = "tuned" if reuse_freed_memory() else "default (tuning unavailable)"
+    model = build_model(args).eval()
+    size = model.config.input_size
+    costs = count_costs(model)
+    shares_list = parse_shares(args.shares, model.num_exits) if model.num_exits > 1 else []
+    device = torch.device(args.device)
+    model.to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, size, size, generator=gen).to(device)
+
+    print(f"{args.name} at {size}x{size}, batch {args.batch_size}, {torch.get_num_threads()} threads, {device}; "
+          f"median of {args.repeats} runs after {args.warmup} warm-up runs (torch.inference_mode, eval mode); "
+          f"malloc {malloc}")
+    print(f"costs in {UNIT}")
+    timings = exit_latencies(model, x, args.repeats, args.warmup)
+    full_ms = timings[-1].median * 1e3
+    print("\nlatency to reach each exit:")
+    print(f"  {'#':>2} {'exit':<10} {'GMACs':>8} {'cost share':>10} {'ms':>9} {'spread':>7} {'latency share':>13}")
+    for k, (name, t) in enumerate(zip(model.exit_names, timings)):
+        print(f"  {k:>2} {name:<10} {costs.gmacs[k]:>8.4f} {costs.gmacs[k] / costs.gmacs[-1]:>10.3f} "
+              f"{t.median * 1e3:>9.2f} {t.spread:>7.2f} {t.median * 1e3 / full_ms:>13.3f}")
+
+    if shares_list:
+        n = args.images or max(args.batch_size, 16)
+        images = torch.randn(n, 3, size, size, generator=gen).to(device)
+        print(f"\noperating points: {n} images in batches of {args.batch_size}; thresholds set on these images "
+              f"({args.criterion}) for the target shares")
+        print(f"  {'target shares':<24} {'measured shares':<24} {'exp. GMACs':>10} {'exp. gain':>9} "
+              f"{'full ms':>9} {'early ms':>9} {'gain':>6} {'gain/exp.':>9}")
+        for shares in shares_list:
+            point = operating_point(model, images, shares, costs.gmacs, args.batch_size, args.repeats, args.warmup,
+                                    args.criterion)
+            print(f"  {_shares(point.target_shares):<24} {_shares(point.shares):<24} {point.expected_gmacs:>10.4f} "
+                  f"{point.expected_gain:>8.3f}x {point.full.median * 1e3:>9.2f} {point.early.median * 1e3:>9.2f} "
+                  f"{point.measured_gain:>5.3f}x {point.efficiency:>9.3f}")
+            log.debug("timing spread: full %.2f, early %.2f", point.full.spread, point.early.spread)
+    return 0

@@ -1,0 +1,276 @@
+"""Cost of reaching each exit: multiply-adds counted by fvcore, and parameters.
+
+Units: fvcore counts one fused multiply-add as one FLOP, so every "GMACs" figure here is fvcore's
+"GFLOPs" (10^9 multiply-adds per image), the unit of the official Dynamic Perceiver counts.
+
+How the count is made. Each segment of the model (``model.run_segment(k, state)``, the code that
+``forward`` and early exit run) is traced by fvcore as its own function of the state, returning the
+whole new state. Returning everything matters: tracing drops work whose result is unused, so tracing
+"the model up to exit k" would miss the latent work that runs before exit k but only feeds later exits
+(the official ResNet count at exit 3 is 1.022 G instead of the 1.138 G really spent). The cost of
+exit k is the sum of segments 0..k: the work an early-exit run does to get there, including every
+earlier exit head that ran and was rejected. One trace per segment, one image, eval mode.
+
+What is counted: convolutions, linear layers and matmuls, attention (``scaled_dot_product_attention``:
+Q.K^T and attention.V, a handle registered here, since fvcore has none), batch and layer norms and
+adaptive average pooling (fvcore's default handles). What is deliberately not counted is listed in
+:data:`NOT_COUNTED` (element-wise work: activations, residual adds, plain means); any other op fvcore
+cannot count is an error, so a new kind of layer cannot go silently uncounted.
+
+Parameters of exit k: every parameter of every module that runs up to exit k (cumulative), found by
+hooks during the same traces, plus the model's own parameters (the learned latent array, used when
+the state is created); at the last exit of a Dyn-Perceiver this is the whole model.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from itertools import accumulate
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from dynexit.models.perceiver import MultiExitModel, State
+from dynexit.utils import atomic_write_text
+
+with warnings.catch_warnings():
+    # fvcore's import scripts a loss function with torch.jit.script, which torch deprecates.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+log = logging.getLogger(__name__)
+
+UNIT = "GMACs (fvcore counts one multiply-add as one FLOP)"
+
+# Ops that fvcore has no handle for and that are deliberately left out, with the reason. They are
+# element-wise or shape work, which the official hand counter leaves out as well.
+NOT_COUNTED: dict[str, str] = {
+    "aten::add": "residual adds, biases added by hand, key position embeddings",
+    "aten::add_": "in-place residual adds (timm and torchvision blocks)",
+    "aten::mul": "squeeze-excitation scaling; integer shape arithmetic of the attention heads",
+    "aten::mean": "token means and global average pooling in front of the classifiers",
+    "aten::gelu": "activation",
+    "aten::sigmoid": "activation (RegNet squeeze-excitation gate)",
+    "aten::hardsigmoid": "activation (MobileNetV3 squeeze-excitation gate)",
+    "aten::hardswish": "activation (MobileNetV3)",
+    "aten::hardswish_": "in-place activation (MobileNetV3)",
+    "aten::max_pool2d": "max pooling of the ResNet stem",
+}
+
+# Components of a model, for the breakdown; see component_of.
+COMPONENTS = ("cnn", "latent", "x2z", "z2x", "last_ca", "heads")
+
+
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle of ``aten::scaled_dot_product_attention``: the multiply-adds of Q.K^T and of
+    attention.V, batch and head axes included (softmax and scaling are not counted, as for the other
+    element-wise ops)."""
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    if q is None or k is None or v is None:
+        raise ValueError("scaled_dot_product_attention traced without complete input shapes")
+    *batch, length, width = q
+    keys = k[-2]
+    return prod(batch) * length * keys * (width + v[-1])
+
+
+def component_of(name: str) -> str | None:
+    """Component of the module or parameter called ``name`` in a model made by ``create_model``:
+    ``cnn`` (stem and stages), ``latent`` (latent array, token mixers and expanders, self-attention),
+    ``x2z`` (feature-to-latent cross-attention with its depthwise convolution), ``z2x`` (latent-to-feature
+    cross-attention of stages 2-4), ``last_ca`` (the last cross-attention), ``heads`` (every classifier
+    with its isc), ``other`` (anything else); None for containers that hold several components."""
+    parts = name.split(".") if name else []
+    if not parts:
+        return None
+    if parts[0] == "backbone":
+        return "cnn"
+    if parts[0] == "latent":
+        return "latent"
+    if parts[0] == "latent_stages":
+        return None if len(parts) < 3 else {"x2z": "x2z", "z2x": "z2x"}.get(parts[2], "latent")
+    if parts[0] == "exits":
+        if len(parts) < 2 or (parts[1] == "merge" and len(parts) < 3):
+            return None
+        return "last_ca" if parts[1:3] == ["merge", "cross"] else "heads"
+    return "other"
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """Per-image costs of a multi-exit model at one input size.
+
+    ``segment_macs[k]``: multiply-adds of segment k alone; ``macs``: cumulative (exit k = segments
+    0..k); ``params[k]``: parameters of everything that runs up to exit k (cumulative);
+    ``component_macs`` / ``component_params``: the whole model split by component (see
+    :func:`component_of`).
+    """
+
+    exit_names: tuple[str, ...]
+    segment_macs: tuple[int, ...]
+    params: tuple[int, ...]
+    component_macs: dict[str, int]
+    component_params: dict[str, int]
+    input_size: int
+
+    @property
+    def macs(self) -> tuple[int, ...]:
+        return tuple(accumulate(self.segment_macs))
+
+    @property
+    def gmacs(self) -> tuple[float, ...]:
+        return tuple(m / 1e9 for m in self.macs)
+
+    def table(self) -> pd.DataFrame:
+        """One row per exit, in exit order: ``exit`` (name), ``index``, ``gmacs`` (cumulative),
+        ``segment_gmacs``, ``cost_share`` (of the last exit), ``params`` (cumulative), ``input_size``,
+        ``unit``."""
+        total = self.macs[-1]
+        return pd.DataFrame({
+            "exit": list(self.exit_names),
+            "index": range(len(self.exit_names)),
+            "gmacs": self.gmacs,
+            "segment_gmacs": [m / 1e9 for m in self.segment_macs],
+            "cost_share": [m / total if total else float("nan") for m in self.macs],
+            "params": list(self.params),
+            "input_size": self.input_size,
+            "unit": UNIT,
+        })
+
+    def component_table(self) -> pd.DataFrame:
+        """One row per component (in :data:`COMPONENTS` order, then any other), with ``params`` and
+        ``gmacs`` of the whole model (all segments), and a ``total`` row."""
+        names = [c for c in COMPONENTS if c in self.component_params or c in self.component_macs]
+        names += sorted((set(self.component_params) | set(self.component_macs)) - set(names))
+        rows = [{"component": c, "params": self.component_params.get(c, 0),
+                 "gmacs": self.component_macs.get(c, 0) / 1e9} for c in names]
+        rows.append({"component": "total", "params": sum(self.component_params.values()),
+                     "gmacs": sum(self.component_macs.values()) / 1e9})
+        return pd.DataFrame(rows)
+
+    def to_csv(self, path: str | Path) -> None:
+        """Writes :meth:`table` as CSV, atomically."""
+        atomic_write_text(path, self.table().to_csv(index=False))
+
+
+class _Segment(nn.Module):
+    """Segment ``k`` of ``model`` as a function of the state's tensors that returns the whole new state
+    (so tracing keeps all its work); keeps the output for the next segment."""
+
+    def __init__(self, model: MultiExitModel, k: int):
+        super().__init__()
+        self.model = model
+        self.k = k
+        self.output: State | None = None
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, *logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.model.run_segment(self.k, State(x, z, logits))
+        self.output = State(s.x.detach(), s.z.detach(), tuple(y.detach() for y in s.logits))
+        return (s.x, s.z, *s.logits)
+
+
+def _flop_counter(segment: _Segment, s: State) -> FlopCountAnalysis:
+    counter = FlopCountAnalysis(segment, (s.x, s.z, *s.logits))
+    counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    counter.set_op_handle(**dict.fromkeys(NOT_COUNTED))  # None: fvcore skips them without a warning
+    # Each segment runs only part of the model by design; unsupported ops are checked below instead.
+    counter.uncalled_modules_warnings(False).unsupported_ops_warnings(False)
+    return counter
+
+
+def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCosts:
+    """Counts the per-image cost of every exit of ``model`` (see the module docstring).
+
+    ``input_size`` defaults to the model's configured one. The model is counted in eval mode (its mode
+    is restored after) on one random image, without touching the global random state. Raises
+    ValueError if fvcore meets an op it cannot count that is not in :data:`NOT_COUNTED`.
+    """
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"count_costs needs a model made by dynexit.create_model, got {type(model).__name__}")
+    size = model.config.input_size if input_size is None else input_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"input_size must be a positive int, got {size!r}")
+    first = next(model.parameters())
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(first)
+
+    called: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: called.add(mod)) for m in model.modules()]
+    seen: set[int] = {id(p) for p in model.parameters(recurse=False)}  # used by init_state
+    segment_macs, params = [], []
+    component_macs: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            s = model.init_state(images)
+            for k in range(model.num_exits):
+                segment = _Segment(model, k)
+                counter = _flop_counter(segment, s)
+                segment_macs.append(int(counter.total()))
+                unsupported = counter.unsupported_ops()
+                if unsupported:
+                    ops = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))
+                    raise ValueError(f"fvcore cannot count {ops} in segment {k} of {type(model).__name__}: "
+                                     "register a handle for it or add it to dynexit.costs.NOT_COUNTED")
+                _add_component_macs(component_macs, counter, model)
+                for module in called:
+                    seen.update(id(p) for p in module.parameters(recurse=False))
+                params.append(sum(p.numel() for p in model.parameters() if id(p) in seen))
+                s = segment.output
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    component_params: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        c = component_of(name) or "other"
+        component_params[c] = component_params.get(c, 0) + p.numel()
+    costs = ExitCosts(tuple(model.exit_names), tuple(segment_macs), tuple(params), component_macs,
+                      component_params, size)
+    log.debug("costs at %d px: %s GMACs", size, ", ".join(f"{g:.4f}" for g in costs.gmacs))
+    return costs
+
+
+def exit_costs(model: MultiExitModel, input_size: int | None = None) -> pd.DataFrame:
+    """:func:`count_costs` as its per-exit table (:meth:`ExitCosts.table`: ``exit``, ``gmacs``, ``params``, ...)."""
+    return count_costs(model, input_size).table()
+
+
+def _add_component_macs(totals: dict[str, int], counter: FlopCountAnalysis, model: nn.Module) -> None:
+    """Adds one segment's count to ``totals`` by component: each module whose component is known and
+    whose parent spans several counts once; ops outside any component go to ``other``."""
+    counted = 0
+    for name, _ in model.named_modules():
+        c = component_of(name)
+        parent = name.rpartition(".")[0]
+        if c is None or (parent and component_of(parent) is not None):
+            continue
+        macs = int(counter.total(f"model.{name}"))
+        if macs:
+            totals[c] = totals.get(c, 0) + macs
+            counted += macs
+    rest = int(counter.total()) - counted
+    if rest:
+        totals["other"] = totals.get("other", 0) + rest
+
+
+def format_costs(costs: ExitCosts, title: str = "") -> str:
+    """The exit and component tables as text (for the command line)."""
+    lines = [f"{title + ': ' if title else ''}cost per image at {costs.input_size}x{costs.input_size}, "
+             f"cumulative along the exits; {UNIT}"]
+    lines.append(f"  {'#':>2} {'exit':<10} {'GMACs':>9} {'segment':>9} {'share':>6} {'params (M)':>11}")
+    for row in costs.table().itertuples():
+        lines.append(f"  {row.index:>2} {row.exit:<10} {row.gmacs:>9.4f} {row.segment_gmacs:>9.4f} "
+                     f"{row.cost_share:>6.3f} {row.params / 1e6:>11.3f}")
+    lines.append("")
+    lines.append("components (whole model):")
+    lines.append(f"  {'component':<10} {'GMACs':>9} {'params (M)':>11}")
+    for row in costs.component_table().itertuples():
+        lines.append(f"  {row.component:<10} {row.gmacs:>9.4f} {row.params / 1e6:>11.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Every shipped spec and run configuration is valid (what `dynexit run --dry-run` checks) and says what
+its comments promise."""
+from pathlib import Path
+
+import pytest
+
+from dynexit.cli import main
+from dynexit.config import load_run_config, resolve_model
+from dynexit.spec import load_spec
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SPECS = ["quickstart.yaml", "imagenet_official.yaml", "imagenet_ablations.yaml"]
+ABLATIONS = {"full": {}, "no_x2z": {"x2z": False}, "no_z2x": {"z2x": False}, "no_dwc": {"dwc": False},
+             "no_isc": {"isc": False}, "no_last_ca": {"last_ca": False}, "static": {"static": True}}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_shipped_specs_dry_run(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a dry run writes nothing, wherever it runs
+    assert main(["run", str(EXPERIMENTS / name), "--dry-run"]) == 0
+    assert "pending" in capsys.readouterr().out or name == "quickstart.yaml"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "imagenet_ablations.yaml"])
+def test_ablation_specs_switch_one_component_per_variant(name):
+    experiment = load_spec(EXPERIMENTS / name)
+    seeds = {run.config.seed for run in experiment.runs}
+    assert len(experiment.runs) == len(ABLATIONS) * len(seeds)
+    for run in experiment.runs:
+        arch = resolve_model(run.config.model)
+        switches = {k: getattr(arch, k) for k in ("x2z", "z2x", "dwc", "isc", "last_ca", "static")}
+        expected = {"x2z": True, "z2x": True, "dwc": True, "isc": True, "last_ca": True, "static": False}
+        expected.update(ABLATIONS[run.variant])
+        assert switches == expected, run.variant
+
+
+def test_imagenet_official_spec_is_the_official_recipe():
+    experiment = load_spec(EXPERIMENTS / "imagenet_official.yaml")
+    recipes = {r.config.model.name: (r.config.train.lr, r.config.train.epochs) for r in experiment.runs}
+    assert recipes == {"reg800m_perceiver_t128": (1e-3, 300), "resnet50_0375_perceiver_t128": (6e-4, 300),
+                       "mobilenetV3_0x75_perceiver_t128": (1e-3, 600)}
+    train = experiment.runs[0].config.train
+    assert (train.batch_size, train.warmup_epochs, train.weight_decay, train.ema_decay) == (128, 20, 0.05, 0.9999)
+    assert (train.mixup, train.cutmix, train.label_smoothing) == (0.8, 1.0, 0.1)
+    assert train.loss_weights == {"early3": 0.5, "att": 0.5, "cnn": 1.0, "merge": 1.0}
+    assert (train.distill_alpha, train.distill_temperature) == (0.5, 1.0)
+    assert experiment.executor.gpus_per_run == 8
+
+
+@pytest.mark.parametrize("name", ["train_digits.yaml", "train_imagenet_official.yaml"])
+def test_shipped_run_configs_load(name):
+    cfg = load_run_config(EXPERIMENTS / name)
+    resolve_model(cfg.model)
