@@ -49,6 +49,7 @@ class EvalConfig:
     criterion: str = "max_softmax"  # max_softmax | entropy | margin
     budgets: list[float] = field(default_factory=list)  # GMACs at which runs.csv reports test accuracy
     batch_size: int = 256
+    use_ema: bool = False  # evaluate the EMA weights instead of the trained ones
 
 
 @dataclass
