@@ -21,6 +21,7 @@ COMMANDS = (
     "run",
     "status",
     "curve",
+    "search",
     "report",
 )
 

@@ -1,0 +1,212 @@
+"""dynexit search: Optuna searches for exit thresholds (on saved logits) and loss weights (by training)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dynexit.cli import HelpFormatter
+
+EPILOG = """examples:
+  dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
+      --budgets official --out run/search_curve.csv
+  dynexit search thresholds --calib c.npz --test t.npz --costs 0.46,1.06,1.23,1.30 --pareto --trials 3000 \\
+      --out pareto.csv
+  dynexit search loss-weights experiments/quickstart.yaml --trials 20 --set train.epochs=2
+
+Studies are kept in an Optuna storage (SQLite by default), so a search killed midway resumes when the
+same command runs again, and several processes (on several machines with --storage postgresql://...)
+can run the same command to share one study. Watch a study: optuna-dashboard sqlite:///path/study.db"""
+
+THRESHOLDS_EPILOG = """examples:
+  dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
+      --budgets official --out run/search_curve.csv
+  dynexit search thresholds --calib c.npz --test t.npz --costs costs.csv --budgets 0.5,0.8,1.1 --trials 300 \\
+      --criterion margin --out budgets.csv
+  dynexit search thresholds --calib c.npz --test t.npz --costs costs.csv --pareto --seed 1 --out pareto.csv \\
+      --storage postgresql://user@db-host/optuna
+
+The search space is one share per exit but the last: the fraction of calibration samples whose
+confidence at that exit reaches its threshold. Thresholds are searched on the calibration logits only
+and applied once to the test logits. --budgets: one TPE study per budget (highest calibration accuracy
+with expected calibration cost within the budget); 'official' or 'msdnet' takes the calibration costs
+of that protocol grid's points. --pareto: one NSGA-II study, its Pareto front of calibration accuracy
+against cost. --trials counts finished trials per study (default 200 per budget, 3000 for --pareto).
+
+Writes CURVE.csv (the columns of 'dynexit curve'; target_share_<exit> holds the calibration shares the
+searched thresholds give) and CURVE.trials.csv (every trial: parameters, thresholds, calibration
+accuracy and cost, and the curve point it became, if any). The study lives in --storage (default:
+search.db next to CURVE.csv); running the command again resumes or, when done, only rewrites the files."""
+
+LOSS_EPILOG = """examples:
+  dynexit search loss-weights experiments/quickstart.yaml --trials 20
+  dynexit search loss-weights spec.yaml --trials 40 --set train.epochs=3 --cost-range 0.004,0.008 --device cuda:0
+  dynexit search loss-weights spec.yaml --trials 100 --storage postgresql://user@db-host/optuna   # on each machine
+
+Each trial trains the spec's base configuration with its own loss weights (every exit but the last; the
+last stays 1), distillation weight and temperature, in <study folder>/runs/<run id>; the objective is
+the mean calibration budgeted accuracy over --cost-range GMACs (default: first to last exit's cost),
+scored after every epoch so that a median pruner stops poor trials. Outputs in the study folder
+(default <results_dir>/search/loss_weights): study.db, trials.csv and best_weights.yaml, a spec fragment
+(under 'variants') for 'dynexit run'."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search", help="Optuna searches: exit thresholds on saved logits, loss weights by training",
+        description="Search exit thresholds for cost budgets or a Pareto front, or search training loss weights, "
+                    "with Optuna studies that resume and can be shared by several processes.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    sub = p.add_subparsers(dest="search_command", metavar="SEARCH")
+
+    t = sub.add_parser("thresholds", help="exit thresholds on saved per-exit logits",
+                       description="Search exit thresholds on calibration logits (per budget, or a Pareto front), "
+                                   "apply them to test logits, and write the curve and the trials.",
+                       epilog=THRESHOLDS_EPILOG, formatter_class=HelpFormatter)
+    t.add_argument("--calib", required=True, metavar="CALIB.npz", help="calibration logits (dynexit .npz)")
+    t.add_argument("--test", required=True, metavar="TEST.npz", help="test logits (dynexit .npz)")
+    t.add_argument("--costs", required=True, metavar="COSTS", help="per-exit costs: a,b,c,... or costs.csv")
+    mode = t.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'official' / 'msdnet'")
+    mode.add_argument("--pareto", action="store_true", help="one multi-objective study: the Pareto front")
+    t.add_argument("--trials", type=int, default=None, help="finished trials per study (default 200; 3000 with --pareto)")
+    t.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///<CURVE folder>/search.db)")
+    t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    t.add_argument("--criterion", choices=("max_softmax", "entropy", "margin"), default="max_softmax",
+                   help="confidence (default: max_softmax)")
+    t.add_argument("--temperature", action="store_true",
+                   help="scale each exit's logits by a temperature fitted on the calibration split")
+    t.add_argument("--population", type=int, default=50, help="NSGA-II population with --pareto (default 50)")
+    t.add_argument("--exit-names", metavar="A,B,...", help="exit names (default: the costs CSV's 'exit' column)")
+    t.add_argument("--study-name", default="thresholds", help="prefix of the study names (default: thresholds)")
+    t.add_argument("--out", required=True, metavar="CURVE.csv", help="curve CSV to write (trials: CURVE.trials.csv)")
+    t.set_defaults(func=run_thresholds)
+
+    w = sub.add_parser("loss-weights", help="per-exit loss weights and self-distillation, by training",
+                       description="Search per-exit loss weights, self-distillation weight and temperature of a "
+                                   "spec's base configuration; each trial is a short training run.",
+                       epilog=LOSS_EPILOG, formatter_class=HelpFormatter)
+    w.add_argument("spec", help="experiment spec (YAML); its 'base' is the configuration searched")
+    w.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    w.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///<study folder>/study.db)")
+    w.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base configuration (e.g. train.epochs=2); repeatable")
+    w.add_argument("--cost-range", metavar="LO,HI", help="GMACs range of the objective (default: first to last exit)")
+    w.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    w.add_argument("--study-dir", type=Path, default=None,
+                   help="study folder (default: <results_dir>/search/loss_weights)")
+    w.add_argument("--study-name", default=None, help="study name (default: loss-weights-<spec name>)")
+    w.set_defaults(func=run_loss_weights)
+
+
+def _quiet_optuna(args) -> None:
+    import optuna
+
+    if not getattr(args, "verbose", False):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _budgets(spec: str, problem) -> list[float]:
+    from dynexit.search import protocol_budgets
+
+    if spec in ("official", "msdnet"):
+        return protocol_budgets(problem, spec)
+    try:
+        values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets {spec!r} is neither 'official', 'msdnet' nor a comma-separated list of "
+                         "numbers") from None
+    if not values:
+        raise ValueError("--budgets is empty")
+    return values
+
+
+def run_thresholds(args) -> int:
+    from dynexit.cli.curve import read_costs
+    from dynexit.logits import load_logits
+    from dynexit.search import (compare_with_protocol, open_storage, protocol_curve, search_budgets, search_pareto,
+                                sqlite_url, threshold_problem)
+    from dynexit.search.thresholds import BUDGET_TRIALS, PARETO_TRIALS
+    from dynexit.utils import atomic_write_text
+
+    _quiet_optuna(args)
+    if args.trials is not None and args.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    costs, names = read_costs(args.costs)
+    if args.exit_names:
+        names = [n.strip() for n in args.exit_names.split(",")]
+    calib_logits, calib_targets = load_logits(args.calib)
+    test_logits, test_targets = load_logits(args.test)
+    num_exits = calib_logits.shape[0]
+    if len(costs) != num_exits:
+        raise ValueError(f"--costs has {len(costs)} values but {args.calib} has {num_exits} exits")
+    if names is not None and len(names) != num_exits:
+        raise ValueError(f"{len(names)} exit names ({', '.join(names)}) for {num_exits} exits")
+    problem = threshold_problem(calib_logits, calib_targets, test_logits, test_targets, costs, args.criterion,
+                                "fit" if args.temperature else None, names)
+    out = Path(args.out)
+    url = args.storage or sqlite_url(out.parent / "search.db")
+    storage = open_storage(url)
+    if args.pareto:
+        result = search_pareto(problem, args.trials or PARETO_TRIALS, storage, args.seed, args.population,
+                               args.study_name)
+    else:
+        result = search_budgets(problem, _budgets(args.budgets, problem), args.trials or BUDGET_TRIALS, storage,
+                                args.seed, args.study_name)
+    trials_path = out.with_name(out.stem + ".trials.csv")
+    atomic_write_text(out, result.curve.to_csv(index=False))
+    atomic_write_text(trials_path, result.trials.to_csv(index=False))
+
+    mode = "Pareto front" if args.pareto else f"{len(set(result.trials['study']))} budget studies"
+    print(f"{mode}, criterion {args.criterion}, {len(result.trials)} trials; calibration {calib_logits.shape[1]} "
+          f"samples, test {test_logits.shape[1]} samples, {num_exits} exits; storage {url}")
+    print(f"\n  {'point':>5} {'calib cost':>10} {'calib acc %':>11} {'test cost':>10} {'test acc %':>10}")
+    for row in result.curve.itertuples():
+        print(f"  {row.point:>5} {row.calib_expected_cost:>10.4g} {row.calib_accuracy:>11.2f} "
+              f"{row.test_expected_cost:>10.4g} {row.test_accuracy:>10.2f}")
+    grid = "official" if num_exits == 4 else "msdnet"
+    cmp = compare_with_protocol(result.curve, protocol_curve(problem, grid)).attrs
+    print(f"\nagainst the {grid} protocol at its points' test costs ({cmp['points_in_range']} in range): "
+          f"mean {cmp['mean_difference']:+.2f}, min {cmp['min_difference']:+.2f} points; "
+          f"over the shared cost range {cmp['area_difference']:+.2f} points")
+    print(f"\nwrote {out} and {trials_path}")
+    return 0
+
+
+def run_loss_weights(args) -> int:
+    from dynexit.search import open_storage, sqlite_url
+    from dynexit.search.loss_weights import STORAGE_FILE, search_loss_weights
+    from dynexit.spec import load_spec
+
+    _quiet_optuna(args)
+    cost_range = None
+    if args.cost_range:
+        try:
+            lo, hi = (float(v) for v in args.cost_range.split(","))
+        except ValueError:
+            raise ValueError(f"--cost-range {args.cost_range!r}: expected LO,HI (two numbers, GMACs)") from None
+        cost_range = (lo, hi)
+    study_dir = args.study_dir
+    if study_dir is None:
+        study_dir = load_spec(args.spec, args.set).results_dir / "search" / "loss_weights"
+    storage = open_storage(args.storage or sqlite_url(Path(study_dir) / STORAGE_FILE))
+    result = search_loss_weights(args.spec, args.trials, storage, seed=args.seed, device=args.device,
+                                 cost_range=cost_range, overrides=args.set, study_dir=study_dir,
+                                 study_name=args.study_name)
+    table = result.trials
+    print(f"study {result.study_name}: {len(table)} trials "
+          f"({', '.join(f'{n} {s.lower()}' for s, n in table['state'].value_counts().items())}); objective = mean "
+          f"calibration budgeted accuracy (%) over {result.cost_range[0]:.4g}-{result.cost_range[1]:.4g} GMACs")
+    weights = [c for c in table.columns if c.startswith("weight_")]
+    head = "  ".join(f"{c[7:]:>8}" for c in weights)
+    print(f"\n  {'trial':>5} {'state':>8} {'objective':>9}  {head}  {'alpha':>6} {'T':>5}")
+    for _, row in table.iterrows():
+        values = "  ".join(f"{row[c]:>8.3f}" for c in weights)
+        objective = row["objective"] if row["objective"] == row["objective"] else row["last_reported"]
+        print(f"  {row['number']:>5} {row['state'].lower():>8} {objective:>9.3f}  {values}  "
+              f"{row['distill_alpha']:>6.3f} {row['distill_temperature']:>5.2f}")
+    if result.best is not None:
+        print(f"\nbest: trial {result.best_number}, objective {result.best_value:.3f}; "
+              f"spec fragment in {Path(study_dir) / 'best_weights.yaml'}")
+    print(f"wrote {Path(study_dir) / 'trials.csv'}")
+    return 0

@@ -1,0 +1,366 @@
+"""The training loop: ``train(cfg, run_dir)`` trains one RunConfig into one run folder, resumably.
+
+Run folder: ``config.yaml`` (the resolved config), ``checkpoint.pt`` (after every epoch, atomically;
+see ``dynexit.training.state``), ``metrics.csv`` (one row per epoch, see ``dynexit.training.metrics``),
+``tb/`` (TensorBoard), ``train_result.json`` (the TrainResult) and the data split's
+``calib_indices.json`` (written by ``dynexit.data``).
+
+Several processes (``torchrun --nproc_per_node=N -m dynexit train ...``) train one model with
+DistributedDataParallel: each process reads its shard of every batch (DistributedSampler), so
+``train.batch_size`` is per process; metrics are summed over processes and only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from dynexit.training.config import uses_mixup, validate_train_config
+from dynexit.training.distributed import DistContext, setup
+from dynexit.training.loss import MultiExitLoss
+from dynexit.training.metrics import METRICS_FILE, ExitMetrics, MetricsLog, autocast, evaluate, prepare_images
+from dynexit.training.optim import build_ema, build_optimizer, lr_at, set_lr
+from dynexit.training.state import (CHECKPOINT_FILE, CONFIG_FILE, FORMAT, check_run_folder, rng_state,
+                                    seed_everything, set_rng_state)
+from dynexit.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "train_result.json"
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (and writes to ``train_result.json``)."""
+
+    run_dir: Path
+    checkpoint: Path  # model, EMA (``load_model(path, ema=True)``), optimizer and RNG state of the last epoch
+    metrics_csv: Path
+    config_path: Path
+    metrics: dict[str, float]  # the last epoch's row of metrics.csv
+    epochs: int  # epochs completed
+    steps: int  # optimizer steps taken
+    wall_time: float  # seconds spent training and evaluating, summed over resumed sessions
+    start_epoch: int  # epochs already done when this call started (0: a fresh run)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, resume: bool = True) -> TrainResult:
+    """Trains the model of ``cfg`` (a ``dynexit.config.RunConfig``) into ``run_dir``.
+
+    With ``resume`` (the default) a run folder holding a checkpoint of the same configuration continues
+    from it and ends with exactly the weights of an uninterrupted run (a finished run returns at once);
+    without it an existing checkpoint is a FileExistsError. A checkpoint or config.yaml of a different
+    configuration is a ValueError naming the keys that differ. Nothing is written before the
+    configuration, the model, the loss weights and the data have been checked.
+    ``device``: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available. Under torchrun
+    (``WORLD_SIZE`` > 1), or when the caller has initialised torch.distributed, every process calls this.
+    A non-finite loss raises FloatingPointError naming the epoch and step; the last checkpoint is kept.
+    """
+    from dynexit.config import RunConfig
+
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"train() needs a dynexit.config.RunConfig, got {type(cfg).__name__}")
+    validate_train_config(cfg.train)
+    ctx = setup(device)
+    try:
+        return _Session(cfg, Path(run_dir), ctx, resume).run()
+    finally:
+        ctx.close()
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class _Session:
+    """One call of ``train``: setup, the epochs, the files."""
+
+    def __init__(self, cfg, run_dir: Path, ctx: DistContext, resume: bool):
+        self.cfg, self.tc, self.run_dir, self.ctx, self.resume = cfg, cfg.train, run_dir, ctx, resume
+        self.ckpt_path = run_dir / CHECKPOINT_FILE
+        self.checkpoint_epoch = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def run(self) -> TrainResult:
+        from dynexit.config import to_container
+
+        cfg, tc, ctx = self.cfg, self.tc, self.ctx
+        if tc.sync_bn and ctx.distributed and ctx.device.type != "cuda":
+            raise ValueError(f"train.sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on "
+                             f"{ctx.device.type}); on CPU use train.freeze_bn=true or neither")
+        if tc.amp and ctx.device.type != "cuda":
+            log.warning("train.amp (bfloat16 autocast) applies on CUDA only; training in float32 on %s",
+                        ctx.device)
+        self.config = to_container(cfg)
+        checkpoint = check_run_folder(self.run_dir, self.config, self.resume, "the given configuration")
+        if checkpoint is not None and checkpoint["epoch"] >= tc.epochs:
+            log.info("%s: already trained (%d epochs)", self.run_dir, checkpoint["epoch"])
+            return self._finish(checkpoint["epoch"], checkpoint["step"], checkpoint["wall_time"],
+                                checkpoint["metrics"], checkpoint["epoch"])
+        if tc.deterministic:
+            _deterministic_kernels()
+        seed_everything(cfg.seed)
+        self._build_model()
+        self._build_data()
+        if ctx.is_main:
+            from dynexit.config import save_yaml
+
+            save_yaml(cfg, self.run_dir / CONFIG_FILE)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.ema = build_ema(self.model, tc)
+        self.mixup = self._build_mixup()
+        self.steps_per_epoch = math.ceil(len(self.loaders["train"]) / tc.accum_steps)
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
+        start_epoch, step, wall_time = 0, 0, 0.0
+        if checkpoint is not None:
+            start_epoch, step, wall_time = self._restore(checkpoint)
+        elif ctx.rank:
+            seed_everything(cfg.seed + ctx.rank)  # own augmentation/mixup streams per process
+        self.checkpoint_epoch = start_epoch
+        self.net = self._wrap(self.model)
+        return self._epochs(start_epoch, step, wall_time)
+
+    def _build_model(self) -> None:
+        from dynexit.config import resolve_model
+        from dynexit.models import build_model
+
+        tc, ctx = self.tc, self.ctx
+        model = build_model(resolve_model(self.cfg.model))
+        self.exit_names = tuple(model.exit_names)
+        self.loss_fn = MultiExitLoss(self.exit_names, tc.loss_weights, distill_alpha=tc.distill_alpha,
+                                     temperature=tc.distill_temperature, label_smoothing=tc.label_smoothing)
+        if tc.sync_bn and ctx.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(ctx.device)
+        if tc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+
+    def _build_data(self) -> None:
+        from dynexit.data import build_datasets, build_loaders
+
+        cfg, ctx = self.cfg, self.ctx
+        splits = None
+        if ctx.is_main:  # the main process draws and saves the calibration split; the others read it
+            splits = build_datasets(cfg.data, self.run_dir)
+        ctx.barrier()
+        if splits is None:
+            splits = build_datasets(cfg.data, self.run_dir)
+        classes = self.model.config.num_classes
+        if splits.num_classes != classes:
+            raise ValueError(f"model.num_classes is {classes}, but data set {splits.name!r} has "
+                             f"{splits.num_classes} classes; set model.num_classes={splits.num_classes}")
+        if self.model.config.input_size != splits.image_size:
+            log.warning("model.input_size=%d differs from data.image_size=%d; training at %d px",
+                        self.model.config.input_size, splits.image_size, splits.image_size)
+        self.num_classes = splits.num_classes
+        eval_bs = self.tc.eval_batch_size or 2 * self.tc.batch_size
+        pin = ctx.device.type == "cuda"
+        self.loaders = build_loaders(splits, self.tc.batch_size, num_workers=cfg.data.num_workers,
+                                     distributed=ctx.distributed, seed=cfg.seed, eval_batch_size=eval_bs,
+                                     pin_memory=pin)
+        if ctx.distributed:  # each process evaluates every world_size-th sample; sums are reduced
+            for name in ("calib", "test"):
+                dataset = getattr(splits, name)
+                shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+                self.loaders[name] = DataLoader(shard, batch_size=eval_bs, shuffle=False,
+                                                num_workers=cfg.data.num_workers, pin_memory=pin)
+
+    def _build_mixup(self):
+        if not uses_mixup(self.tc):
+            return None
+        from timm.data import Mixup
+
+        tc = self.tc
+        return Mixup(mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, prob=tc.mixup_prob,
+                     switch_prob=tc.mixup_switch_prob, mode=tc.mixup_mode, label_smoothing=tc.label_smoothing,
+                     num_classes=self.num_classes)
+
+    def _restore(self, checkpoint: dict) -> tuple[int, int, float]:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+        epoch = int(checkpoint["epoch"])
+        rngs = checkpoint["rng"]
+        if len(rngs) == self.ctx.world_size:
+            set_rng_state(rngs[self.ctx.rank], self.loaders["train"].generator)
+        else:
+            log.warning("checkpoint written by %d processes, resuming with %d: data order and augmentation "
+                        "of the remaining epochs differ from an uninterrupted run", len(rngs), self.ctx.world_size)
+            seed_everything(self.cfg.seed + 7919 * epoch + self.ctx.rank)
+        log.info("resuming %s after epoch %d", self.run_dir, epoch)
+        return epoch, int(checkpoint["step"]), float(checkpoint["wall_time"])
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.ctx.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    # ------------------------------------------------------------------ epochs
+
+    def _epochs(self, start_epoch: int, step: int, wall_time: float) -> TrainResult:
+        tc, ctx = self.tc, self.ctx
+        history = MetricsLog(self.run_dir, ctx.is_main, tc.tensorboard, start_epoch)
+        history.truncate(start_epoch)
+        row: dict[str, float] = {}
+        try:
+            for epoch in range(start_epoch + 1, tc.epochs + 1):
+                t0 = time.perf_counter()
+                sampler = self.loaders["train"].sampler
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                train_metrics, step, lr = self._train_epoch(epoch, step)
+                row = {"epoch": epoch, "step": step, "lr": lr, **train_metrics}
+                if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+                    row.update(self._evaluate())
+                row["epoch_time"] = time.perf_counter() - t0
+                wall_time += row["epoch_time"]
+                rngs = ctx.gather(rng_state(self.loaders["train"].generator))
+                if ctx.is_main:
+                    history.append(row)
+                    self._save(epoch, step, rngs, row, wall_time)
+                    log.info("epoch %d/%d: %s", epoch, tc.epochs, _summary(row, self.exit_names))
+                self.checkpoint_epoch = epoch
+        finally:
+            history.close()
+        return self._finish(tc.epochs, step, wall_time, row, start_epoch)
+
+    def _train_epoch(self, epoch: int, step: int) -> tuple[dict[str, float], int, float]:
+        tc, ctx = self.tc, self.ctx
+        loader = self.loaders["train"]
+        self.net.train()
+        if tc.freeze_bn:
+            _freeze_batchnorm(self.model)
+        metrics = ExitMetrics(self.exit_names, ctx.device)
+        n = len(loader)
+        show = ctx.is_main and (tc.progress if tc.progress is not None else sys.stderr.isatty())
+        bar = tqdm(total=n, desc=f"epoch {epoch}/{tc.epochs}", disable=not show, leave=False, dynamic_ncols=True)
+        lr = lr_at(step, self.total_steps, self.warmup_steps, tc.lr, tc.min_lr)
+        for i, (images, labels) in enumerate(loader):
+            images = prepare_images(images, ctx.device, tc.channels_last)
+            labels = labels.to(ctx.device, non_blocking=True)
+            targets = labels
+            if self.mixup is not None and images.shape[0] % 2 == 0:  # timm mixes a batch with its mirror
+                images, targets = self.mixup(images, labels)
+            first = (i // tc.accum_steps) * tc.accum_steps
+            group = min(tc.accum_steps, n - first)  # micro-batches in this optimizer step
+            boundary = i - first == group - 1
+            no_sync = self.net.no_sync() if (ctx.distributed and not boundary) else nullcontext()
+            with no_sync:
+                with autocast(ctx.device, tc.amp):
+                    logits = self.net(images)
+                out = self.loss_fn(logits, targets)
+                self._check_finite(out.total, epoch, i, n, step)
+                (out.total / group).backward()
+            metrics.update(logits, labels, out.per_exit, out.total)
+            if boundary:
+                lr = lr_at(step, self.total_steps, self.warmup_steps, tc.lr, tc.min_lr)
+                set_lr(self.optimizer, lr)
+                if tc.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step)
+            bar.update(1)
+            if show and (i % 10 == 0 or i == n - 1):
+                bar.set_postfix(loss=f"{out.total.item():.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        return metrics.reduce(ctx).as_dict("train", objective=True), step, lr
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, i: int, n: int, step: int) -> None:
+        bad = (~torch.isfinite(loss.detach())).float()
+        if not self.ctx.all_reduce(bad, op="max").item():  # every process stops together
+            return
+        kept = (f"the last good checkpoint {self.ckpt_path} (epoch {self.checkpoint_epoch}) is kept"
+                if self.checkpoint_epoch else "no checkpoint had been written yet")
+        raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {i + 1} of "
+                                 f"{n} (optimizer step {step + 1}); training stopped, {kept}")
+
+    def _evaluate(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
+        # Iterating a DataLoader draws a seed from the global generator: evaluation runs on a forked RNG
+        # so that how often (and whether the EMA) is evaluated leaves the training stream unchanged.
+        cuda = [self.ctx.device.index] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            for prefix, model in models:
+                for split in ("calib", "test"):
+                    metrics = evaluate(model, self.loaders[split], self.exit_names, self.ctx, amp=self.tc.amp,
+                                       channels_last=self.tc.channels_last)
+                    out.update(metrics.as_dict(prefix + split))
+        return out
+
+    # ------------------------------------------------------------------ files
+
+    def _save(self, epoch: int, step: int, rngs: list, row: dict, wall_time: float) -> None:
+        from dynexit.checkpoint import save_model
+
+        extra: dict[str, Any] = {}
+        if self.ema is not None:
+            extra["ema"] = self.ema.module.state_dict()
+        save_model(self.ckpt_path, self.model, format=FORMAT, optimizer=self.optimizer.state_dict(),
+                   epoch=epoch, step=step, rng=rngs, config=self.config, metrics=row, wall_time=wall_time,
+                   world_size=self.ctx.world_size, exit_names=list(self.exit_names), **extra)
+
+    def _finish(self, epochs: int, step: int, wall_time: float, metrics: dict, start_epoch: int) -> TrainResult:
+        result = TrainResult(run_dir=self.run_dir, checkpoint=self.ckpt_path,
+                             metrics_csv=self.run_dir / METRICS_FILE, config_path=self.run_dir / CONFIG_FILE,
+                             metrics={k: float(v) for k, v in metrics.items()}, epochs=int(epochs),
+                             steps=int(step), wall_time=float(wall_time), start_epoch=int(start_epoch))
+        if self.ctx.is_main:
+            atomic_write_text(self.run_dir / RESULT_FILE, json.dumps(result.to_json(), indent=2))
+        return result
+
+
+def _summary(row: dict[str, float], exit_names: tuple[str, ...]) -> str:
+    text = f"loss {row['train_loss']:.4f}"
+    if f"test_acc_{exit_names[-1]}" in row:
+        accs = " ".join(f"{e} {row[f'test_acc_{e}']:.2f}" for e in exit_names)
+        text += f", test acc {accs}"
+    return f"{text} ({row['epoch_time']:.1f} s)"
+
+
+def _deterministic_kernels() -> None:
+    """Deterministic CUDA kernels (CPU kernels are deterministic already)."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def load_metrics(run_dir: str | Path):
+    """The run's metrics.csv as a DataFrame (FileNotFoundError when missing)."""
+    import pandas as pd
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
+    return pd.read_csv(path)
+

@@ -1,0 +1,149 @@
+"""Per-exit loss and accuracy: accumulated over batches, reduced across processes, logged per epoch.
+
+Column names: ``{split}_loss_{exit}`` (mean cross-entropy) and ``{split}_acc_{exit}`` (top-1, percent),
+with ``split`` one of ``train`` (running values over the epoch's training batches, in train mode, with
+augmentation; accuracy against the unmixed labels), ``calib``, ``test``, and ``ema_calib``/``ema_test``
+for the EMA weights. ``train_loss`` is the full training objective.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynexit.training.distributed import DistContext
+from dynexit.utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.csv"
+
+
+class ExitMetrics:
+    """Sums of per-exit loss and correct predictions over samples, kept on the device (no sync per batch)."""
+
+    def __init__(self, exit_names: Sequence[str], device: torch.device):
+        self.exit_names = tuple(exit_names)
+        k = len(self.exit_names)
+        self.loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(k, dtype=torch.float64, device=device)
+        self.objective_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, logits: Sequence[torch.Tensor], labels: torch.Tensor, loss_per_exit: torch.Tensor,
+               objective: Optional[torch.Tensor] = None) -> None:
+        """``loss_per_exit``: (K,) batch means; ``labels``: class indices (B,)."""
+        n = labels.shape[0]
+        predictions = torch.stack([y.argmax(dim=-1) for y in logits])  # (K, B)
+        self.correct += (predictions == labels).sum(dim=1).double()
+        self.loss_sum += loss_per_exit.double() * n
+        if objective is not None:
+            self.objective_sum += objective.detach().double() * n
+        self.count += n
+
+    def reduce(self, ctx: DistContext) -> "ExitMetrics":
+        for t in (self.loss_sum, self.correct, self.objective_sum, self.count):
+            ctx.all_reduce(t)
+        return self
+
+    def as_dict(self, prefix: str, objective: bool = False) -> dict[str, float]:
+        n = max(float(self.count.item()), 1.0)
+        loss, correct = (self.loss_sum / n).tolist(), (self.correct * 100.0 / n).tolist()
+        out = {f"{prefix}_loss": float(self.objective_sum.item()) / n} if objective else {}
+        for name, l, c in zip(self.exit_names, loss, correct):
+            out[f"{prefix}_loss_{name}"] = l
+            out[f"{prefix}_acc_{name}"] = c
+        return out
+
+
+def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, exit_names: Sequence[str], ctx: DistContext,
+             amp: bool = False, channels_last: bool = False) -> ExitMetrics:
+    """Per-exit cross-entropy and accuracy of ``model`` (eval mode) over ``batches`` of (images, labels),
+    summed over all processes (each process passes its own shard)."""
+    was_training = model.training
+    model.eval()
+    metrics = ExitMetrics(exit_names, ctx.device)
+    for images, labels in batches:
+        images = prepare_images(images, ctx.device, channels_last)
+        labels = labels.to(ctx.device, non_blocking=True)
+        with autocast(ctx.device, amp):
+            logits = model(images)
+        logits = [y.float() for y in logits]
+        loss = torch.stack([F.cross_entropy(y, labels) for y in logits])
+        metrics.update(logits, labels, loss)
+    model.train(was_training)
+    return metrics.reduce(ctx)
+
+
+class MetricsLog:
+    """Appends one row per epoch to ``metrics.csv`` (rewritten atomically) and to TensorBoard (``tb/``).
+
+    Only the main process writes; others hold a disabled log. ``truncate(epoch)`` drops rows past a
+    resumed checkpoint's epoch (written before a crash that came ahead of the checkpoint).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_epoch: int = 0):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events a crashed session logged after the checkpoint it resumes from.
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+
+    def rows(self) -> pd.DataFrame:
+        return pd.read_csv(self.path) if self.path.is_file() else pd.DataFrame()
+
+    def truncate(self, epoch: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        rows = self.rows()
+        if "epoch" in rows and (rows["epoch"] > epoch).any():
+            kept = rows[rows["epoch"] <= epoch]
+            atomic_write(self.path, lambda tmp: kept.to_csv(tmp, index=False))
+
+    def append(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        old = self.rows()
+        table = pd.DataFrame([row]) if old.empty else pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+        atomic_write(self.path, lambda tmp: table.to_csv(tmp, index=False))
+        if self.writer is not None:
+            epoch = int(row["epoch"])
+            for key, value in row.items():
+                if key != "epoch" and value == value:  # skip NaN (epochs without evaluation)
+                    self.writer.add_scalar(_tb_tag(key), value, epoch)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tb_tag(key: str) -> str:
+    """``test_acc_merge`` -> ``test/acc_merge`` (TensorBoard groups by the part before the slash)."""
+    for split in ("ema_calib", "ema_test", "calib", "test", "train"):
+        if key.startswith(split + "_"):
+            return f"{split}/{key[len(split) + 1:]}"
+    return f"train/{key}"

@@ -1,0 +1,112 @@
+"""What survives a restart: seeding, RNG state, the training checkpoint and the run folder's config check.
+
+The checkpoint (``checkpoint.pt``) is a dynexit model checkpoint (``dynexit.checkpoint``: ``model`` and
+``model_config``, so ``load_model`` reads it, ``ema=True`` for the EMA weights) plus the training state:
+``optimizer``, ``epoch`` (completed), ``step`` (optimizer steps), ``rng`` (one entry per process:
+python, numpy, torch, CUDA and train-loader generator states), ``config`` (the resolved RunConfig),
+``metrics`` (the last epoch's row of metrics.csv), ``wall_time`` and ``world_size``.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.yaml"
+FORMAT = "dynexit-train-1"
+# Config keys a run may resume with other values of: evaluation and reporting (evaluation runs on a
+# forked RNG, so they leave the weights unchanged) and the loader worker count.
+RESUMABLE_KEYS = ("eval", "data.num_workers", "train.progress", "train.tensorboard", "train.eval_batch_size",
+                  "train.eval_every")
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python's random, numpy's global generator (timm's Mixup draws from it) and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(loader_generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader_generator is not None:
+        state["loader"] = loader_generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], loader_generator: Optional[torch.Generator] = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader_generator is not None and "loader" in state:
+        loader_generator.set_state(state["loader"])
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": leaf}."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """``"key: old -> new"`` for every leaf where two resolved configs differ (keys under ``ignore`` skipped)."""
+    a, b = flatten(old), flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or key.startswith(k + ".") for k in ignore):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint (ValueError when the file is not one)."""
+    from dynexit.checkpoint import read
+
+    checkpoint = read(path)
+    if checkpoint.get("format") != FORMAT:
+        raise ValueError(f"{path} is a model checkpoint without training state (not written by dynexit "
+                         f"training); move it away or use another run folder")
+    return checkpoint
+
+
+def check_run_folder(run_dir: Path, config: dict, resume: bool, source: str) -> Optional[dict[str, Any]]:
+    """The checkpoint to resume from (None: start afresh), after checking that the run folder belongs to
+    this configuration. ``config`` is the resolved RunConfig as a dict, ``source`` names where it came from.
+
+    Raises ValueError when ``run_dir`` holds a checkpoint or a ``config.yaml`` of a different
+    configuration (naming both and the keys that differ), FileExistsError when it holds a checkpoint
+    and ``resume`` is False. Nothing is written.
+    """
+    from dynexit.config import load_run_config, to_container
+
+    ckpt_path, config_path = run_dir / CHECKPOINT_FILE, run_dir / CONFIG_FILE
+    if ckpt_path.exists():
+        if not resume:
+            raise FileExistsError(f"{ckpt_path} exists and resume is off; delete it or use another run folder")
+        checkpoint = read_checkpoint(ckpt_path)
+        diffs = config_differences(checkpoint["config"], config)
+        if diffs:
+            raise ValueError(f"{ckpt_path} was trained with a different configuration than {source} "
+                             f"({'; '.join(diffs)}); use another run folder")
+        return checkpoint
+    if config_path.exists():
+        saved = to_container(load_run_config(config_path))
+        diffs = config_differences(saved, config)
+        if diffs:
+            raise ValueError(f"run folder {run_dir} belongs to another configuration: {config_path} differs "
+                             f"from {source} ({'; '.join(diffs)}); use another run folder")
+    return None

@@ -1,0 +1,360 @@
+"""Optuna searches: thresholds against the official protocol on the reference fixture, seeding, several
+worker processes and killed workers on one SQLite study, the command, and the loss-weight search (a
+stub trainer for pruning, the real trainer on digits for the objective)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dynexit.cli import main as cli_main
+from dynexit.logits import save_logits
+from dynexit.policies import NEVER, budgeted_curve, evaluate_thresholds
+from dynexit.search import (compare_with_protocol, curve_of_thresholds, open_storage, open_study, protocol_budgets,
+                            protocol_curve, run_trials, search_budgets, search_pareto, sqlite_url,
+                            threshold_problem)
+from dynexit.search.loss_weights import BEST_FILE, TRIALS_FILE, budgeted_area, search_loss_weights
+from dynexit.spec import expand
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    arrays = np.load(FIXTURES / "protocol_seed1.npz")
+    meta = json.loads((FIXTURES / "protocol_seed1.json").read_text())
+    return {key: arrays[key] for key in arrays.files}, meta
+
+
+@pytest.fixture(scope="module")
+def problem(reference):
+    a, meta = reference
+    return threshold_problem(a["calib_logits"], a["calib_targets"], a["test_logits"], a["test_targets"], meta["costs"])
+
+
+def _run(code: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _study_trials(url: str) -> dict[str, list]:
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
+            for s in optuna.get_all_study_summaries(url)}
+
+
+# ------------------------------------------------------------------------------------------ thresholds
+
+def test_shares_map_to_calibration_quantiles_and_protocol_thresholds_round_trip(problem):
+    conf = problem.calib_conf
+    n = conf.shape[1]
+    t = problem.thresholds([0.0, 1.0, 0.25])
+    assert t[0] == NEVER and t[1] == conf[1].min() and t[-1] < -1e7
+    assert (conf[2] >= t[2]).sum() == n // 4 and t[2] == np.sort(conf[2])[::-1][n // 4 - 1]
+    # The protocol's thresholds are calibration confidences: shares_of gives them back exactly.
+    protocol = protocol_curve(problem)
+    thresholds = [np.array([row[f"threshold_{k}"] for k in range(4)], np.float32) for _, row in protocol.iterrows()]
+    again = [problem.thresholds(problem.shares_of(t)) for t in thresholds]
+    np.testing.assert_array_equal(np.stack(again)[:, :-1], np.stack(thresholds)[:, :-1])
+    # curve_of_thresholds writes budgeted_curve's columns, with the same figures
+    curve = curve_of_thresholds(problem, thresholds)
+    assert list(curve.columns) == list(protocol.columns)
+    for key in ("calib_accuracy", "calib_expected_cost", "test_accuracy", "test_expected_cost"):
+        np.testing.assert_array_equal(curve[key], protocol[key])
+    np.testing.assert_allclose(curve[[f"target_share_{k}" for k in range(4)]].to_numpy(),
+                               protocol[[f"calib_share_{k}" for k in range(4)]].to_numpy())
+
+
+def test_searched_thresholds_beat_the_official_protocol_on_the_fixture(reference, problem):
+    """At the test cost of every protocol point within the searched curve's range, the searched test
+    accuracy is at most 0.2 points below the protocol's, and higher on average (Pareto front and
+    budgets at the protocol's calibration costs, up to its most accurate point)."""
+    a, meta = reference
+    protocol = budgeted_curve(a["calib_logits"], a["calib_targets"], a["test_logits"], a["test_targets"],
+                              meta["costs"])
+    pareto = search_pareto(problem, n_trials=2000, seed=0)
+    peak = protocol["calib_expected_cost"][protocol["calib_accuracy"].idxmax()]
+    budgets = [b for b in protocol_budgets(problem) if b <= peak]
+    assert len(budgets) == 12
+    per_budget = search_budgets(problem, budgets, n_trials=150, seed=0)
+    for result, points in ((pareto, 10), (per_budget, 9)):
+        cmp = compare_with_protocol(result.curve, protocol)
+        assert cmp.attrs["points_in_range"] >= points
+        assert cmp.attrs["min_difference"] >= -0.2, cmp.dropna()
+        assert cmp.attrs["mean_difference"] > 0.5 and cmp.attrs["area_difference"] > 0.5
+        # protocol points costlier than the whole searched curve are also less accurate than its best point
+        beyond = cmp["test_expected_cost"] > result.curve["test_expected_cost"].max()
+        assert (cmp.loc[beyond, "protocol_test_accuracy"] < result.curve["test_accuracy"].max()).all()
+    # Budgets: within budget on calibration, and at least the protocol's calibration accuracy there.
+    curve = per_budget.curve
+    assert len(curve) == 12 and (curve["calib_expected_cost"].to_numpy() <= np.array(budgets) + 1e-12).all()
+    feasible = [protocol.loc[protocol["calib_expected_cost"] <= b, "calib_accuracy"].max() for b in budgets]
+    assert (curve["calib_accuracy"].to_numpy() >= np.array(feasible)).all()
+    # Pareto: strictly better calibration accuracy at every step up in calibration cost
+    assert (np.diff(pareto.curve["calib_expected_cost"]) > 0).all() and (np.diff(pareto.curve["calib_accuracy"]) > 0).all()
+    # The trials table: every trial, recomputed thresholds, and the curve point of the chosen ones
+    trials = per_budget.trials
+    assert len(trials) == 12 * 150 and (trials["state"] == "COMPLETE").all()
+    chosen = trials.dropna(subset=["point"]).sort_values("point")
+    assert list(chosen["point"]) == list(range(12)) and chosen["feasible"].all()
+    np.testing.assert_array_equal(chosen["calib_accuracy"], curve["calib_accuracy"])
+
+
+def test_same_seed_same_trials_in_memory_and_on_sqlite(problem, tmp_path):
+    def params(result):
+        return result.trials[["share_0", "share_1", "share_2"]].to_numpy()
+
+    first = search_budgets(problem, [0.8], n_trials=40, seed=3)
+    again = search_budgets(problem, [0.8], n_trials=40, seed=3, storage=sqlite_url(tmp_path / "s.db"))
+    other = search_budgets(problem, [0.8], n_trials=40, seed=4)
+    np.testing.assert_array_equal(params(first), params(again))
+    assert not np.allclose(params(first), params(other))
+    pareto = [search_pareto(problem, n_trials=120, seed=s, population_size=20) for s in (5, 5)]
+    np.testing.assert_array_equal(params(pareto[0]), params(pareto[1]))
+
+
+QUICK_WORKER = """
+    import json, sys, time
+    from pathlib import Path
+    import numpy as np, optuna
+    from dynexit.search import search_budgets, threshold_problem
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, ready, n, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    a = np.load("tests/fixtures/protocol_seed1.npz")
+    costs = json.loads(Path("tests/fixtures/protocol_seed1.json").read_text())["costs"]
+    problem = threshold_problem(a["calib_logits"], a["calib_targets"], a["test_logits"], a["test_targets"], costs)
+    (ready / str(seed)).touch()
+    while len(list(ready.iterdir())) < 2:  # start together
+        time.sleep(0.01)
+    print(search_budgets(problem, [0.8, 0.9], n_trials=n, storage=url, seed=seed).added)
+"""
+
+
+def test_two_processes_share_one_sqlite_study_without_losing_or_duplicating_trials(tmp_path):
+    url = sqlite_url(tmp_path / "search.db")
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [_run(QUICK_WORKER, url, str(ready), "40", str(seed)) for seed in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    added = [int(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sum(added) == 2 * 40 and min(added) > 0  # both worked, nothing was added twice
+    studies = _study_trials(url)
+    assert len(studies) == 2
+    for trials in studies.values():
+        assert sorted(t.number for t in trials) == list(range(40))
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        assert len({tuple(t.params.values()) for t in trials}) == 40
+
+
+LIVE_WORKER = """
+    import sys, time
+    from pathlib import Path
+    import optuna
+    from dynexit.search import open_storage, open_study, run_trials
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, n, delay, marks = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
+    storage = open_storage(url, heartbeat_interval=1, grace_period=2)
+    study = open_study(storage, "live", ["minimize"], optuna.samplers.RandomSampler(seed=0))
+    def objective(trial):
+        x = trial.suggest_float("x", -1, 1)
+        (marks / str(trial.number)).touch()  # the test kills the worker while trial 1 sleeps
+        time.sleep(delay)
+        return x * x
+    print(run_trials(storage, study, objective, n))
+"""
+
+
+def test_a_killed_worker_of_a_live_study_resumes_with_the_same_command(tmp_path):
+    url = sqlite_url(tmp_path / "live.db")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = _run(LIVE_WORKER, url, "8", "0.5", str(marks))
+    deadline = time.time() + 120
+    while not (marks / "1").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # in the middle of trial 1
+    proc.wait()
+    again = _run(LIVE_WORKER, url, "8", "0.01", str(marks))
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    trials = _study_trials(url)["live"]
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 8  # finished trials counted against n_trials
+    assert sorted(t.number for t in trials) == list(range(9)) and int(out.strip().splitlines()[-1]) == 7
+    # the interrupted trial is marked failed (its heartbeat stopped) and run again with its parameters
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert [t.number for t in failed] == [1]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retry) == 1 and retry[0].params == failed[0].params
+    assert retry[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_threshold_command_writes_the_curve_format_resumes_and_survives_a_kill(reference, tmp_path, capsys):
+    a, meta = reference
+    save_logits(tmp_path / "calib.npz", a["calib_logits"], a["calib_targets"])
+    save_logits(tmp_path / "test.npz", a["test_logits"], a["test_targets"])
+    costs = ",".join(str(c) for c in meta["costs"])
+    common = ["--calib", str(tmp_path / "calib.npz"), "--test", str(tmp_path / "test.npz"), "--costs", costs]
+    assert cli_main(["curve", *common, "--out", str(tmp_path / "protocol.csv")]) == 0
+    args = ["search", "thresholds", *common, "--budgets", "0.75,0.85", "--out", str(tmp_path / "curve.csv")]
+    assert cli_main([*args, "--trials", "20"]) == 0
+    assert "against the official protocol" in capsys.readouterr().out
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    assert list(curve.columns) == list(pd.read_csv(tmp_path / "protocol.csv").columns) and len(curve) == 2
+    assert len(pd.read_csv(tmp_path / "curve.trials.csv")) == 40 and (tmp_path / "search.db").is_file()
+    # The same command with more trials resumes: finished trials count against --trials.
+    assert cli_main([*args, "--trials", "30"]) == 0
+    trials = pd.read_csv(tmp_path / "curve.trials.csv")
+    assert len(trials) == 60 and all(sorted(g) == list(range(30)) for _, g in trials.groupby("study")["number"])
+    # A Pareto search killed midway, then run again: exactly the trials asked for.
+    cmd = ["-m", "dynexit", "search", "thresholds", *common, "--pareto", "--trials", "3000",
+           "--out", str(tmp_path / "pareto.csv")]
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = sqlite_url(tmp_path / "search.db")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        pareto = [v for k, v in _study_trials(url).items() if k.endswith("pareto")]
+        if pareto and len(pareto[0]) >= 30:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cli_main(["search", "thresholds", *common, "--pareto", "--trials", "120", "--out",
+                     str(tmp_path / "pareto.csv")]) == 0
+    pareto = next(v for k, v in _study_trials(url).items() if k.endswith("pareto"))
+    assert len(pareto) == 120 and sorted(t.number for t in pareto) == list(range(len(pareto)))
+    # Errors: one line naming the culprit.
+    assert cli_main(["search", "thresholds", *common, "--budgets", "cheap", "--out", str(tmp_path / "x.csv")]) == 1
+    assert "--budgets 'cheap'" in capsys.readouterr().err
+    assert cli_main(["search", "thresholds", *common[:4], "--costs", "1,2", "--pareto", "--out", "x.csv"]) == 1
+    assert "--costs has 2 values" in capsys.readouterr().err
+
+
+def test_storage_and_study_errors_name_the_culprit(tmp_path):
+    with pytest.raises(ValueError, match="not a database URL"):
+        open_storage("results/study.db")
+    storage = open_storage(sqlite_url(tmp_path / "s.db"))
+    open_study(storage, "s", ["maximize"], optuna.samplers.RandomSampler(), attrs={"fingerprint": "a"})
+    with pytest.raises(ValueError, match="study s .* other fingerprint"):
+        open_study(storage, "s", ["maximize"], optuna.samplers.RandomSampler(), attrs={"fingerprint": "b"})
+    with pytest.raises(ValueError, match="optimises"):
+        open_study(storage, "s", ["minimize"], optuna.samplers.RandomSampler())
+    with pytest.raises(ValueError, match="positive integer"):
+        run_trials(storage, optuna.load_study(study_name="s", storage=storage.backend), lambda t: 0.0, 0)
+
+
+# ---------------------------------------------------------------------------------------- loss weights
+
+def test_budgeted_area_is_the_mean_best_accuracy_within_budget():
+    # 4 samples, 2 exits costing 1 and 3: exit 0 is right on the two samples it is confident about,
+    # exit 1 on all. Envelope: 50 % from cost 1, 100 % from cost 2 (the confident half leaves early).
+    targets = np.array([0, 1, 0, 1])
+    logits = np.zeros((2, 4, 2), np.float32)
+    logits[0, [0, 1], [0, 1]] = 4.0  # confident and right
+    logits[0, [2, 3], [1, 0]] = 0.5  # unsure and wrong
+    logits[1, np.arange(4), targets] = 2.0
+    grid = np.array([[0.5, 0.5]], np.float32)
+    assert budgeted_area(logits, targets, [1.0, 3.0], (1.0, 3.0), grid=grid) == pytest.approx(75.0)
+    assert budgeted_area(logits, targets, [1.0, 3.0], (1.5, 3.0), grid=grid) == pytest.approx(250 / 3)
+    assert budgeted_area(logits, targets, [1.0, 3.0], (2.0, 3.0), grid=grid) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="below the cost of the first exit"):
+        budgeted_area(logits, targets, [1.0, 3.0], (0.5, 3.0), grid=grid)
+
+
+SPEC = """
+name: lw
+results_dir: {out}
+base:
+  model: {{name: tiny_perceiver_t16, input_size: 16}}
+  data: {{name: digits, image_size: 16, train_subset: 96, test_subset: 48, calib_size: 64}}
+  train: {{epochs: {epochs}, batch_size: 32, lr: 0.002, progress: false, tensorboard: false, ema: false}}
+variants:
+  full: {{}}
+"""
+
+
+def test_loss_weight_search_prunes_poor_trials_and_writes_a_spec_fragment(tmp_path):
+    """Stub trainer with the per-epoch callback and a stub score (a function of the sampled values)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(out=tmp_path / "res", epochs=4))
+    seen = []
+
+    def trainer(cfg, run_dir, device=None, resume=True, on_epoch_end=None):
+        seen.append((Path(run_dir).name, dict(cfg.train.loss_weights), cfg.train.distill_alpha,
+                     cfg.train.distill_temperature))
+        for epoch in range(1, cfg.train.epochs + 1):
+            on_epoch_end(epoch=epoch, model=None, ema=None)
+
+    def scorer(model, cfg, folder):  # best at early3 = 0.5, att = 1.5; the same at every epoch
+        w = cfg.train.loss_weights
+        return 80 - 10 * abs(np.log(w["early3"] / 0.5)) - 10 * abs(np.log(w["att"] / 1.5))
+
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    result = search_loss_weights(spec, n_trials=10, seed=0, trainer=trainer, scorer=scorer, pruner=pruner)
+    table = pd.read_csv(tmp_path / "res" / "search" / "loss_weights" / TRIALS_FILE)
+    assert len(table) == 10 and set(table["state"]) == {"COMPLETE", "PRUNED"}
+    pruned, complete = table[table["state"] == "PRUNED"], table[table["state"] == "COMPLETE"]
+    assert len(pruned) >= 2 and (pruned["epochs_reported"] < 4).all() and (complete["epochs_reported"] == 4).all()
+    assert pruned["last_reported"].max() < complete["objective"].max()
+    # Every trial trained its own configuration: sampled weights, the last exit at 1, distillation.
+    assert len({s[0] for s in seen}) == 10
+    for (_, weights, alpha, temp), (_, row) in zip(seen, table.iterrows()):
+        assert weights == pytest.approx({"early3": row["weight_early3"], "att": row["weight_att"],
+                                         "cnn": row["weight_cnn"], "merge": 1.0})
+        assert (alpha, temp) == pytest.approx((row["distill_alpha"], row["distill_temperature"]))
+    # The best trial as a fragment the runner accepts.
+    best = complete.loc[complete["objective"].idxmax()]
+    assert result.best_number == best["number"]
+    fragment = yaml.safe_load((tmp_path / "res" / "search" / "loss_weights" / BEST_FILE).read_text())
+    raw = yaml.safe_load(spec.read_text())
+    raw["variants"].update(fragment["variants"])
+    run = next(r for r in expand(raw).runs if r.variant == "searched_loss_weights")
+    assert run.config.train.loss_weights == pytest.approx(
+        {"early3": best["weight_early3"], "att": best["weight_att"], "cnn": best["weight_cnn"], "merge": 1.0}, rel=1e-5)
+    assert run.config.train.distill_alpha == pytest.approx(best["distill_alpha"], rel=1e-5)
+
+
+def test_loss_weight_search_trains_on_digits_and_scores_the_calibration_curve(tmp_path):
+    """Two real trials of one epoch (tiny preset, a small digits subset), in an SQLite study."""
+    from dynexit.checkpoint import load_model
+    from dynexit.config import RunConfig, merge
+    from dynexit.data import build_datasets, build_loaders
+    from dynexit.logits import collect_logits
+
+    torch.set_num_threads(1)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(out=tmp_path / "res", epochs=1))
+    storage = sqlite_url(tmp_path / "res" / "study.db")
+    result = search_loss_weights(spec, n_trials=2, storage=storage, seed=0, device="cpu")
+    table = result.trials
+    assert list(table["state"]) == ["COMPLETE", "COMPLETE"] and table["run_id"].is_unique
+    costs = optuna.load_study(study_name=result.study_name, storage=storage).user_attrs["costs"]
+    for _, row in table.iterrows():
+        folder = result.study_dir / "runs" / row["run_id"]
+        cfg = merge(RunConfig, yaml.safe_load((folder / "config.yaml").read_text()))
+        assert cfg.train.loss_weights["early3"] == pytest.approx(row["weight_early3"])
+        logits, targets = collect_logits(load_model(folder / "checkpoint.pt"),
+                                         build_loaders(build_datasets(cfg.data, folder), 64)["calib"])
+        assert len(targets) == 64
+        expected = budgeted_area(logits, targets, costs, (costs[0], costs[-1]))
+        assert row["objective"] == pytest.approx(expected, abs=1e-9)
+    assert (result.study_dir / BEST_FILE).is_file()
+    # Run again: the study is complete, nothing is trained again.
+    stamps = sorted(p.stat().st_mtime_ns for p in result.study_dir.glob("runs/*/checkpoint.pt"))
+    again = search_loss_weights(spec, n_trials=2, storage=storage, seed=0, device="cpu")
+    assert again.trials["number"].tolist() == [0, 1] and again.best == result.best
+    assert sorted(p.stat().st_mtime_ns for p in result.study_dir.glob("runs/*/checkpoint.pt")) == stamps

@@ -1,0 +1,311 @@
+"""The training loop: loss, optimizer and schedule, exact resume, determinism, NaN stop, bad input, the
+CLI, and the digits accuracy target (tiny preset, 32 px)."""
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import dynexit.checkpoint
+from dynexit.checkpoint import load_model
+from dynexit.cli import main as cli_main
+from dynexit.config import RunConfig, load_run_config, merge, save_yaml
+from dynexit.data import build_datasets, build_loaders
+from dynexit.models import create_model
+from dynexit.training import MultiExitLoss, train
+from dynexit.training.optim import lr_at, param_groups
+
+EXITS = ("early3", "att", "cnn", "merge")
+WEIGHTS = {"early3": 0.5, "att": 0.5, "cnn": 1.0, "merge": 1.0}
+
+
+def small_config(*dotlist: str) -> RunConfig:
+    """Tiny preset on a small digits subset: a 3-epoch run takes a few seconds."""
+    base = {"model": {"name": "tiny_perceiver_t16", "input_size": 16},
+            "data": {"name": "digits", "image_size": 16, "train_subset": 96, "test_subset": 48, "calib_size": 32},
+            "train": {"epochs": 3, "batch_size": 32, "lr": 2e-3, "warmup_epochs": 1, "progress": False,
+                      "tensorboard": False}}
+    return merge(RunConfig, base, OmegaConf.from_dotlist(list(dotlist)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second OpenMP thread gains little, and on a shared machine its
+    synchronisation can cost several times the compute; one thread keeps the timings predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a training checkpoint: model, EMA and optimizer state, flattened by key."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    out.update({f"ema.{k}": v for k, v in ckpt.get("ema", {}).items()})
+    for pid, state in ckpt["optimizer"]["state"].items():
+        out.update({f"opt.{pid}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+def manual_loss(logits, target, weights, alpha, t):
+    ce = [F.cross_entropy(y, target) if target.ndim == 1 else -(target * F.log_softmax(y, -1)).sum(-1).mean()
+          for y in logits]
+    total = sum(w * c for w, c in zip(weights, ce))
+    p = F.softmax(logits[-1] / t, -1)
+    kl = sum((p * (p.log() - F.log_softmax(y / t, -1))).sum(-1).mean() for y in logits[:-1])
+    return total + alpha * t * t * kl
+
+
+def test_loss_is_weighted_ce_plus_distillation_from_the_last_exit():
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(8, 10, generator=g, requires_grad=True) for _ in EXITS]
+    target = torch.randint(0, 10, (8,), generator=g)
+    loss = MultiExitLoss(EXITS, WEIGHTS, distill_alpha=0.5, temperature=2.0)
+    out = loss(logits, target)
+    expected = manual_loss(logits, target, [0.5, 0.5, 1.0, 1.0], 0.5, 2.0)
+    assert torch.allclose(out.total, expected, atol=1e-6)
+    assert torch.allclose(out.per_exit, torch.stack([F.cross_entropy(y, target) for y in logits]).detach())
+    # The teacher is detached: the distillation term sends no gradient into the last exit.
+    out.total.backward()
+    grad_last = logits[-1].grad.clone()
+    y = logits[-1].detach().requires_grad_()
+    F.cross_entropy(y, target).backward()
+    assert torch.allclose(grad_last, y.grad, atol=1e-7)
+    # Soft (Mixup) targets: one-hot soft targets give the hard-target loss; mixed ones the formula.
+    one_hot = F.one_hot(target, 10).float()
+    assert torch.allclose(loss(logits, one_hot).total, out.total, atol=1e-6)
+    soft = torch.softmax(torch.randn(8, 10, generator=g), -1)
+    assert torch.allclose(loss(logits, soft).total, manual_loss(logits, soft, [0.5, 0.5, 1.0, 1.0], 0.5, 2.0),
+                          atol=1e-6)
+    # Weights are keyed by name: a zero weight and no distillation leave exactly the other CE terms.
+    only_merge = MultiExitLoss(EXITS, {**dict.fromkeys(EXITS, 0.0), "merge": 2.0})
+    assert torch.allclose(only_merge(logits, target).total, 2 * F.cross_entropy(logits[3], target))
+
+
+def test_one_exit_model_gets_plain_cross_entropy_and_label_smoothing():
+    g = torch.Generator().manual_seed(1)
+    y, target = torch.randn(6, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    static = MultiExitLoss(("cnn",), WEIGHTS, distill_alpha=0.5)  # weights of absent exits are not used
+    assert torch.allclose(static([y], target).total, F.cross_entropy(y, target))
+    smooth = MultiExitLoss(("cnn",), label_smoothing=0.1)
+    assert torch.allclose(smooth([y], target).total, F.cross_entropy(y, target, label_smoothing=0.1))
+
+
+def test_loss_weights_must_name_the_model_exits():
+    with pytest.raises(ValueError, match=r"'exit9' is not an exit.*early3, att, cnn, merge"):
+        MultiExitLoss(EXITS, {**WEIGHTS, "exit9": 1.0})
+    with pytest.raises(ValueError, match=r"no weight for exit\(s\) att"):
+        MultiExitLoss(EXITS, {k: v for k, v in WEIGHTS.items() if k != "att"})
+
+
+# ------------------------------------------------------------------------------ optimizer, schedule
+
+def test_no_weight_decay_on_biases_and_1d_parameters():
+    model = create_model("tiny_perceiver_t16")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "latent" in decayed and "exits.merge.fc.1.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine_to_min_lr():
+    lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-5)
+    assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 45 / 89)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+# ------------------------------------------------------------------------ resume, determinism, NaN
+
+class Stop(Exception):
+    pass
+
+
+def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    # Mixup (numpy RNG), crop augmentation (torch RNG), EMA and shuffling (loader generator) all on.
+    cfg = small_config("train.mixup=0.8", "train.cutmix=1.0", "train.label_smoothing=0.1", "train.ema=true")
+    first = train(cfg, tmp_path / "a")
+    # Same seed: same weights, also when evaluating less often (evaluation runs on a forked RNG).
+    again = train(small_config("train.mixup=0.8", "train.cutmix=1.0", "train.label_smoothing=0.1",
+                               "train.eval_every=3"), tmp_path / "b")
+    assert pd.read_csv(again.metrics_csv)["test_acc_merge"].isna().tolist() == [True, True, False]
+    ta, tb = checkpoint_tensors(first.checkpoint), checkpoint_tensors(again.checkpoint)
+    assert ta.keys() == tb.keys() and any(k.startswith("ema.") for k in ta)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta), "same seed, same machine: same weights"
+    different = train(small_config("seed=1", "train.epochs=1"), tmp_path / "seed1")
+    assert not torch.equal(checkpoint_tensors(different.checkpoint)["model.latent"], ta["model.latent"])
+
+    save = dynexit.checkpoint.save_model
+
+    def save_then_stop(path, model, **extra):
+        save(path, model, **extra)
+        if extra["epoch"] == 1:
+            raise Stop
+
+    monkeypatch.setattr(dynexit.checkpoint, "save_model", save_then_stop)
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "c")
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(dynexit.checkpoint, "save_model", save)
+    resumed = train(cfg, tmp_path / "c")
+    assert resumed.start_epoch == 1 and resumed.epochs == 3 and resumed.steps == first.steps == 9
+    tc = checkpoint_tensors(resumed.checkpoint)
+    assert tc.keys() == ta.keys()
+    unequal = [k for k in ta if not torch.equal(ta[k], tc[k])]
+    assert not unequal, f"resumed run differs in {unequal[:5]}"
+    # The metrics history is whole and the same (timing aside).
+    ma, mc = (pd.read_csv(r.metrics_csv).drop(columns="epoch_time") for r in (first, resumed))
+    assert list(ma["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(ma, mc)
+    # A finished run returns at once with its result.
+    t0 = time.perf_counter()
+    done = train(cfg, tmp_path / "c")
+    assert time.perf_counter() - t0 < 5 and done.metrics == resumed.metrics and done.epochs == 3
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    # No augmentation (random crops are drawn per loader batch) and frozen BN (batch statistics of half
+    # a batch differ): then two accumulated half-batches are the full batch. AdamW's eps is raised to
+    # 1e-3: parameters whose gradient is structurally zero (a bias followed by a normalisation) get
+    # float noise (~1e-8) that depends on summation order, and with eps=1e-8 Adam turns that noise into
+    # full-size steps of random sign; with 1e-3 the update stays proportional to it.
+    common = ("data.crop_padding=0", "train.freeze_bn=true", "train.epochs=2", "train.ema=false", "train.eps=1e-3")
+    big = train(small_config(*common, "train.batch_size=32"), tmp_path / "big")
+    accum = train(small_config(*common, "train.batch_size=16", "train.accum_steps=2"), tmp_path / "accum")
+    assert big.steps == accum.steps == 6
+    ta, tb = checkpoint_tensors(big.checkpoint), checkpoint_tensors(accum.checkpoint)
+    torch.manual_seed(0)
+    init = create_model("tiny_perceiver_t16", input_size=16).state_dict()
+    moved = max((ta[f"model.{k}"] - v).abs().max().item() for k, v in init.items() if v.is_floating_point())
+    assert moved > 5e-3  # the weights did move, by far more than the tolerance below
+    for key in ta:
+        if key.startswith("model."):
+            assert torch.allclose(ta[key].float(), tb[key].float(), rtol=1e-4, atol=2e-5), key
+    assert big.metrics["train_loss"] == pytest.approx(accum.metrics["train_loss"], rel=1e-5)
+
+
+def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    cfg = small_config()
+    hashes = {}
+    save = dynexit.checkpoint.save_model
+
+    def save_and_hash(path, model, **extra):
+        save(path, model, **extra)
+        hashes[extra["epoch"]] = sha256(path)
+
+    forward = MultiExitLoss.forward
+    calls = {"n": 0}
+
+    def nan_on_fifth_call(self, logits, target):  # 3 steps per epoch: call 5 = epoch 2, step 2
+        calls["n"] += 1
+        if calls["n"] == 5:
+            logits = [y * float("nan") for y in logits]
+        return forward(self, logits, target)
+
+    monkeypatch.setattr(dynexit.checkpoint, "save_model", save_and_hash)
+    monkeypatch.setattr(MultiExitLoss, "forward", nan_on_fifth_call)
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 2 of 3.*checkpoint.*\(epoch 1\) is kept"):
+        train(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert list(hashes) == [1] and sha256(ckpt) == hashes[1]
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    assert list(pd.read_csv(tmp_path / "run" / "metrics.csv")["epoch"]) == [1]
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+def test_bad_configuration_is_refused_naming_the_culprit_and_writes_nothing(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  epochs: 1\n  lrr: 0.1\n")
+    with pytest.raises(ValueError, match=r"train\.lrr"):
+        load_run_config(path)
+    path.write_text("train:\n  epochs: many\n")
+    with pytest.raises(ValueError, match=r"train\.epochs"):
+        load_run_config(path)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"train\.lr must be in"):
+        train(small_config("train.lr=-1"), run)
+    with pytest.raises(ValueError, match=r"'exit9' is not an exit of this model"):
+        train(small_config("train.loss_weights.exit9=1.0"), run)
+    with pytest.raises(FileNotFoundError, match=r"/no/such/folder"):
+        train(small_config("data.name=cifar10", "data.root=/no/such/folder"), run)
+    assert not run.exists() or not any(run.iterdir())
+
+
+def test_run_folder_of_another_configuration_is_refused_and_kept(tmp_path):
+    run = tmp_path / "run"
+    train(small_config("train.epochs=1"), run)
+    before = {p.name: sha256(p) for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"checkpoint\.pt was trained with a different configuration.*"
+                                         r"train\.lr: 0\.002 -> 0\.01"):
+        train(small_config("train.epochs=1", "train.lr=0.01"), run)
+    with pytest.raises(FileExistsError, match="checkpoint.pt exists and resume is off"):
+        train(small_config("train.epochs=1"), run, resume=False)
+    assert {p.name: sha256(p) for p in run.iterdir() if p.is_file()} == before
+
+
+def test_cli_trains_and_reports_errors_in_one_line(tmp_path, capsys):
+    path = tmp_path / "digits.yaml"
+    save_yaml(small_config("train.epochs=1"), path)
+    out = tmp_path / "run"
+    assert cli_main(["train", str(path), "--set", "train.ema=false", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test acc %" in printed and "merge" in printed
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["epochs"] == 1 and result["steps"] == 3
+    assert load_run_config(out / "config.yaml").train.ema is False
+    assert cli_main(["train", str(path), "--out", str(out)]) == 1  # ema differs from the checkpoint's
+    assert "train.ema: False -> True" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the accuracy target
+
+DIGITS_YAML = Path(__file__).resolve().parents[1] / "experiments" / "train_digits.yaml"
+
+
+@pytest.mark.slow
+def test_digits_at_32px_reaches_the_accuracy_targets(tmp_path):
+    cfg = load_run_config(DIGITS_YAML)
+    assert cfg.model.name == "tiny_perceiver_t16" and cfg.data.name == "digits" and cfg.data.image_size == 32
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = train(cfg, tmp_path / "run", device="cpu")
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    accs = {e: result.metrics[f"test_acc_{e}"] for e in EXITS}
+    print(f"digits 32 px, {result.epochs} epochs in {seconds:.0f} s ({cpu:.0f} s CPU): test accuracy {accs}")
+    assert accs["merge"] >= 95.0, accs
+    assert min(accs.values()) >= 85.0, accs
+    # The run folder holds what the rest of the toolkit reads.
+    run = tmp_path / "run"
+    for name in ("config.yaml", "checkpoint.pt", "metrics.csv", "calib_indices.json", "train_result.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    history = pd.read_csv(run / "metrics.csv")
+    assert list(history["epoch"]) == list(range(1, cfg.train.epochs + 1))
+    assert {f"{s}_{m}_{e}" for s in ("train", "calib", "test") for m in ("loss", "acc") for e in EXITS} <= set(history)
+    # The saved model gives the logged test accuracy.
+    model = load_model(run / "checkpoint.pt")
+    splits = build_datasets(cfg.data, run)
+    images, labels = next(iter(build_loaders(splits, batch_size=len(splits.test))["test"]))
+    with torch.no_grad():
+        logits = model(images)
+    for name, y in zip(EXITS, logits):
+        assert (y.argmax(1) == labels).double().mean().item() * 100 == pytest.approx(accs[name])
