@@ -1,5 +1,5 @@
-"""Spec expansion and validation, device planning, run states and aggregation (with a stand-in pipeline;
-tests/test_runner_e2e.py runs the real one)."""
+"""Spec expansion and validation, device planning, run states and aggregation, with a stand-in pipeline
+that writes what the real one writes."""
 import json
 import textwrap
 from pathlib import Path
