@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dynexit.models import MultiExitModel, PerceiverConfig, build_model
+from dynexit.models.official import open_checkpoint
 from dynexit.utils import atomic_write
 
 
@@ -23,14 +24,8 @@ def save_model(path: str | Path, model: MultiExitModel, **extra: Any) -> None:
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
+    checkpoint = open_checkpoint(path)
+    if "model_config" not in checkpoint or "model" not in checkpoint:
         raise ValueError(f"{path} is not a dynexit checkpoint (no 'model' and 'model_config'); "
                          "for an official checkpoint use load_official or 'dynexit convert-official'")
     return checkpoint
