@@ -4,7 +4,9 @@ Random logits (seeded; as in bench_protocol.py): 4 exits, 12,928 calibration and
 1000 classes. Prints the time of one trial's evaluation (``evaluate_thresholds`` on the calibration
 split), then trials per minute of a budget study (TPE with the cost constraint) and of the Pareto study
 (NSGA-II), each in memory and on an SQLite file (the default storage of ``dynexit search thresholds``),
-measured over ``--trials`` trials of a fresh study in this process.
+measured over ``--trials`` trials of a fresh study in this process: per minute of wall-clock time, and
+per minute of this process's CPU time (less sensitive to other work on a shared machine). The load
+average is printed with the figures.
 
     python benchmarks/bench_search.py [--trials 1000] [--skip-memory]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -58,18 +61,21 @@ def main() -> None:
         storages = [("sqlite", sqlite_url(Path(tmp) / "bench.db"))]
         if not args.skip_memory:
             storages.insert(0, ("memory", None))
-        print(f"\n{'study':<8} {'storage':<8} {'trials':>7} {'seconds':>8} {'trials/min':>11}")
+        print(f"\nload average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+        print(f"{'study':<8} {'storage':<8} {'trials':>7} {'seconds':>8} {'trials/min':>11} {'trials/CPU-min':>15}")
         for label, url in storages:
             for kind in ("budget", "pareto"):
                 storage = open_storage(url)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if kind == "budget":
                     search_budgets(problem, [budget], args.trials, storage=storage, study_prefix=f"bench{label}")
                 else:
                     search_pareto(problem, args.trials, storage=storage, study_prefix=f"bench{label}")
-                seconds = time.perf_counter() - t0
-                print(f"{kind:<8} {label:<8} {args.trials:>7} {seconds:>8.1f} {args.trials / seconds * 60:>11.0f}")
-    print("\n(each figure includes building the trials table and the curve at the end of the study)")
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+                print(f"{kind:<8} {label:<8} {args.trials:>7} {seconds:>8.1f} {args.trials / seconds * 60:>11.0f} "
+                      f"{args.trials / cpu * 60:>15.0f}")
+    print(f"\nload average {os.getloadavg()[0]:.2f}; each figure includes building the trials table and the "
+          "curve at the end of the study")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,6 @@ stub trainer for pruning, the real trainer on digits for the objective)."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import yaml
 
 from dynexit.cli import main as cli_main
 from dynexit.logits import save_logits
-from dynexit.policies import NEVER, budgeted_curve, evaluate_thresholds
+from dynexit.policies import NEVER, budgeted_curve
 from dynexit.search import (compare_with_protocol, curve_of_thresholds, open_storage, open_study, protocol_budgets,
                             protocol_curve, run_trials, search_budgets, search_pareto, sqlite_url,
                             threshold_problem)
@@ -27,7 +24,6 @@ from dynexit.search.loss_weights import BEST_FILE, TRIALS_FILE, budgeted_area, s
 from dynexit.spec import expand
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).parent.parent
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -44,15 +40,10 @@ def problem(reference):
     return threshold_problem(a["calib_logits"], a["calib_targets"], a["test_logits"], a["test_targets"], meta["costs"])
 
 
-def _run(code: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _study_trials(url: str) -> dict[str, list]:
-    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
-            for s in optuna.get_all_study_summaries(url)}
+    backend = open_storage(url).backend  # under the file lock: never races a worker creating the tables
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=backend).get_trials(deepcopy=False)
+            for s in optuna.get_all_study_summaries(backend)}
 
 
 # ------------------------------------------------------------------------------------------ thresholds
@@ -103,7 +94,8 @@ def test_searched_thresholds_beat_the_official_protocol_on_the_fixture(reference
     feasible = [protocol.loc[protocol["calib_expected_cost"] <= b, "calib_accuracy"].max() for b in budgets]
     assert (curve["calib_accuracy"].to_numpy() >= np.array(feasible)).all()
     # Pareto: strictly better calibration accuracy at every step up in calibration cost
-    assert (np.diff(pareto.curve["calib_expected_cost"]) > 0).all() and (np.diff(pareto.curve["calib_accuracy"]) > 0).all()
+    front = pareto.curve
+    assert (np.diff(front["calib_expected_cost"]) > 0).all() and (np.diff(front["calib_accuracy"]) > 0).all()
     # The trials table: every trial, recomputed thresholds, and the curve point of the chosen ones
     trials = per_budget.trials
     assert len(trials) == 12 * 150 and (trials["state"] == "COMPLETE").all()
@@ -125,31 +117,30 @@ def test_same_seed_same_trials_in_memory_and_on_sqlite(problem, tmp_path):
     np.testing.assert_array_equal(params(pareto[0]), params(pareto[1]))
 
 
-QUICK_WORKER = """
-    import json, sys, time
-    from pathlib import Path
-    import numpy as np, optuna
-    from dynexit.search import search_budgets, threshold_problem
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, ready, n, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    a = np.load("tests/fixtures/protocol_seed1.npz")
-    costs = json.loads(Path("tests/fixtures/protocol_seed1.json").read_text())["costs"]
-    problem = threshold_problem(a["calib_logits"], a["calib_targets"], a["test_logits"], a["test_targets"], costs)
-    (ready / str(seed)).touch()
-    while len(list(ready.iterdir())) < 2:  # start together
-        time.sleep(0.01)
-    print(search_budgets(problem, [0.8, 0.9], n_trials=n, storage=url, seed=seed).added)
-"""
+def _fork(target, *args):
+    """A worker process forked from this one (no second import of torch): ``target(*args)``, exit code 0."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args)
+    proc.start()
+    return proc
 
 
-def test_two_processes_share_one_sqlite_study_without_losing_or_duplicating_trials(tmp_path):
+def _budget_worker(problem, url: str, barrier, out: Path, seed: int) -> None:
+    barrier.wait()  # start together
+    out.write_text(str(search_budgets(problem, [0.8, 0.9], n_trials=40, storage=url, seed=seed).added))
+
+
+def test_two_processes_share_one_sqlite_study_without_losing_or_duplicating_trials(problem, tmp_path):
+    import multiprocessing
+
     url = sqlite_url(tmp_path / "search.db")
-    ready = tmp_path / "ready"
-    ready.mkdir()
-    procs = [_run(QUICK_WORKER, url, str(ready), "40", str(seed)) for seed in (0, 1)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    added = [int(out.strip().splitlines()[-1]) for out, _ in outs]
+    barrier = multiprocessing.get_context("fork").Barrier(2)
+    procs = [_fork(_budget_worker, problem, url, barrier, tmp_path / f"added{seed}", seed) for seed in (0, 1)]
+    for proc in procs:
+        proc.join(300)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    added = [int((tmp_path / f"added{seed}").read_text()) for seed in (0, 1)]
     assert sum(added) == 2 * 40 and min(added) > 0  # both worked, nothing was added twice
     studies = _study_trials(url)
     assert len(studies) == 2
@@ -159,41 +150,92 @@ def test_two_processes_share_one_sqlite_study_without_losing_or_duplicating_tria
         assert len({tuple(t.params.values()) for t in trials}) == 40
 
 
-LIVE_WORKER = """
-    import sys, time
-    from pathlib import Path
-    import optuna
-    from dynexit.search import open_storage, open_study, run_trials
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, n, delay, marks = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
+def _wait_for(condition, proc, seconds: float = 120.0) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline and proc.is_alive():
+        time.sleep(0.05)
+
+
+def _kill(proc) -> None:
+    assert proc.is_alive(), f"the worker ended early (exit code {proc.exitcode})"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+
+
+def test_a_killed_threshold_search_resumes_with_the_same_call(problem, tmp_path):
+    url = sqlite_url(tmp_path / "search.db")
+    proc = _fork(search_pareto, problem, 3000, url)
+
+    def started() -> bool:
+        try:
+            return any(len(v) >= 30 for v in _study_trials(url).values())
+        except Exception:  # noqa: BLE001 - the tables may not exist yet
+            return False
+
+    _wait_for(started, proc)
+    _kill(proc)
+    assert search_pareto(problem, 120, url).added < 120  # the killed worker's trials count
+    trials = next(iter(_study_trials(url).values()))
+    assert sorted(t.number for t in trials) == list(range(120))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def _live_worker(url: str, n: int, delay: float, marks: Path) -> None:
     storage = open_storage(url, heartbeat_interval=1, grace_period=2)
     study = open_study(storage, "live", ["minimize"], optuna.samplers.RandomSampler(seed=0))
+
     def objective(trial):
         x = trial.suggest_float("x", -1, 1)
         (marks / str(trial.number)).touch()  # the test kills the worker while trial 1 sleeps
         time.sleep(delay)
         return x * x
-    print(run_trials(storage, study, objective, n))
-"""
+
+    (marks / "ran").write_text(str(run_trials(storage, study, objective, n)))
 
 
-def test_a_killed_worker_of_a_live_study_resumes_with_the_same_command(tmp_path):
+def _live_pair_worker(url: str, barrier, out: Path) -> None:
+    storage = open_storage(url)
+    study = open_study(storage, "pair", ["minimize"], optuna.samplers.TPESampler(seed=int(out.name[-1])))
+
+    def objective(trial):
+        time.sleep(0.05)
+        return trial.suggest_float("x", -1, 1) ** 2
+
+    barrier.wait()
+    ran = run_trials(storage, study, objective, 16)
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    out.write_text(f"{ran} {finished}")
+
+
+def test_two_processes_share_one_live_study(tmp_path):
+    import multiprocessing
+
+    url = sqlite_url(tmp_path / "live.db")
+    barrier = multiprocessing.get_context("fork").Barrier(2)
+    procs = [_fork(_live_pair_worker, url, barrier, tmp_path / f"out{i}") for i in (0, 1)]
+    for proc in procs:
+        proc.join(300)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    outs = [[int(v) for v in (tmp_path / f"out{i}").read_text().split()] for i in (0, 1)]
+    assert sum(ran for ran, _ in outs) == 16 and min(ran for ran, _ in outs) > 0
+    assert all(finished == 16 for _, finished in outs)  # each worker returned with the study complete
+    trials = _study_trials(url)["pair"]
+    assert sorted(t.number for t in trials) == list(range(16))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_a_killed_worker_of_a_live_study_resumes_with_the_same_call(tmp_path):
     url = sqlite_url(tmp_path / "live.db")
     marks = tmp_path / "marks"
     marks.mkdir()
-    proc = _run(LIVE_WORKER, url, "8", "0.5", str(marks))
-    deadline = time.time() + 120
-    while not (marks / "1").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # in the middle of trial 1
-    proc.wait()
-    again = _run(LIVE_WORKER, url, "8", "0.01", str(marks))
-    out, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err
+    proc = _fork(_live_worker, url, 8, 0.5, marks)
+    _wait_for((marks / "1").exists, proc)
+    _kill(proc)  # in the middle of trial 1
+    _live_worker(url, 8, 0.01, marks)
     trials = _study_trials(url)["live"]
     states = [t.state for t in trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 8  # finished trials counted against n_trials
-    assert sorted(t.number for t in trials) == list(range(9)) and int(out.strip().splitlines()[-1]) == 7
+    assert sorted(t.number for t in trials) == list(range(9)) and (marks / "ran").read_text() == "7"
     # the interrupted trial is marked failed (its heartbeat stopped) and run again with its parameters
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert [t.number for t in failed] == [1]
@@ -202,7 +244,7 @@ def test_a_killed_worker_of_a_live_study_resumes_with_the_same_command(tmp_path)
     assert retry[0].state == optuna.trial.TrialState.COMPLETE
 
 
-def test_threshold_command_writes_the_curve_format_resumes_and_survives_a_kill(reference, tmp_path, capsys):
+def test_threshold_command_writes_the_curve_format_and_resumes(reference, tmp_path, capsys):
     a, meta = reference
     save_logits(tmp_path / "calib.npz", a["calib_logits"], a["calib_targets"])
     save_logits(tmp_path / "test.npz", a["test_logits"], a["test_targets"])
@@ -219,24 +261,7 @@ def test_threshold_command_writes_the_curve_format_resumes_and_survives_a_kill(r
     assert cli_main([*args, "--trials", "30"]) == 0
     trials = pd.read_csv(tmp_path / "curve.trials.csv")
     assert len(trials) == 60 and all(sorted(g) == list(range(30)) for _, g in trials.groupby("study")["number"])
-    # A Pareto search killed midway, then run again: exactly the trials asked for.
-    cmd = ["-m", "dynexit", "search", "thresholds", *common, "--pareto", "--trials", "3000",
-           "--out", str(tmp_path / "pareto.csv")]
-    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = sqlite_url(tmp_path / "search.db")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.3)
-        pareto = [v for k, v in _study_trials(url).items() if k.endswith("pareto")]
-        if pareto and len(pareto[0]) >= 30:
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert cli_main(["search", "thresholds", *common, "--pareto", "--trials", "120", "--out",
-                     str(tmp_path / "pareto.csv")]) == 0
-    pareto = next(v for k, v in _study_trials(url).items() if k.endswith("pareto"))
-    assert len(pareto) == 120 and sorted(t.number for t in pareto) == list(range(len(pareto)))
+    assert (trials.dropna(subset=["point"])["budget"].tolist() == [0.75, 0.85])
     # Errors: one line naming the culprit.
     assert cli_main(["search", "thresholds", *common, "--budgets", "cheap", "--out", str(tmp_path / "x.csv")]) == 1
     assert "--budgets 'cheap'" in capsys.readouterr().err
@@ -329,7 +354,8 @@ def test_loss_weight_search_prunes_poor_trials_and_writes_a_spec_fragment(tmp_pa
 
 
 def test_loss_weight_search_trains_on_digits_and_scores_the_calibration_curve(tmp_path):
-    """Two real trials of one epoch (tiny preset, a small digits subset), in an SQLite study."""
+    """Two real trials of two epochs (tiny preset, a small digits subset), in an SQLite study; the trainer's
+    per-epoch callback reports each epoch's score."""
     from dynexit.checkpoint import load_model
     from dynexit.config import RunConfig, merge
     from dynexit.data import build_datasets, build_loaders
@@ -337,11 +363,12 @@ def test_loss_weight_search_trains_on_digits_and_scores_the_calibration_curve(tm
 
     torch.set_num_threads(1)
     spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(out=tmp_path / "res", epochs=1))
+    spec.write_text(SPEC.format(out=tmp_path / "res", epochs=2))
     storage = sqlite_url(tmp_path / "res" / "study.db")
     result = search_loss_weights(spec, n_trials=2, storage=storage, seed=0, device="cpu")
     table = result.trials
     assert list(table["state"]) == ["COMPLETE", "COMPLETE"] and table["run_id"].is_unique
+    assert (table["epochs_reported"] == 2).all() and (table["objective"] == table["last_reported"]).all()
     costs = optuna.load_study(study_name=result.study_name, storage=storage).user_attrs["costs"]
     for _, row in table.iterrows():
         folder = result.study_dir / "runs" / row["run_id"]

@@ -231,6 +231,21 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_p
     assert list(pd.read_csv(tmp_path / "run" / "metrics.csv")["epoch"]) == [1]
 
 
+def test_epoch_callback_sees_each_checkpointed_epoch_and_can_end_training(tmp_path):
+    seen = []
+
+    def stop_after_two(epoch, model, ema, metrics):
+        seen.append((epoch, metrics["epoch"], ema is not None, model.training))
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(small_config(), tmp_path / "run", on_epoch_end=stop_after_two)
+    assert seen == [(1, 1, True, True), (2, 2, True, True)]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert train(small_config(), tmp_path / "run").epochs == 3
+
+
 # --------------------------------------------------------------------------------------- bad input
 
 def test_bad_configuration_is_refused_naming_the_culprit_and_writes_nothing(tmp_path):

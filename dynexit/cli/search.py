@@ -68,7 +68,8 @@ def add_parser(subparsers) -> None:
     mode = t.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'official' / 'msdnet'")
     mode.add_argument("--pareto", action="store_true", help="one multi-objective study: the Pareto front")
-    t.add_argument("--trials", type=int, default=None, help="finished trials per study (default 200; 3000 with --pareto)")
+    t.add_argument("--trials", type=int, default=None,
+                   help="finished trials per study (default 200; 3000 with --pareto)")
     t.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///<CURVE folder>/search.db)")
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     t.add_argument("--criterion", choices=("max_softmax", "entropy", "margin"), default="max_softmax",

@@ -17,11 +17,13 @@ run ``optuna-dashboard sqlite:///path/to/study.db`` (or the PostgreSQL/MySQL URL
 then open http://127.0.0.1:8080: trials, parameters, intermediate values (per-epoch calibration scores
 of loss-weight trials, pruned ones included), Pareto fronts and parameter importances.
 """
-from dynexit.search.study import SearchStorage, open_storage, open_study, run_trials, sqlite_url
+from dynexit.search.loss_weights import LossWeightSearch, LossWeightSpace, budgeted_area, search_loss_weights
+from dynexit.search.study import SearchStorage, open_storage, open_study, run_quick_trials, run_trials, sqlite_url
 from dynexit.search.thresholds import (ThresholdProblem, ThresholdSearch, compare_with_protocol, curve_of_thresholds,
                                        protocol_budgets, protocol_curve, search_budgets, search_pareto,
                                        threshold_problem)
 
-__all__ = ["SearchStorage", "ThresholdProblem", "ThresholdSearch", "compare_with_protocol", "curve_of_thresholds",
-           "open_storage", "open_study", "protocol_budgets", "protocol_curve", "run_trials", "search_budgets",
-           "search_pareto", "sqlite_url", "threshold_problem"]
+__all__ = ["LossWeightSearch", "LossWeightSpace", "SearchStorage", "ThresholdProblem", "ThresholdSearch",
+           "budgeted_area", "compare_with_protocol", "curve_of_thresholds", "open_storage", "open_study",
+           "protocol_budgets", "protocol_curve", "run_quick_trials", "run_trials", "search_budgets",
+           "search_loss_weights", "search_pareto", "sqlite_url", "threshold_problem"]

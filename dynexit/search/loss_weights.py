@@ -195,7 +195,8 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
     name = study_name or f"loss-weights-{experiment.name}"
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    attrs = {"kind": "loss_weights", "spec": str(spec.resolve()), "base_run_id": run_id(base_cfg),
+    # a study holds the trials of one base configuration, cost range and search space (checked on resume)
+    attrs = {"kind": "loss_weights", "base_run_id": run_id(base_cfg),
              "exit_names": list(names), "costs": [float(c) for c in costs], "cost_range": list(cost_range),
              "space": {"weight": list(space.weight), "distill_alpha": list(space.distill_alpha),
                        "distill_temperature": list(space.distill_temperature)}}
@@ -267,7 +268,7 @@ def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, 
         log.info("trial %d, epoch %d: calibration score %.3f", trial.number, epoch, value)
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"epoch {epoch}: score {value}")
-        if trial.should_prune():
+        if epoch < cfg.train.epochs and trial.should_prune():  # after the last epoch there is nothing to save
             raise optuna.TrialPruned(f"epoch {epoch}: score {value:.3f} below the median")
 
     with run_lock(folder) as acquired:
@@ -276,17 +277,14 @@ def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, 
         try:
             if callback is not None:
                 trainer(cfg, folder, device=device, resume=True, **{callback: on_epoch_end})
-            else:
-                result = trainer(cfg, folder, device=device, resume=True)
-                epochs = int(getattr(result, "epochs", cfg.train.epochs))
-                if epochs not in reported:
-                    on_epoch_end(epochs, _load_trained(cfg, folder))
+            else:  # scored once, after training
+                trainer(cfg, folder, device=device, resume=True)
         except FloatingPointError as err:  # diverged: a poor configuration, not a broken search
             trial.set_user_attr("error", str(err))
             raise optuna.TrialPruned(f"training diverged: {err}") from None
-    if not reported:  # a finished run folder and a trainer that returned at once
+    if cfg.train.epochs not in reported:  # no callback, or a finished run folder the trainer left at once
         on_epoch_end(cfg.train.epochs, _load_trained(cfg, folder))
-    return reported[max(reported)]
+    return reported[cfg.train.epochs]
 
 
 def _load_trained(cfg, folder: Path):

@@ -1,31 +1,32 @@
-"""Optuna studies shared by several worker processes: storage, creation, and a trial loop that stops at
+"""Optuna studies that several worker processes share: storage, creation, and trial loops that stop at
 exactly the number of finished trials asked for.
 
-Storage: ``None`` keeps the study in memory (one process); an SQLite URL (``sqlite:///path/study.db``,
-the default of the commands) is a file several processes on one machine share; any other Optuna URL
+Storage: ``None`` keeps a study in memory (one process); an SQLite URL (``sqlite:///path/study.db``, the
+commands' default) is a file that processes on one machine share; any other Optuna URL
 (``postgresql://...``, ``mysql+pymysql://...``) serves workers on several machines. SQLite files are
 put in WAL mode with ``synchronous=NORMAL``: a killed process loses nothing, readers never block the
-writer, and a trial costs a few milliseconds of database time (a power cut may lose the last trials).
-SQLite over a network file system is not supported (WAL needs shared memory); use a server database.
+writer, and a transaction costs about a millisecond (a power cut may lose the last ones). SQLite on a
+network file system is not supported (WAL needs shared memory): use a server database there.
 
-Two trial loops; with both, a study is done when it holds ``n_trials`` finished (complete or pruned)
-trials, however many processes work on it, and running the same command again after a kill resumes it.
+A study is done when it holds ``n_trials`` finished (complete or pruned) trials, however many processes
+work on it; running the same command again after a kill resumes it, and a larger ``n_trials`` extends
+it. Trial creation is serialised between processes by a lock (a file lock next to an SQLite file, an
+advisory lock on PostgreSQL and MySQL), so workers never create more trials than asked and trial
+numbers stay unique and contiguous.
 
 :func:`run_quick_trials`, for objectives of milliseconds (threshold trials): each worker samples and
-evaluates trials in a private in-memory copy of the study (same sampler, same seed: one worker gives
-the trials of an in-memory run) and adds each finished trial to the shared study in one transaction,
-under the lock, only while the study holds fewer than ``n_trials``; at each visit it also copies the
-other workers' new trials into its copy. A killed worker loses at most the few trials it had not added.
+evaluates trials in a private in-memory copy of the study (same sampler and seed: one worker gives
+exactly the trials of an in-memory run) and adds finished trials to the shared study, a few at a time,
+one transaction each, under the lock and only while the study holds fewer than ``n_trials``; at each
+visit it copies the other workers' new trials into its copy. Nothing is stored while it runs, so a
+killed worker leaves nothing behind but loses the few trials it had not added.
 
-:func:`run_trials`, for long objectives (training runs): trials live in the shared study while they
-run (RUNNING, with heartbeats and intermediate values for pruners). Trial creation is serialised
-between processes by a lock (a file lock next to an SQLite file, an advisory lock on PostgreSQL and
-MySQL), so several workers never create more trials than that and trial numbers stay unique and
-contiguous. Each trial is created as WAITING, given a heartbeat, then
-claimed (WAITING -> RUNNING): a worker killed at any moment leaves either a WAITING trial, which the
-next worker takes over, or a RUNNING trial whose heartbeat stops; after ``grace_period`` seconds such a
-trial is marked failed (it no longer counts) and a copy of it is queued, so the same command run again
-completes the study. A worker whose own trials are done waits for the other workers' running trials,
+:func:`run_trials`, for long objectives (training runs): trials live in the shared study while they run
+(RUNNING, with heartbeats and intermediate values for pruners). Each trial is created WAITING, given a
+heartbeat, then claimed (WAITING -> RUNNING): a worker killed at any moment leaves either a WAITING
+trial, which the next worker takes over, or a RUNNING trial whose heartbeat stops; after
+``grace_period`` seconds that trial is marked failed (it no longer counts) and a copy with its
+parameters is queued. A worker whose own trials are done waits for the other workers' running trials,
 so that when any worker returns, the study is complete.
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ POLL_S = 0.5  # how often a worker looks at the other workers' running trials
 SQLITE = "sqlite:///"
 _TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_UNLOCKED: set[str] = set()  # storage kinds already warned about having no lock
 
 
 @contextlib.contextmanager
@@ -64,7 +66,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         warnings.filterwarnings("ignore", message=".*[Hh]eartbeat.*")
-        warnings.filterwarnings("ignore", message=".*RetryFailedTrialCallback.*")
         yield
 
 
@@ -125,8 +126,11 @@ def _server_lock(backend, name: str) -> Iterator[None]:
     engine = getattr(backend, "engine", None)
     dialect = engine.dialect.name if engine is not None else ""
     if dialect not in ("postgresql", "mysql", "mariadb"):
-        log.warning("no cross-process lock for a %s storage: several workers may together run up to "
-                    "(workers - 1) trials more than asked", dialect or type(backend).__name__)
+        kind = dialect or type(backend).__name__
+        if kind not in _UNLOCKED:
+            _UNLOCKED.add(kind)
+            log.warning("no cross-process lock for a %s storage: several workers may together run up to "
+                        "(workers - 1) trials more than asked", kind)
         yield
         return
     digest = hashlib.sha1(f"dynexit-search:{name}".encode()).digest()

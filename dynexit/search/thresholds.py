@@ -233,7 +233,7 @@ def search_budgets(problem: ThresholdProblem, budgets: Sequence[float], n_trials
     chosen, frames, names, added = [], [], [], 0
     for budget in np.unique(values):
         name = _study_name(problem, study_prefix, f"budget-{budget:.10g}")
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
         study = open_study(storage, name, ["maximize"], sampler, attrs=_study_attrs(problem, "budget", budget))
 
         def objective(trial: optuna.Trial, budget: float = float(budget)) -> float:

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -59,7 +59,8 @@ class TrainResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, resume: bool = True) -> TrainResult:
+def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, resume: bool = True, *,
+          on_epoch_end: Optional[Callable[..., Any]] = None) -> TrainResult:
     """Trains the model of ``cfg`` (a ``dynexit.config.RunConfig``) into ``run_dir``.
 
     With ``resume`` (the default) a run folder holding a checkpoint of the same configuration continues
@@ -70,6 +71,9 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     ``device``: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available. Under torchrun
     (``WORLD_SIZE`` > 1), or when the caller has initialised torch.distributed, every process calls this.
     A non-finite loss raises FloatingPointError naming the epoch and step; the last checkpoint is kept.
+    ``on_epoch_end(epoch=, model=, ema=, metrics=)``, if given, is called on every process after each
+    epoch's checkpoint (``ema``: the EMA model or None; ``metrics``: the epoch's row of metrics.csv), on a
+    forked RNG so that it leaves training unchanged; an exception from it ends training (e.g. pruning).
     """
     from dynexit.config import RunConfig
 
@@ -78,7 +82,7 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     validate_train_config(cfg.train)
     ctx = setup(device)
     try:
-        return _Session(cfg, Path(run_dir), ctx, resume).run()
+        return _Session(cfg, Path(run_dir), ctx, resume, on_epoch_end).run()
     finally:
         ctx.close()
 
@@ -92,8 +96,9 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 class _Session:
     """One call of ``train``: setup, the epochs, the files."""
 
-    def __init__(self, cfg, run_dir: Path, ctx: DistContext, resume: bool):
+    def __init__(self, cfg, run_dir: Path, ctx: DistContext, resume: bool, on_epoch_end: Optional[Callable]):
         self.cfg, self.tc, self.run_dir, self.ctx, self.resume = cfg, cfg.train, run_dir, ctx, resume
+        self.on_epoch_end = on_epoch_end
         self.ckpt_path = run_dir / CHECKPOINT_FILE
         self.checkpoint_epoch = 0
 
@@ -244,6 +249,10 @@ class _Session:
                     self._save(epoch, step, rngs, row, wall_time)
                     log.info("epoch %d/%d: %s", epoch, tc.epochs, _summary(row, self.exit_names))
                 self.checkpoint_epoch = epoch
+                if self.on_epoch_end is not None:
+                    with torch.random.fork_rng(devices=self._cuda_indices()):
+                        self.on_epoch_end(epoch=epoch, model=self.model, metrics=dict(row),
+                                          ema=self.ema.module if self.ema is not None else None)
         finally:
             history.close()
         return self._finish(tc.epochs, step, wall_time, row, start_epoch)
@@ -306,14 +315,16 @@ class _Session:
         models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         # Iterating a DataLoader draws a seed from the global generator: evaluation runs on a forked RNG
         # so that how often (and whether the EMA) is evaluated leaves the training stream unchanged.
-        cuda = [self.ctx.device.index] if self.ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=self._cuda_indices()):
             for prefix, model in models:
                 for split in ("calib", "test"):
                     metrics = evaluate(model, self.loaders[split], self.exit_names, self.ctx, amp=self.tc.amp,
                                        channels_last=self.tc.channels_last)
                     out.update(metrics.as_dict(prefix + split))
         return out
+
+    def _cuda_indices(self) -> list[int]:
+        return [self.ctx.device.index] if self.ctx.device.type == "cuda" else []
 
     # ------------------------------------------------------------------ files
 
