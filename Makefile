@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 
 .PHONY: quickstart test env env-dev data
 
+# Two CPU workers of one thread each: tiny models gain little from a second thread.
 quickstart: env data
-	$(BIN)/dynexit run experiments/quickstart.yaml
+	$(BIN)/dynexit run experiments/quickstart.yaml --devices cpu --workers 2
 	$(BIN)/dynexit report results/quickstart
 
 test: env-dev
