@@ -160,8 +160,10 @@ def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
             return Outcome(run.run_id, RUNNING)
         if read_status(folder).get("state") == DONE:
             return Outcome(run.run_id, DONE)
-        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, variant=run.variant,
-                     overrides=run.overrides, error="")
+        import torch
+
+        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, threads=torch.get_num_threads(),
+                     variant=run.variant, overrides=run.overrides, error="")
         log.info("run %s (%s %s) on %s", run.run_id, run.variant, run.overrides or "", ",".join(devices))
         try:
             run_pipeline(run.config, folder, devices)
@@ -175,8 +177,15 @@ def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
     return Outcome(run.run_id, DONE)
 
 
-def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, queue, results) -> None:
+def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, queue, results,
+            log_level: int = logging.INFO) -> None:
     os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # torch was imported (unpickling this function) before the variable was set
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
+    logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
     from dynexit.spec import load_spec
 
     experiment = load_spec(spec_path, overrides)
@@ -238,7 +247,8 @@ def _run_pool(experiment: Experiment, todo: list[Run], groups: list[list[str]],
     for group in groups:
         queue.put(None)
         p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], group,
-                                              worker_environment(group, cpu_workers), queue, results))
+                                              worker_environment(group, cpu_workers), queue, results,
+                                              logging.getLogger().getEffectiveLevel()))
         p.start()
         procs.append(p)
     outcomes: list[Outcome] = []
