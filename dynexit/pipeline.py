@@ -68,6 +68,7 @@ def _logits(cfg: RunConfig, folder: Path, model, device: str):
     splits = build_datasets(cfg.data, folder)
     loaders = build_loaders(splits, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                             seed=cfg.seed)
+    model.to(device)  # load_model gives a CPU model; the batches go to ``device``
     out = []
     for split, path in paths.items():
         logits, targets = collect_logits(model, loaders[split], device=device)
