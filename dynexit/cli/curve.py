@@ -64,7 +64,9 @@ def read_costs(spec: str) -> tuple[np.ndarray, list[str] | None]:
     return costs, None
 
 
-def run(args) -> int:
+def read_inputs(args):
+    """The logits, costs and exit names of ``--calib``, ``--test``, ``--costs`` and ``--exit-names``, checked
+    against each other: ``(calib_logits, calib_targets, test_logits, test_targets, costs, names)``."""
     costs, names = read_costs(args.costs)
     if args.exit_names:
         names = [n.strip() for n in args.exit_names.split(",")]
@@ -75,6 +77,12 @@ def run(args) -> int:
         raise ValueError(f"--costs has {len(costs)} values but {args.calib} has {num_exits} exits")
     if names is not None and len(names) != num_exits:
         raise ValueError(f"{len(names)} exit names ({', '.join(names)}) for {num_exits} exits")
+    return calib_logits, calib_targets, test_logits, test_targets, costs, names
+
+
+def run(args) -> int:
+    calib_logits, calib_targets, test_logits, test_targets, costs, names = read_inputs(args)
+    num_exits = calib_logits.shape[0]
     curve = budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, costs, grid=args.grid,
                            criterion=args.criterion, temperatures="fit" if args.temperature else None,
                            exit_names=names)

@@ -123,8 +123,7 @@ def _budgets(spec: str, problem) -> list[float]:
 
 
 def run_thresholds(args) -> int:
-    from dynexit.cli.curve import read_costs
-    from dynexit.logits import load_logits
+    from dynexit.cli.curve import read_inputs
     from dynexit.search import (compare_with_protocol, open_storage, protocol_curve, search_budgets, search_pareto,
                                 sqlite_url, threshold_problem)
     from dynexit.search.thresholds import BUDGET_TRIALS, PARETO_TRIALS
@@ -133,16 +132,8 @@ def run_thresholds(args) -> int:
     _quiet_optuna(args)
     if args.trials is not None and args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
-    costs, names = read_costs(args.costs)
-    if args.exit_names:
-        names = [n.strip() for n in args.exit_names.split(",")]
-    calib_logits, calib_targets = load_logits(args.calib)
-    test_logits, test_targets = load_logits(args.test)
+    calib_logits, calib_targets, test_logits, test_targets, costs, names = read_inputs(args)
     num_exits = calib_logits.shape[0]
-    if len(costs) != num_exits:
-        raise ValueError(f"--costs has {len(costs)} values but {args.calib} has {num_exits} exits")
-    if names is not None and len(names) != num_exits:
-        raise ValueError(f"{len(names)} exit names ({', '.join(names)}) for {num_exits} exits")
     problem = threshold_problem(calib_logits, calib_targets, test_logits, test_targets, costs, args.criterion,
                                 "fit" if args.temperature else None, names)
     out = Path(args.out)
