@@ -25,13 +25,7 @@ REG800M_PARAMS = {"cnn": 5.648e6, "latent+x2z": 10.735e6, "z2x": 1.775e6 - 1.452
                   "heads": 2.856e6 + 0.785e6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared, busy CPU two threads make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -41,6 +42,7 @@ def config(batch_size: int) -> RunConfig:
     }, OmegaConf.create({}))
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # tiny model: see conftest.py
 def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     path = tmp_path / "ddp.yaml"
     save_yaml(config(32), path)
@@ -49,12 +51,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
            "-m", "dynexit", "train", str(path), "--out", str(tmp_path / "ddp"), "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: see test_training.one_thread
-    try:
-        single = train(config(64), tmp_path / "single", device="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    single = train(config(64), tmp_path / "single", device="cpu")
 
     ddp_ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
     one_ckpt = torch.load(single.checkpoint, weights_only=False)

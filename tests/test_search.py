@@ -20,8 +20,10 @@ from dynexit.policies import NEVER, budgeted_curve
 from dynexit.search import (compare_with_protocol, curve_of_thresholds, open_storage, open_study, protocol_budgets,
                             protocol_curve, run_trials, search_budgets, search_pareto, sqlite_url,
                             threshold_problem)
-from dynexit.search.loss_weights import BEST_FILE, TRIALS_FILE, budgeted_area, search_loss_weights
+from dynexit.search.loss_weights import (BEST_FILE, TRIALS_FILE, LossWeightSpace, baseline_params, budgeted_area,
+                                         search_loss_weights)
 from dynexit.spec import expand
+from dynexit.training import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -335,6 +337,10 @@ def test_loss_weight_search_prunes_poor_trials_and_writes_a_spec_fragment(tmp_pa
     pruned, complete = table[table["state"] == "PRUNED"], table[table["state"] == "COMPLETE"]
     assert len(pruned) >= 2 and (pruned["epochs_reported"] < 4).all() and (complete["epochs_reported"] == 4).all()
     assert pruned["last_reported"].max() < complete["objective"].max()
+    # Trial 0 is the base configuration's own values (README weights, alpha 0.5, T 1); the rest are sampled.
+    assert table["baseline"].tolist() == [True] + [False] * 9
+    assert table.loc[0, ["weight_early3", "weight_att", "weight_cnn", "distill_alpha", "distill_temperature"]
+                     ].tolist() == [0.5, 0.5, 1.0, 0.5, 1.0]
     # Every trial trained its own configuration: sampled weights, the last exit at 1, distillation.
     assert len({s[0] for s in seen}) == 10
     for (_, weights, alpha, temp), (_, row) in zip(seen, table.iterrows()):
@@ -351,6 +357,17 @@ def test_loss_weight_search_prunes_poor_trials_and_writes_a_spec_fragment(tmp_pa
     assert run.config.train.loss_weights == pytest.approx(
         {"early3": best["weight_early3"], "att": best["weight_att"], "cnn": best["weight_cnn"], "merge": 1.0}, rel=1e-5)
     assert run.config.train.distill_alpha == pytest.approx(best["distill_alpha"], rel=1e-5)
+
+
+def test_baseline_trial_keeps_the_base_ratios_and_needs_the_space_to_hold_them():
+    names = ("early3", "att", "cnn", "merge")
+    cfg = TrainConfig(loss_weights={"early3": 1.0, "att": 0.4, "cnn": 2.0, "merge": 2.0}, distill_alpha=1.0,
+                      distill_temperature=2.0)
+    assert baseline_params(cfg, names, LossWeightSpace()) == pytest.approx(
+        {"weight_early3": 0.5, "weight_att": 0.2, "weight_cnn": 1.0, "distill_alpha": 0.5, "distill_temperature": 2.0})
+    assert baseline_params(cfg, names, LossWeightSpace(weight=(0.3, 2.0))) is None  # att 0.2 is outside
+    cfg.loss_weights["merge"] = 0.0  # no ratio to the last exit
+    assert baseline_params(cfg, names, LossWeightSpace()) is None
 
 
 def test_loss_weight_search_trains_on_digits_and_scores_the_calibration_curve(tmp_path):

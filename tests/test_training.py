@@ -34,14 +34,7 @@ def small_config(*dotlist: str) -> RunConfig:
     return merge(RunConfig, base, OmegaConf.from_dotlist(list(dotlist)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second OpenMP thread gains little, and on a shared machine its
-    synchronisation can cost several times the compute; one thread keeps the timings predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ import torchvision
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
+from dynexit.utils import load_torch_file
+
 log = logging.getLogger(__name__)
 
 
@@ -196,13 +198,7 @@ def _source_key(key: str, prefixes: dict[str, str]) -> str:
 
 def _read_state_dict(weights: str | Path | dict) -> dict[str, torch.Tensor]:
     if isinstance(weights, (str, Path)):
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone weights file not found: {path}")
-        try:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot read backbone weights {path}: {err}") from err
+        weights = load_torch_file(weights, "backbone weights file")
     for key in ("state_dict", "model"):
         if isinstance(weights, dict) and isinstance(weights.get(key), dict):
             weights = weights[key]

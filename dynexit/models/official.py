@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynexit.utils import load_torch_file
+
 # Top-level official prefixes -> dynexit prefixes. {k} is the official 1-based stage number, {k0} = k-1,
 # {j1} = j+1 for the 0-based inter-stage index j.
 _PREFIXES = [
@@ -130,13 +132,7 @@ def convert_state_dict(official: dict[str, torch.Tensor], model: nn.Module) -> d
 def open_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
     """A checkpoint file loaded (on the CPU), or the dict itself; clear errors for missing or corrupt files."""
     if isinstance(checkpoint, (str, Path)):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        checkpoint = load_torch_file(checkpoint, "checkpoint", weights_only=False)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
     return checkpoint

@@ -8,7 +8,9 @@ the experiment runner's hash of the configuration, so a trial queued again after
 resumes its checkpoint). Search space (:class:`LossWeightSpace`): the weight of every exit but the last
 on a log scale, the last exit's weight fixed at 1 (AdamW is nearly invariant to the scale of the loss,
 so only the ratios matter), the distillation weight on a linear scale (0 turns it off) and its
-temperature on a log scale. TPE samples (seeded), a median pruner stops poor trials.
+temperature on a log scale. The first trial of a new study is the base configuration's own values (the
+``baseline`` column of trials.csv) when they lie in the space; TPE samples the rest (seeded), a median
+pruner stops poor trials.
 
 Objective (:func:`budgeted_area`): the area under the calibration split's budgeted accuracy curve over a
 fixed cost range, divided by the range's width, i.e. the mean budgeted calibration accuracy (percent)
@@ -201,6 +203,10 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
              "space": {"weight": list(space.weight), "distill_alpha": list(space.distill_alpha),
                        "distill_temperature": list(space.distill_temperature)}}
     study = open_study(storage, name, ["maximize"], sampler, pruner, attrs)
+    if not study.trials:  # a new study: its first trial is the base configuration's own values
+        start = baseline_params(base_cfg.train, names, space)
+        if start is not None:
+            study.enqueue_trial(start, user_attrs={"baseline": True}, skip_if_exists=True)
 
     trainer = trainer or _default_trainer()
     callback = _epoch_callback_param(trainer)
@@ -254,6 +260,23 @@ def trial_overrides(trial: optuna.Trial, exit_names: Sequence[str], space: LossW
     return dotted
 
 
+def baseline_params(train_cfg, exit_names: Sequence[str], space: LossWeightSpace) -> Optional[dict[str, float]]:
+    """The base configuration's loss weights as trial parameters (every value divided by the last exit's
+    weight, which trials fix at 1: only the ratios matter), or None when they lie outside ``space``."""
+    weights = train_cfg.loss_weights
+    last = weights[exit_names[-1]]
+    params = {f"weight_{n}": weights[n] / last for n in exit_names[:-1]} if last > 0 else {}
+    params.update(distill_alpha=train_cfg.distill_alpha / last if last > 0 else math.nan,
+                  distill_temperature=train_cfg.distill_temperature)
+    ranges = {**{f"weight_{n}": space.weight for n in exit_names[:-1]},
+              "distill_alpha": space.distill_alpha, "distill_temperature": space.distill_temperature}
+    outside = [k for k, (lo, hi) in ranges.items() if not (lo <= params.get(k, math.nan) <= hi)]
+    if outside:
+        log.info("the base loss weights are outside the search space (%s): no baseline trial", ", ".join(outside))
+        return None
+    return params
+
+
 def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, callback: Optional[str],
                      scorer: Callable, device: Optional[str]) -> float:
     from dynexit.runner import run_lock
@@ -297,7 +320,8 @@ def _load_trained(cfg, folder: Path):
 
 def trials_table(study: optuna.Study, exit_names: Sequence[str]) -> pd.DataFrame:
     """One row per trial: number, state, objective, every exit's weight, distillation weight and
-    temperature, epochs reported and the last reported score, run id, duration in seconds."""
+    temperature, epochs reported and the last reported score, whether it is the baseline trial (the base
+    configuration's own values), run id, duration in seconds."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"number": t.number, "state": t.state.name, "objective": t.value}
@@ -309,6 +333,7 @@ def trials_table(study: optuna.Study, exit_names: Sequence[str]) -> pd.DataFrame
         steps = sorted(t.intermediate_values)
         row["epochs_reported"] = len(steps)
         row["last_reported"] = t.intermediate_values[steps[-1]] if steps else np.nan
+        row["baseline"] = bool(t.user_attrs.get("baseline", False))
         row["run_id"] = t.user_attrs.get("run_id", "")
         row["duration_s"] = t.duration.total_seconds() if t.duration is not None else np.nan
         rows.append(row)
