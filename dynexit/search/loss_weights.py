@@ -263,14 +263,14 @@ def trial_overrides(trial: optuna.Trial, exit_names: Sequence[str], space: LossW
 def baseline_params(train_cfg, exit_names: Sequence[str], space: LossWeightSpace) -> Optional[dict[str, float]]:
     """The base configuration's loss weights as trial parameters (every value divided by the last exit's
     weight, which trials fix at 1: only the ratios matter), or None when they lie outside ``space``."""
-    weights = train_cfg.loss_weights
+    weights = {n: float(train_cfg.loss_weights.get(n, math.nan)) for n in exit_names}  # NaN: not set
     last = weights[exit_names[-1]]
-    params = {f"weight_{n}": weights[n] / last for n in exit_names[:-1]} if last > 0 else {}
+    params = {f"weight_{n}": weights[n] / last if last > 0 else math.nan for n in exit_names[:-1]}
     params.update(distill_alpha=train_cfg.distill_alpha / last if last > 0 else math.nan,
                   distill_temperature=train_cfg.distill_temperature)
     ranges = {**{f"weight_{n}": space.weight for n in exit_names[:-1]},
               "distill_alpha": space.distill_alpha, "distill_temperature": space.distill_temperature}
-    outside = [k for k, (lo, hi) in ranges.items() if not (lo <= params.get(k, math.nan) <= hi)]
+    outside = [k for k, (lo, hi) in ranges.items() if not (lo <= params[k] <= hi)]
     if outside:
         log.info("the base loss weights are outside the search space (%s): no baseline trial", ", ".join(outside))
         return None
