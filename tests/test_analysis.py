@@ -14,7 +14,7 @@ import yaml
 from dynexit import analysis
 from dynexit.cli import main
 from dynexit.logits import save_logits
-from dynexit.pipeline import accuracy_at_budget
+from dynexit.runs.pipeline import accuracy_at_budget
 from dynexit.policies import anytime_accuracy, budgeted_curve
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "results" / "quickstart"

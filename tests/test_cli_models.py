@@ -3,7 +3,7 @@ import argparse
 import pytest
 import torch
 
-from dynexit.checkpoint import load_model
+from dynexit.models.checkpoint import load_model
 from dynexit.cli import main
 from official_layout import deterministic_weights, load_fixture
 

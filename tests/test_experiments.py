@@ -6,7 +6,7 @@ import pytest
 
 from dynexit.cli import main
 from dynexit.config import load_run_config, resolve_model
-from dynexit.spec import load_spec
+from dynexit.runs.spec import load_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SPECS = ["quickstart.yaml", "fashion_mnist.yaml", "imagenet_official.yaml", "imagenet_ablations.yaml"]

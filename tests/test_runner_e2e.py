@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dynexit.runner import DONE, RUNNING, read_status, run_dir, run_experiment
-from dynexit.spec import load_spec
+from dynexit.runs.runner import DONE, RUNNING, read_status, run_dir, run_experiment
+from dynexit.runs.spec import load_spec
 
 ROOT = Path(__file__).parent.parent
 EPOCHS = 6

@@ -22,7 +22,7 @@ from dynexit.search import (compare_with_protocol, curve_of_thresholds, open_sto
                             threshold_problem)
 from dynexit.search.loss_weights import (BEST_FILE, TRIALS_FILE, LossWeightSpace, baseline_params, budgeted_area,
                                          search_loss_weights)
-from dynexit.spec import expand
+from dynexit.runs.spec import expand
 from dynexit.training import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -373,7 +373,7 @@ def test_baseline_trial_keeps_the_base_ratios_and_needs_the_space_to_hold_them()
 def test_loss_weight_search_trains_on_digits_and_scores_the_calibration_curve(tmp_path):
     """Two real trials of two epochs (tiny preset, a small digits subset), in an SQLite study; the trainer's
     per-epoch callback reports each epoch's score."""
-    from dynexit.checkpoint import load_model
+    from dynexit.models.checkpoint import load_model
     from dynexit.config import RunConfig, merge
     from dynexit.data import build_datasets, build_loaders
     from dynexit.logits import collect_logits

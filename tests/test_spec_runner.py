@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import dynexit.pipeline
-from dynexit.runner import (DONE, FAILED, INTERRUPTED, PENDING, RUNNING, experiment_status, plan_workers,
+import dynexit.runs.pipeline
+from dynexit.runs.runner import (DONE, FAILED, INTERRUPTED, PENDING, RUNNING, experiment_status, plan_workers,
                             run_dir, run_experiment, run_lock, run_state, write_status)
-from dynexit.spec import load_spec
+from dynexit.runs.spec import load_spec
 
 
 def write_spec(tmp_path: Path, text: str) -> Path:
@@ -105,7 +105,7 @@ def fake_pipeline(fail_variant=None):
         curve = pd.DataFrame({"test_expected_cost": [0.1, 0.2], "test_accuracy": [acc - 1, acc],
                               "calib_accuracy": [acc, acc], "calib_expected_cost": [0.1, 0.2]})
         curve.to_csv(folder / "curve.csv", index=False)
-        (folder / dynexit.pipeline.SUMMARY_FILE).write_text(json.dumps({"acc_final": acc, "params": 7}))
+        (folder / dynexit.runs.pipeline.SUMMARY_FILE).write_text(json.dumps({"acc_final": acc, "params": 7}))
         return {}
     return run
 
@@ -113,7 +113,7 @@ def fake_pipeline(fail_variant=None):
 def test_runs_aggregate_skip_and_retry(tmp_path, monkeypatch):
     spec = write_spec(tmp_path, SPEC.format(out=tmp_path / "res"))
     experiment = load_spec(spec)
-    monkeypatch.setattr(dynexit.pipeline, "run_pipeline", fake_pipeline(fail_variant="static"))
+    monkeypatch.setattr(dynexit.runs.pipeline, "run_pipeline", fake_pipeline(fail_variant="static"))
     outcomes = run_experiment(experiment, devices="cpu")
     assert sorted(o.state for o in outcomes).count(FAILED) == 8
     runs = pd.read_csv(tmp_path / "res" / "runs.csv")
@@ -126,7 +126,7 @@ def test_runs_aggregate_skip_and_retry(tmp_path, monkeypatch):
     failed = [row for row in states.values() if row["state"] == FAILED]
     assert len(failed) == 8 and all("static exploded" in row["error"] for row in failed)
     # Again: finished runs are skipped, the failed ones retried (and fixed now).
-    monkeypatch.setattr(dynexit.pipeline, "run_pipeline", fake_pipeline())
+    monkeypatch.setattr(dynexit.runs.pipeline, "run_pipeline", fake_pipeline())
     outcomes = run_experiment(load_spec(spec), devices="cpu")
     assert len(outcomes) == 8 and all(o.state == DONE for o in outcomes)
     runs = pd.read_csv(tmp_path / "res" / "runs.csv")
@@ -155,7 +155,7 @@ def test_status_command_from_results_folder(tmp_path, monkeypatch, capsys):
     from dynexit.cli import main
 
     spec = write_spec(tmp_path, SPEC.format(out=tmp_path / "res"))
-    monkeypatch.setattr(dynexit.pipeline, "run_pipeline", fake_pipeline(fail_variant="static"))
+    monkeypatch.setattr(dynexit.runs.pipeline, "run_pipeline", fake_pipeline(fail_variant="static"))
     assert main(["run", str(spec), "--dry-run"]) == 0
     assert "pending: 24" in capsys.readouterr().out
     assert not (tmp_path / "res").exists()  # a dry run writes nothing

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-import dynexit.checkpoint
-from dynexit.checkpoint import load_model
+import dynexit.models.checkpoint
+from dynexit.models.checkpoint import load_model
 from dynexit.cli import main as cli_main
 from dynexit.config import RunConfig, load_run_config, merge, save_yaml
 from dynexit.data import build_datasets, build_loaders
@@ -147,18 +147,18 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
     different = train(small_config("seed=1", "train.epochs=1"), tmp_path / "seed1")
     assert not torch.equal(checkpoint_tensors(different.checkpoint)["model.latent"], ta["model.latent"])
 
-    save = dynexit.checkpoint.save_model
+    save = dynexit.models.checkpoint.save_model
 
     def save_then_stop(path, model, **extra):
         save(path, model, **extra)
         if extra["epoch"] == 1:
             raise Stop
 
-    monkeypatch.setattr(dynexit.checkpoint, "save_model", save_then_stop)
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
     with pytest.raises(Stop):
         train(cfg, tmp_path / "c")
     assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(dynexit.checkpoint, "save_model", save)
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
     resumed = train(cfg, tmp_path / "c")
     assert resumed.start_epoch == 1 and resumed.epochs == 3 and resumed.steps == first.steps == 9
     tc = checkpoint_tensors(resumed.checkpoint)
@@ -199,7 +199,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     cfg = small_config()
     hashes = {}
-    save = dynexit.checkpoint.save_model
+    save = dynexit.models.checkpoint.save_model
 
     def save_and_hash(path, model, **extra):
         save(path, model, **extra)
@@ -214,7 +214,7 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_p
             logits = [y * float("nan") for y in logits]
         return forward(self, logits, target)
 
-    monkeypatch.setattr(dynexit.checkpoint, "save_model", save_and_hash)
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_and_hash)
     monkeypatch.setattr(MultiExitLoss, "forward", nan_on_fifth_call)
     with pytest.raises(FloatingPointError, match=r"epoch 2, step 2 of 3.*checkpoint.*\(epoch 1\) is kept"):
         train(cfg, tmp_path / "run")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dynexit.checkpoint import save_model
+from dynexit.models.checkpoint import save_model
 from dynexit.cli import HelpFormatter
 from dynexit.config import parse_set
 from dynexit.models import create_model
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
         "convert-official", help="convert an official checkpoint into a dynexit checkpoint",
         description="Map every key of an official Dynamic Perceiver checkpoint onto dynexit's modules "
                     "(strictly: any missing, unexpected or wrongly shaped key is an error) and write a "
-                    "dynexit checkpoint that `dynexit.checkpoint.load_model` reads.",
+                    "dynexit checkpoint that `dynexit.models.checkpoint.load_model` reads.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("input", help="official checkpoint (.pth)")
     p.add_argument("output", help="dynexit checkpoint to write")

@@ -168,7 +168,7 @@ def run_thresholds(args) -> int:
 def run_loss_weights(args) -> int:
     from dynexit.search import open_storage, sqlite_url
     from dynexit.search.loss_weights import STORAGE_FILE, search_loss_weights
-    from dynexit.spec import load_spec
+    from dynexit.runs.spec import load_spec
 
     _quiet_optuna(args)
     cost_range = None

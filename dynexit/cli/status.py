@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 
 
 def print_status(experiment) -> None:
-    from dynexit.runner import experiment_status
+    from dynexit.runs.runner import experiment_status
 
     rows = experiment_status(experiment)
     print(f"{experiment.name}: {len(rows)} runs in {experiment.results_dir}")
@@ -35,7 +35,7 @@ def print_status(experiment) -> None:
 
 
 def run(args) -> int:
-    from dynexit.spec import load_spec
+    from dynexit.runs.spec import load_spec
 
     target = Path(args.target)
     if target.is_dir():

@@ -170,7 +170,7 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
     epoch's score is reported to the pruner. ``scorer(model, cfg, run_folder) -> float``:
     :class:`CalibrationScore` by default.
     """
-    from dynexit.spec import build_run_config, load_spec, run_id, to_plain
+    from dynexit.runs.spec import build_run_config, load_spec, run_id, to_plain
 
     space.check()
     spec = Path(spec)
@@ -279,7 +279,7 @@ def baseline_params(train_cfg, exit_names: Sequence[str], space: LossWeightSpace
 
 def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, callback: Optional[str],
                      scorer: Callable, device: Optional[str]) -> float:
-    from dynexit.runner import run_lock
+    from dynexit.runs.runner import run_lock
 
     reported: dict[int, float] = {}
 
@@ -311,7 +311,7 @@ def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, 
 
 
 def _load_trained(cfg, folder: Path):
-    from dynexit.checkpoint import load_model
+    from dynexit.models.checkpoint import load_model
 
     return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema)
 

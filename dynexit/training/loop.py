@@ -329,7 +329,7 @@ class _Session:
     # ------------------------------------------------------------------ files
 
     def _save(self, epoch: int, step: int, rngs: list, row: dict, wall_time: float) -> None:
-        from dynexit.checkpoint import save_model
+        from dynexit.models.checkpoint import save_model
 
         extra: dict[str, Any] = {}
         if self.ema is not None:

@@ -1,6 +1,6 @@
 """What survives a restart: seeding, RNG state, the training checkpoint and the run folder's config check.
 
-The checkpoint (``checkpoint.pt``) is a dynexit model checkpoint (``dynexit.checkpoint``: ``model`` and
+The checkpoint (``checkpoint.pt``) is a dynexit model checkpoint (``dynexit.models.checkpoint``: ``model`` and
 ``model_config``, so ``load_model`` reads it, ``ema=True`` for the EMA weights) plus the training state:
 ``optimizer``, ``epoch`` (completed), ``step`` (optimizer steps), ``rng`` (one entry per process:
 python, numpy, torch, CUDA and train-loader generator states), ``config`` (the resolved RunConfig),
@@ -74,7 +74,7 @@ def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUMABLE
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint (ValueError when the file is not one)."""
-    from dynexit.checkpoint import read
+    from dynexit.models.checkpoint import read
 
     checkpoint = read(path)
     if checkpoint.get("format") != FORMAT:

@@ -53,7 +53,7 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> float:
 
 
 def _trained_model(cfg: RunConfig, folder: Path):
-    from dynexit.checkpoint import load_model
+    from dynexit.models.checkpoint import load_model
 
     return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from dynexit.spec import Experiment, Run
+from dynexit.runs.spec import Experiment, Run
 from dynexit.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Outcome:
 
 def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
     """Executes one run in this process (skipping it if it is done or another process runs it)."""
-    from dynexit.pipeline import run_pipeline
+    from dynexit.runs.pipeline import run_pipeline
 
     folder = run_dir(experiment, run)
     with run_lock(folder) as acquired:
@@ -186,7 +186,7 @@ def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, q
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
     logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
-    from dynexit.spec import load_spec
+    from dynexit.runs.spec import load_spec
 
     experiment = load_spec(spec_path, overrides)
     devices = group if group[0] == "cpu" else [f"cuda:{i}" for i in range(len(group))]
@@ -196,7 +196,7 @@ def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, q
             return
         outcome = execute(experiment, experiment.run(run_id), devices)
         results.put(outcome)
-        from dynexit.results import aggregate
+        from dynexit.runs.aggregate import aggregate
 
         aggregate(experiment)
 
@@ -206,7 +206,7 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     """Runs every run of the experiment that is not done; returns the outcome of each run it tried."""
     import torch
 
-    from dynexit.results import aggregate, write_experiment_files
+    from dynexit.runs.aggregate import aggregate, write_experiment_files
 
     write_experiment_files(experiment)
     todo = [r for r in experiment.runs if run_state(run_dir(experiment, r)) not in (DONE, RUNNING)]
@@ -216,7 +216,7 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
         return []
     kind = experiment.executor.kind
     if kind in ("slurm", "submitit_local"):
-        from dynexit.slurm import submit
+        from dynexit.runs.slurm import submit
 
         outcomes = submit(experiment, todo, overrides)
     elif kind == "local":

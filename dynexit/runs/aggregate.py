@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from dynexit.pipeline import SUMMARY_FILE
-from dynexit.runner import DONE, run_dir, run_state
-from dynexit.spec import Experiment
+from dynexit.runs.pipeline import SUMMARY_FILE
+from dynexit.runs.runner import DONE, run_dir, run_state
+from dynexit.runs.spec import Experiment
 from dynexit.utils import atomic_write, atomic_write_text
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from dynexit.spec import Experiment, Run
+from dynexit.runs.spec import Experiment, Run
 
 log = logging.getLogger(__name__)
 
@@ -13,9 +13,9 @@ def _job(spec_path: str, overrides: list[str], run_id: str):
     """What one job runs: the run, then the experiment's aggregate files."""
     import torch
 
-    from dynexit.results import aggregate
-    from dynexit.runner import execute
-    from dynexit.spec import load_spec
+    from dynexit.runs.aggregate import aggregate
+    from dynexit.runs.runner import execute
+    from dynexit.runs.spec import load_spec
 
     experiment = load_spec(spec_path, overrides)
     n = torch.cuda.device_count()

@@ -1,0 +1,1 @@
+"""Experiments: specs, run folders, the per-run pipeline, the runner, SLURM jobs and aggregation."""
