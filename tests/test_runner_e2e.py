@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dynexit.runs.runner import DONE, RUNNING, read_status, run_dir, run_experiment
+from dynexit.runs.folders import DONE, RUNNING, read_status, run_dir
+from dynexit.runs.runner import run_experiment
 from dynexit.runs.spec import load_spec
 
 ROOT = Path(__file__).parent.parent

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 import dynexit.runs.pipeline
-from dynexit.runs.runner import (DONE, FAILED, INTERRUPTED, PENDING, RUNNING, experiment_status, plan_workers,
-                            run_dir, run_experiment, run_lock, run_state, write_status)
+from dynexit.runs.folders import (DONE, FAILED, INTERRUPTED, PENDING, RUNNING, SUMMARY_FILE, experiment_status,
+                                  run_dir, run_lock, run_state, write_status)
+from dynexit.runs.runner import plan_workers, run_experiment
 from dynexit.runs.spec import load_spec
 
 
@@ -105,7 +106,7 @@ def fake_pipeline(fail_variant=None):
         curve = pd.DataFrame({"test_expected_cost": [0.1, 0.2], "test_accuracy": [acc - 1, acc],
                               "calib_accuracy": [acc, acc], "calib_expected_cost": [0.1, 0.2]})
         curve.to_csv(folder / "curve.csv", index=False)
-        (folder / dynexit.runs.pipeline.SUMMARY_FILE).write_text(json.dumps({"acc_final": acc, "params": 7}))
+        (folder / SUMMARY_FILE).write_text(json.dumps({"acc_final": acc, "params": 7}))
         return {}
     return run
 

@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from dynexit.cli.status import print_status
-    from dynexit.runs.runner import FAILED, run_experiment
+    from dynexit.runs.folders import FAILED
+    from dynexit.runs.runner import run_experiment
     from dynexit.runs.spec import load_spec
 
     experiment = load_spec(args.spec, args.set)

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 
 
 def print_status(experiment) -> None:
-    from dynexit.runs.runner import experiment_status
+    from dynexit.runs.folders import experiment_status
 
     rows = experiment_status(experiment)
     print(f"{experiment.name}: {len(rows)} runs in {experiment.results_dir}")

@@ -10,8 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from dynexit.runs.pipeline import SUMMARY_FILE
-from dynexit.runs.runner import DONE, run_dir, run_state
+from dynexit.runs.folders import DONE, SUMMARY_FILE, run_dir, run_state
 from dynexit.runs.spec import Experiment
 from dynexit.utils import atomic_write, atomic_write_text
 

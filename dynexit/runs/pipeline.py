@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from dynexit.config import RunConfig, save_yaml
+from dynexit.runs.folders import SUMMARY_FILE
 from dynexit.utils import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 
 
 def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str]) -> dict:

@@ -1,107 +1,24 @@
 """Runs an experiment's grid on the devices there are, resumably, and keeps its CSV results current.
 
-Each run has a folder ``<results_dir>/runs/<run_id>/``. A run holds an exclusive lock on its folder while
-it executes (``fcntl.flock``, released by the OS even on SIGKILL), so "running" means "locked", and a
-second runner never executes a run twice. Finished runs are skipped; interrupted ones resume from their
-last checkpoint (the training loop restores everything); failed ones are marked with their error and
-retried by the next invocation while the other runs go on.
+Each run has a folder ``<results_dir>/runs/<run_id>/`` (:mod:`dynexit.runs.folders`); a run locks it while
+it executes, so a second runner never executes a run twice. Finished runs are skipped; interrupted ones
+resume from their last checkpoint (the training loop restores everything); failed ones are marked with
+their error and retried by the next invocation while the other runs go on.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import multiprocessing as mp
-import queue as queue_module
 import os
-import time
-import traceback
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+import queue as queue_module
 
-from dynexit.runs.spec import Experiment, Run
-from dynexit.utils import atomic_write_text
+from dynexit.runs.aggregate import aggregate, write_experiment_files
+from dynexit.runs.execute import Outcome, execute
+from dynexit.runs.folders import DONE, RUNNING, run_dir, run_state
+from dynexit.runs.slurm import submit
+from dynexit.runs.spec import Experiment, Run, load_spec
 
 log = logging.getLogger(__name__)
-
-STATUS_FILE = "status.json"
-DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
-
-
-def run_dir(experiment: Experiment, run: Run) -> Path:
-    return experiment.results_dir / "runs" / run.run_id
-
-
-# --------------------------------------------------------------------------- status
-
-def read_status(folder: Path) -> dict:
-    path = folder / STATUS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"corrupt status file {path}: {err}") from None
-
-
-def write_status(folder: Path, state: str, **info) -> None:
-    payload = {**read_status(folder), "state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    atomic_write_text(folder / STATUS_FILE, json.dumps(payload, indent=2, default=str))
-
-
-def _locked(folder: Path) -> bool:
-    lock = folder / ".lock"
-    if not lock.exists():
-        return False
-    with open(lock, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
-
-
-def run_state(folder: Path) -> str:
-    """done | failed | running | interrupted | pending."""
-    if not folder.is_dir():
-        return PENDING
-    if _locked(folder):
-        return RUNNING
-    state = read_status(folder).get("state")
-    if state in (DONE, FAILED):
-        return state
-    return INTERRUPTED if state == RUNNING else PENDING
-
-
-@contextmanager
-def run_lock(folder: Path) -> Iterator[bool]:
-    """Yields True while holding the run's lock, False if another process holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def experiment_status(experiment: Experiment) -> list[dict]:
-    """One row per run: run id, variant, overrides, state, error (if failed)."""
-    rows = []
-    for run in experiment.runs:
-        folder = run_dir(experiment, run)
-        state = run_state(folder)
-        rows.append({"run_id": run.run_id, "variant": run.variant, "state": state,
-                     "overrides": run.overrides,
-                     "error": read_status(folder).get("error", "") if state == FAILED else ""})
-    return rows
 
 
 # --------------------------------------------------------------------------- devices
@@ -141,41 +58,6 @@ def worker_environment(group: list[str], cpu_workers: int) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":")[1] for d in group)}
 
 
-# --------------------------------------------------------------------------- execution
-
-@dataclass
-class Outcome:
-    run_id: str
-    state: str
-    error: str = ""
-
-
-def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
-    """Executes one run in this process (skipping it if it is done or another process runs it)."""
-    from dynexit.runs.pipeline import run_pipeline
-
-    folder = run_dir(experiment, run)
-    with run_lock(folder) as acquired:
-        if not acquired:
-            return Outcome(run.run_id, RUNNING)
-        if read_status(folder).get("state") == DONE:
-            return Outcome(run.run_id, DONE)
-        import torch
-
-        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, threads=torch.get_num_threads(),
-                     variant=run.variant, overrides=run.overrides, error="")
-        log.info("run %s (%s %s) on %s", run.run_id, run.variant, run.overrides or "", ",".join(devices))
-        try:
-            run_pipeline(run.config, folder, devices)
-        except Exception as err:  # noqa: BLE001 - a failed run is recorded; the others go on
-            message = f"{type(err).__name__}: {err}"
-            atomic_write_text(folder / "error.txt", traceback.format_exc())
-            write_status(folder, FAILED, error=message)
-            log.error("run %s failed: %s", run.run_id, message)
-            return Outcome(run.run_id, FAILED, message)
-        write_status(folder, DONE)
-    return Outcome(run.run_id, DONE)
-
 
 def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, queue, results,
             log_level: int = logging.INFO) -> None:
@@ -186,8 +68,6 @@ def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, q
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
     logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
-    from dynexit.runs.spec import load_spec
-
     experiment = load_spec(spec_path, overrides)
     devices = group if group[0] == "cpu" else [f"cuda:{i}" for i in range(len(group))]
     while True:
@@ -196,8 +76,6 @@ def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, q
             return
         outcome = execute(experiment, experiment.run(run_id), devices)
         results.put(outcome)
-        from dynexit.runs.aggregate import aggregate
-
         aggregate(experiment)
 
 
@@ -205,8 +83,6 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
                    overrides: list[str] | None = None) -> list[Outcome]:
     """Runs every run of the experiment that is not done; returns the outcome of each run it tried."""
     import torch
-
-    from dynexit.runs.aggregate import aggregate, write_experiment_files
 
     write_experiment_files(experiment)
     todo = [r for r in experiment.runs if run_state(run_dir(experiment, r)) not in (DONE, RUNNING)]
@@ -216,8 +92,6 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
         return []
     kind = experiment.executor.kind
     if kind in ("slurm", "submitit_local"):
-        from dynexit.runs.slurm import submit
-
         outcomes = submit(experiment, todo, overrides)
     elif kind == "local":
         groups = plan_workers(devices, workers, torch.cuda.device_count(), experiment.executor.gpus_per_run)

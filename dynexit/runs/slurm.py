@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from dynexit.runs.spec import Experiment, Run
+from dynexit.runs.aggregate import aggregate
+from dynexit.runs.execute import execute
+from dynexit.runs.spec import Experiment, Run, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -12,10 +14,6 @@ log = logging.getLogger(__name__)
 def _job(spec_path: str, overrides: list[str], run_id: str):
     """What one job runs: the run, then the experiment's aggregate files."""
     import torch
-
-    from dynexit.runs.aggregate import aggregate
-    from dynexit.runs.runner import execute
-    from dynexit.runs.spec import load_spec
 
     experiment = load_spec(spec_path, overrides)
     n = torch.cuda.device_count()

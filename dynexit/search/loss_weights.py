@@ -279,7 +279,7 @@ def baseline_params(train_cfg, exit_names: Sequence[str], space: LossWeightSpace
 
 def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, callback: Optional[str],
                      scorer: Callable, device: Optional[str]) -> float:
-    from dynexit.runs.runner import run_lock
+    from dynexit.runs.folders import run_lock
 
     reported: dict[int, float] = {}
 

@@ -1,0 +1,73 @@
+"""An experiment's report: every figure and table written into one folder."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
+from dynexit.analysis.figures import (plot_budgeted_curves, plot_confidence_histograms, plot_exit_accuracy,
+                                      plot_exit_shares)
+from dynexit.analysis.results import load_results
+from dynexit.analysis.tables import ablation_table, curve_band, run_metrics, to_latex, to_markdown
+from dynexit.utils import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def save_figure(fig, path: str | Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
+    """Writes ``fig`` as ``path.<format>`` for each format, atomically; returns the paths."""
+    out = []
+    for fmt in formats:
+        target = Path(path).with_suffix(f".{fmt}")
+        atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
+        out.append(target)
+    return out
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
+                 formats: Sequence[str] = ("png", "pdf"), budgets: Sequence[float] | None = None,
+                 published: bool | str = "auto") -> dict[str, list[Path]]:
+    """Writes an experiment's figures and tables into ``out_dir`` (default ``RESULTS_DIR/report``):
+    budgeted curves, exit shares, exit accuracy and confidence histograms (each in ``formats``), the
+    ablation table (CSV, Markdown, LaTeX) and the data behind the figures (CSV). Returns
+    ``{item: [paths]}``."""
+    for fmt in formats:
+        if fmt not in ("png", "pdf", "svg"):
+            raise ValueError(f"figure format {fmt!r} is not one of png, pdf, svg")
+    results = load_results(results_dir)
+    out = Path(out_dir) if out_dir is not None else results.path / "report"
+    written: dict[str, list[Path]] = {}
+
+    def csv(name: str, frame: pd.DataFrame) -> Path:
+        path = out / f"{name}.csv"
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+        return path
+
+    table = ablation_table(results, budgets)
+    written["ablation table"] = [csv("ablation", table)]
+    atomic_write_text(out / "ablation.md", to_markdown(table))
+    atomic_write_text(out / "ablation.tex", to_latex(table))
+    written["ablation table"] += [out / "ablation.md", out / "ablation.tex"]
+    written["per-run metrics"] = [csv("run_metrics", run_metrics(results, table.attrs["budgets"],
+                                                                 table.attrs["auc_range"]))]
+
+    fig = plot_budgeted_curves(results, published=published)
+    written["budgeted curves"] = save_figure(fig, out / "budgeted_curves", formats)
+    written["budgeted curves"].append(csv("curve_bands", curve_band(results)))
+
+    shares = exit_shares(results)
+    behaviour = exit_accuracy(results)
+    hist = confidence_histograms(results)
+    for item, name, fig, data in (("exit shares", "exit_shares", plot_exit_shares(results, shares), shares),
+                                  ("exit accuracy", "exit_accuracy", plot_exit_accuracy(results, behaviour),
+                                   behaviour),
+                                  ("confidence histograms", "confidence", plot_confidence_histograms(results, hist),
+                                   hist)):
+        if fig is None:
+            log.info("%s: nothing to plot (no multi-exit run with the files it needs)", item)
+            continue
+        written[item] = save_figure(fig, out / name, formats) + [csv(name, data)]
+    return written

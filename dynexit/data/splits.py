@@ -1,0 +1,204 @@
+"""Disjoint train / calibration / test splits of a data set (:func:`build_datasets`), with a calibration
+split drawn once per run folder and kept."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dynexit.data.datasets import (_INFO, CALIB_FILE, DATASETS, IMAGENET_MEAN, IMAGENET_STD, MAX_IN_MEMORY_BYTES,
+                                   RECIPES, DataConfig, FolderImages, InMemoryImages, _Arrays, _Info, _load)
+from dynexit.data.transforms import (PilTransform, TensorTransform, _crop_padding, _hflip, _small_folder_transform,
+                                     imagenet_transform)
+from dynexit.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    """The three disjoint splits of a data set and what a model needs to know about them."""
+
+    train: Dataset
+    calib: Dataset
+    test: Dataset
+    num_classes: int
+    image_size: int
+    calib_indices: np.ndarray  # into the data set's training set, sorted
+    train_indices: np.ndarray  # into the data set's training set, sorted
+    test_indices: np.ndarray  # into the data set's test set, sorted
+    name: str  # the data set actually loaded (the fallback when the named one was missing)
+    classes: list[str] = field(default_factory=list)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+
+
+def _check_config(cfg: DataConfig) -> None:
+    if cfg.name not in DATASETS:
+        raise ValueError(f"data.name: unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
+    if cfg.fallback is not None and (cfg.fallback not in DATASETS or cfg.fallback == cfg.name):
+        raise ValueError(f"data.fallback: {cfg.fallback!r} must be another known data set "
+                         f"({', '.join(d for d in DATASETS if d != cfg.name)})")
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"data.recipe: unknown recipe {cfg.recipe!r}; known: {', '.join(RECIPES)}")
+    if not isinstance(cfg.image_size, int) or cfg.image_size < 8:
+        raise ValueError(f"data.image_size must be an integer >= 8, got {cfg.image_size!r}")
+    if not cfg.calib_size > 0 or (cfg.calib_size >= 1 and cfg.calib_size != int(cfg.calib_size)):
+        raise ValueError(f"data.calib_size must be a fraction in (0, 1) or a whole count >= 1, "
+                         f"got {cfg.calib_size!r}")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"data.{key} must be a positive integer or null, got {value!r}")
+    if cfg.crop_padding is not None and cfg.crop_padding < 0:
+        raise ValueError(f"data.crop_padding must be >= 0, got {cfg.crop_padding}")
+    if not 0.0 <= cfg.random_erasing <= 1.0:
+        raise ValueError(f"data.random_erasing must be a probability, got {cfg.random_erasing}")
+    if not 0.0 < cfg.eval_crop_pct <= 1.0:
+        raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
+    if cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+
+
+def _calib_count(cfg: DataConfig, n_train: int) -> int:
+    n = max(1, round(cfg.calib_size * n_train)) if cfg.calib_size < 1 else int(cfg.calib_size)
+    if n >= n_train:
+        raise ValueError(f"data.calib_size={cfg.calib_size:g} asks for {n} calibration images, but the "
+                         f"training set has {n_train}; at least one must stay for training")
+    return n
+
+
+def calibration_indices(cfg: DataConfig, name: str, n_train: int, run_dir: Optional[Path]) -> np.ndarray:
+    """The sorted training-set indices held out for calibration: read from ``run_dir/calib_indices.json``
+    when it exists (a resumed run keeps its split), else drawn with ``cfg.split_seed`` and saved there."""
+    n_calib = _calib_count(cfg, n_train)
+    path = Path(run_dir) / CALIB_FILE if run_dir is not None else None
+    if path is not None and path.is_file():
+        return _read_calib_file(path, name, n_train, n_calib)
+    indices = np.sort(np.random.default_rng(cfg.split_seed).permutation(n_train)[:n_calib])
+    if path is not None:
+        record = {"dataset": name, "train_size": n_train, "split_seed": cfg.split_seed,
+                  "indices": indices.tolist()}
+        atomic_write_text(path, json.dumps(record))
+    return indices
+
+
+def _read_calib_file(path: Path, name: str, n_train: int, n_calib: int) -> np.ndarray:
+    try:
+        record = json.loads(path.read_text())
+        saved_name, saved_size, raw = record["dataset"], record["train_size"], record["indices"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a calibration-indices file ({type(err).__name__}: {err})") from None
+    if saved_name != name or saved_size != n_train:
+        raise ValueError(f"{path} was made for {saved_name!r} with {saved_size} training images, but this "
+                         f"run loads {name!r} with {n_train}; delete the file or use another run folder")
+    indices = np.asarray(raw, dtype=np.int64)
+    if indices.ndim != 1 or len(indices) != n_calib:
+        raise ValueError(f"{path} holds {indices.size} indices, but data.calib_size asks for {n_calib}")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_train):
+        raise ValueError(f"{path}: indices outside 0..{n_train - 1}")
+    if len(np.unique(indices)) != len(indices):
+        raise ValueError(f"{path}: repeated indices")
+    return np.sort(indices)
+
+
+def _subset(indices: np.ndarray, size: Optional[int], seed: list[int], what: str, key: str) -> np.ndarray:
+    if size is None:
+        return indices
+    if size >= len(indices):  # "at most": the same spec serves a large data set and its small fallback
+        log.info("data.%s=%d keeps all %d %s", key, size, len(indices), what)
+        return indices
+    return np.sort(np.random.default_rng(seed).choice(indices, size=size, replace=False))
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bilinear (antialiased when shrinking)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    shrink = size < max(images.shape[-2:])
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):  # bounds the float copy's memory
+        part = images[start:start + chunk].float()
+        resized = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        out[start:start + chunk] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+
+
+def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None) -> Splits:
+    """Loads ``cfg.name`` and returns its disjoint train / calibration / test splits.
+
+    Files are looked for in ``cfg.root``, or by default: Fashion-MNIST in /usr/share/datasets/fashion-mnist
+    (Debian's ``dataset-fashion-mnist``) then ``$DYNEXIT_DATA/fashion_mnist``; CIFAR in
+    ``$DYNEXIT_DATA/<name>`` (``$DYNEXIT_DATA`` defaults to ~/.cache/dynexit/data). When they are missing:
+    download through torchvision if ``cfg.download``, else use ``cfg.fallback`` if set, else raise
+    FileNotFoundError. The calibration split is drawn from the training set (see
+    ``calibration_indices``); ``train_subset`` then thins the rest and ``test_subset`` the test set.
+    """
+    _check_config(cfg)
+    try:
+        source = _load(cfg)
+    except FileNotFoundError as err:
+        if cfg.fallback is None:
+            raise
+        log.warning("%s; using data.fallback=%s instead", err, cfg.fallback)
+        cfg = replace(cfg, name=cfg.fallback, root=None, fallback=None)
+        source = _load(cfg)
+    name, info = cfg.name, _INFO[cfg.name]
+    if isinstance(source, _Arrays):
+        n_train, n_test, classes = len(source.train_images), len(source.test_images), source.classes
+    else:
+        n_train, n_test, classes = len(source[0]), len(source[1]), list(source[0].classes)
+    num_classes = info.num_classes or len(classes)
+
+    calib_idx = calibration_indices(cfg, name, n_train, Path(run_dir) if run_dir is not None else None)
+    rest = np.setdiff1d(np.arange(n_train), calib_idx, assume_unique=True)
+    train_idx = _subset(rest, cfg.train_subset, [cfg.split_seed, 1],
+                        "training images left after calibration", "train_subset")
+    test_idx = _subset(np.arange(n_test), cfg.test_subset, [cfg.split_seed, 2], "test images", "test_subset")
+
+    if isinstance(source, _Arrays):
+        train, calib, test = _in_memory_splits(cfg, source, info, train_idx, calib_idx, test_idx)
+    else:
+        make = imagenet_transform if cfg.recipe == "imagenet" else _small_folder_transform
+        train_tf, eval_tf = make(cfg, True, info.mean, info.std), make(cfg, False, info.mean, info.std)
+        train = FolderImages(source[0], train_idx, train_tf)
+        calib = FolderImages(source[0], calib_idx, eval_tf)
+        test = FolderImages(source[1], test_idx, eval_tf)
+    log.info("%s: %d train, %d calibration, %d test images, %d classes, %d px, %s recipe", name, len(train),
+             len(calib), len(test), num_classes, cfg.image_size, cfg.recipe)
+    return Splits(train=train, calib=calib, test=test, num_classes=num_classes, image_size=cfg.image_size,
+                  calib_indices=calib_idx, train_indices=train_idx, test_indices=test_idx, name=name,
+                  classes=classes, mean=info.mean, std=info.std)
+
+
+def _in_memory_splits(cfg: DataConfig, src: _Arrays, info: _Info, train_idx: np.ndarray,
+                      calib_idx: np.ndarray, test_idx: np.ndarray):
+    train_x, test_x = src.train_images, src.test_images
+    if cfg.recipe == "imagenet":  # timm crops and resizes each PIL image from the stored original
+        train_tf = PilTransform(imagenet_transform(cfg, True, info.mean, info.std))
+        eval_tf = PilTransform(imagenet_transform(cfg, False, info.mean, info.std))
+    else:  # resize once, then only tensor work per batch
+        s = cfg.image_size
+        need = (len(train_x) + len(test_x)) * train_x.shape[1] * s * s
+        if need > MAX_IN_MEMORY_BYTES:
+            raise ValueError(f"data.image_size={s}: the small recipe would hold {need / 2**30:.1f} GiB of "
+                             f"resized {cfg.name} images in memory; use data.recipe=imagenet or a smaller size")
+        train_x, test_x = _resize(train_x, s), _resize(test_x, s)
+        train_tf = TensorTransform(info.mean, info.std, _crop_padding(cfg), _hflip(cfg, cfg.name))
+        eval_tf = TensorTransform(info.mean, info.std)
+    return (InMemoryImages(train_x, src.train_targets, train_idx, train_tf),
+            InMemoryImages(train_x, src.train_targets, calib_idx, eval_tf),
+            InMemoryImages(test_x, src.test_targets, test_idx, eval_tf))
+
+
