@@ -7,7 +7,8 @@ import time
 
 import torch  # noqa: F401  (imported first so that thread settings apply)
 
-from dynexit.data import DataConfig, build_datasets, build_loaders
+from dynexit.config import DataConfig
+from dynexit.data import build_datasets, build_loaders
 for size in (28, 32):
     s = build_datasets(DataConfig(name="fashion_mnist", image_size=size))
     tf = s.train.transform

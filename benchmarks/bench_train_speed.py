@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import torchvision
 
 from dynexit import create_model
-from dynexit.training import MultiExitLoss, TrainConfig
+from dynexit.config import TrainConfig
+from dynexit.training import MultiExitLoss
 from dynexit.training.optim import build_optimizer
 
 BATCH = {224: 16, 64: 64}

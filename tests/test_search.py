@@ -17,13 +17,13 @@ import yaml
 from dynexit.cli import main as cli_main
 from dynexit.logits import save_logits
 from dynexit.policies import NEVER, budgeted_curve
+from dynexit.config import TrainConfig
 from dynexit.search import (compare_with_protocol, curve_of_thresholds, open_storage, open_study, protocol_budgets,
                             protocol_curve, run_trials, search_budgets, search_pareto, sqlite_url,
                             threshold_problem)
 from dynexit.search.loss_weights import (BEST_FILE, TRIALS_FILE, LossWeightSpace, baseline_params, budgeted_area,
                                          search_loss_weights)
 from dynexit.runs.spec import expand
-from dynexit.training import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 optuna.logging.set_verbosity(optuna.logging.WARNING)

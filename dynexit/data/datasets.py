@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dynexit.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +34,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IN_MEMORY_BYTES = 4 << 30
 DIGITS_TEST_SIZE = 360  # digits has no test split of its own: a fixed 20%, the same for every seed
 _DIGITS_TEST_SEED = 20230611
-
-
-@dataclass
-class DataConfig:
-    """Which data set, how it is split, and how it is transformed."""
-
-    name: str = "digits"  # digits | fashion_mnist | cifar10 | cifar100 | imagefolder
-    root: Optional[str] = None  # folder of the files; None: the usual place (see build_datasets)
-    download: bool = False  # download through torchvision when the files are missing (not imagefolder)
-    fallback: Optional[str] = None  # data set to use instead when the files of `name` are missing
-    image_size: int = 32  # side S of the (S, S) images the model gets
-    calib_size: float = 0.1  # held out of training for thresholds: a fraction (< 1) or a count (>= 1)
-    split_seed: int = 0  # draws the calibration split and the subsets
-    train_subset: Optional[int] = None  # keep at most this many training images (quick runs)
-    test_subset: Optional[int] = None  # keep at most this many test images (quick runs)
-    recipe: str = "small"  # "small" (tensor crop + flip, 28-32 px) or "imagenet" (official timm recipe)
-    hflip: Optional[bool] = None  # random horizontal flip; None: the data set's default (off for digits)
-    crop_padding: Optional[int] = None  # small recipe: zero padding of the random crop; None: S // 8
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # imagenet recipe: timm auto-augment policy
-    random_erasing: float = 0.25  # imagenet recipe: random-erasing probability (pixel mode)
-    eval_crop_pct: float = 0.875  # imagenet recipe: eval resize to S / eval_crop_pct, centre crop S
-    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dynexit.data.datasets import _INFO, DataConfig
+from dynexit.config import DataConfig
+from dynexit.data.datasets import _INFO
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dynexit.training.config import uses_mixup, validate_train_config
+from dynexit.config import RunConfig, resolve_model, save_yaml, to_container, uses_mixup, validate_train_config
 from dynexit.training.distributed import DistContext, setup
 from dynexit.training.loss import MultiExitLoss
 from dynexit.training.metrics import METRICS_FILE, ExitMetrics, MetricsLog, autocast, evaluate, prepare_images
@@ -75,8 +75,6 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     epoch's checkpoint (``ema``: the EMA model or None; ``metrics``: the epoch's row of metrics.csv), on a
     forked RNG so that it leaves training unchanged; an exception from it ends training (e.g. pruning).
     """
-    from dynexit.config import RunConfig
-
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"train() needs a dynexit.config.RunConfig, got {type(cfg).__name__}")
     validate_train_config(cfg.train)
@@ -105,8 +103,6 @@ class _Session:
     # ------------------------------------------------------------------ setup
 
     def run(self) -> TrainResult:
-        from dynexit.config import to_container
-
         cfg, tc, ctx = self.cfg, self.tc, self.ctx
         if tc.sync_bn and ctx.distributed and ctx.device.type != "cuda":
             raise ValueError(f"train.sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on "
@@ -126,8 +122,6 @@ class _Session:
         self._build_model()
         self._build_data()
         if ctx.is_main:
-            from dynexit.config import save_yaml
-
             save_yaml(cfg, self.run_dir / CONFIG_FILE)
         self.optimizer = build_optimizer(self.model, tc)
         self.ema = build_ema(self.model, tc)
@@ -145,7 +139,6 @@ class _Session:
         return self._epochs(start_epoch, step, wall_time)
 
     def _build_model(self) -> None:
-        from dynexit.config import resolve_model
         from dynexit.models import build_model
 
         tc, ctx = self.tc, self.ctx

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from dynexit.training.config import TrainConfig
+from dynexit.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
