@@ -5,7 +5,7 @@ so it computes only what each sample needs: with a batch of one it returns at th
 exit; with a larger batch it drops the samples that have left (``State.select``) before running the
 next segment and goes on with the rest. Its decisions are those of the simulated policy of
 :mod:`dynexit.policies` on the logits of all exits: the same confidence criteria, computed the same
-way (:func:`exit_scores`, the torch twin of ``policies.scores``), and the same rule (a sample leaves at
+way (:func:`dynexit.policies.exit_scores`, the one scoring code), and the same rule (a sample leaves at
 the first exit whose confidence is >= its threshold, compared in float64; the last exit takes everyone
 left).
 
@@ -25,45 +25,12 @@ import numpy as np
 import torch
 
 from dynexit.models.perceiver import MultiExitModel
+from dynexit.policies import check_criterion, confidence, exit_scores, find_thresholds
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("max_softmax", "entropy", "margin")
 
-
-# ---------------------------------------------------------------------------------------- criteria
-
-def exit_scores(logits: torch.Tensor, criterion: str = "max_softmax",
-                temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence (float32) and predicted class (int64) of one exit's ``logits`` (samples, classes).
-
-    The same numbers as ``dynexit.policies.scores`` for that exit: softmax in float32; the prediction
-    is the index of the largest probability at temperature 1 (first index on ties); ``temperature``
-    divides the logits for the confidence only. Criteria: ``max_softmax`` (largest probability),
-    ``entropy`` (negated entropy of the softmax, in nats), ``margin`` (largest minus second largest
-    probability).
-    """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if logits.ndim != 2:
-        raise ValueError(f"logits must have shape (samples, classes), got {tuple(logits.shape)}")
-    z = logits.float()
-    probs = torch.softmax(z, dim=-1)
-    top, pred = probs.max(dim=-1)
-    if temperature is not None:
-        probs = torch.softmax(z / float(temperature), dim=-1)
-        top = probs.max(dim=-1).values
-    if criterion == "max_softmax":
-        conf = top
-    elif criterion == "entropy":
-        conf = -torch.special.entr(probs).sum(dim=-1)  # sum p log p = -H, with 0 log 0 = 0
-    elif probs.shape[-1] < 2:  # margin with one class: the runner-up probability is 0
-        conf = top
-    else:
-        top2 = probs.topk(2, dim=-1).values
-        conf = top2[:, 0] - top2[:, 1]
-    return conf, pred
-
+# --------------------------------------------------------------------------------------- arguments
 
 def _thresholds(thresholds: Any, num_exits: int) -> list[float]:
     """One float per exit (the last one is never used); accepts ``num_exits`` or ``num_exits - 1``."""
@@ -97,7 +64,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, thresholds: Sequence[floa
     """Classifies ``x`` with early exit; returns ``(predictions, exits)``, int64 tensors with one entry
     per sample (exit indices in the model's exit order).
 
-    A sample leaves at the first exit k whose confidence (``criterion``, see :func:`exit_scores`) is
+    A sample leaves at the first exit k whose confidence (``criterion``, see :func:`dynexit.policies.scores`) is
     >= ``thresholds[k]``; the last exit takes everyone left. Segment k runs only for the samples still
     undecided. Runs in eval mode (restored after) under ``torch.inference_mode``.
     """
@@ -105,8 +72,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, thresholds: Sequence[floa
         raise TypeError(f"early_exit needs a model made by dynexit.create_model, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a batch of images (B, C, H, W), got {getattr(x, 'shape', type(x))}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    check_criterion(criterion)
     num_exits = model.num_exits
     limits = _thresholds(thresholds, num_exits)
     temps = _temperatures(temperature, num_exits)
@@ -278,8 +244,6 @@ def thresholds_for_shares(model: MultiExitModel, images: torch.Tensor, shares: S
                           criterion: str = "max_softmax", batch_size: int = 64) -> np.ndarray:
     """Thresholds that send the given ``shares`` of ``images`` out at each exit: the budgeted protocol
     (``policies.find_thresholds``) on these images' own confidences."""
-    from dynexit.policies import confidence, find_thresholds
-
     was_training = model.training
     model.eval()
     try:

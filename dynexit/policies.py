@@ -19,20 +19,28 @@ exit name when ``exit_names`` is given and the 0-based exit index otherwise:
 ``calib_expected_cost``, ``test_accuracy``, ``test_expected_cost`` (accuracies in percent, costs in
 the unit of ``costs``), ``calib_share_<e>`` and ``test_share_<e>`` (fraction of the split exiting at
 each exit).
+
+Exit scoring (:func:`exit_scores`) is the one implementation of the criteria: the simulated policy here and
+real early exit (:mod:`dynexit.inference`) both call it. torch and pandas are imported by the functions
+that use them, so that the command line can read ``CRITERIA`` and ``GRIDS`` without loading them.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
-import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("max_softmax", "entropy", "margin")
+CRITERIA = ("max_softmax", "entropy", "margin")  # the confidence criteria, in the order --help lists them
+GRIDS = ("official", "msdnet")  # the budgeted protocol's grids of target shares
 NEVER = np.float32(1e8)  # threshold of an exit nobody leaves at
 ALWAYS = np.float32(-1e8)  # threshold of the last exit: everyone left leaves there
 OFFICIAL_SCALES = (0.85, 1.0, 0.5)  # official rescaling of the shares of exits 1-3 (4 exits)
@@ -41,9 +49,19 @@ _CHUNK = 8192  # samples per softmax call: bounds the temporary memory on ImageN
 
 # ----------------------------------------------------------------------------------------- checks
 
+def _is_tensor(value) -> bool:
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
 def _as_logits(logits, name: str = "logits") -> np.ndarray:
     """``logits`` as a C-contiguous float32 array (exits, samples, classes)."""
-    if isinstance(logits, torch.Tensor):
+    if _is_tensor(logits):
         logits = logits.detach().cpu().numpy()
     arr = np.asarray(logits)
     if arr.ndim != 3:
@@ -56,7 +74,7 @@ def _as_logits(logits, name: str = "logits") -> np.ndarray:
 
 
 def _as_targets(targets, num_samples: int, num_classes: int, name: str = "targets") -> np.ndarray:
-    if isinstance(targets, torch.Tensor):
+    if _is_tensor(targets):
         targets = targets.detach().cpu().numpy()
     arr = np.asarray(targets)
     if arr.ndim != 1 or len(arr) != num_samples:
@@ -116,8 +134,9 @@ def scores(logits, criterion: str = "max_softmax",
     softmax, in nats, so that higher is more confident) and ``margin`` (largest minus second largest
     probability).
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    import torch
+
+    check_criterion(criterion)
     arr = _as_logits(logits)
     num_exits, num_samples, _ = arr.shape
     temps = _as_temperatures(temperature, num_exits)
@@ -126,14 +145,9 @@ def scores(logits, criterion: str = "max_softmax",
     with torch.inference_mode():
         for k in range(num_exits):
             for start in range(0, num_samples, _CHUNK):
-                z = torch.from_numpy(arr[k, start:start + _CHUNK])
-                probs = torch.softmax(z, dim=-1)
-                top, idx = probs.max(dim=-1)
-                pred[k, start:start + len(z)] = idx.numpy()
-                if temps is not None:
-                    probs = torch.softmax(z / float(temps[k]), dim=-1)
-                    top = probs.max(dim=-1).values
-                conf[k, start:start + len(z)] = _criterion(probs, top, criterion).numpy()
+                stop = min(start + _CHUNK, num_samples)
+                conf[k, start:stop], pred[k, start:stop] = exit_scores(
+                    arr[k, start:stop], criterion, None if temps is None else temps[k])
     bad = ~np.isfinite(conf)
     if bad.any():
         k, i = np.argwhere(bad)[0]
@@ -141,7 +155,32 @@ def scores(logits, criterion: str = "max_softmax",
     return conf, pred
 
 
+def exit_scores(logits, criterion: str = "max_softmax", temperature: float | None = None):
+    """Confidence (float32) and predicted class (int64) of one exit's ``logits`` (samples, classes): the one
+    scoring code. A torch tensor gives tensors (on its device), a NumPy array gives arrays, with equal
+    numbers: softmax in torch float32; the prediction is the index of the largest probability at
+    temperature 1 (first index on ties); ``temperature`` divides the logits for the confidence only.
+    Criteria: see :func:`scores`.
+    """
+    import torch
+
+    check_criterion(criterion)
+    tensor = isinstance(logits, torch.Tensor)
+    z = logits.float() if tensor else torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    if z.ndim != 2:
+        raise ValueError(f"logits must have shape (samples, classes), got {tuple(z.shape)}")
+    probs = torch.softmax(z, dim=-1)
+    top, pred = probs.max(dim=-1)
+    if temperature is not None:
+        probs = torch.softmax(z / float(temperature), dim=-1)
+        top = probs.max(dim=-1).values
+    conf = _criterion(probs, top, criterion)
+    return (conf, pred) if tensor else (conf.numpy(), pred.numpy())
+
+
 def _criterion(probs: torch.Tensor, top: torch.Tensor, criterion: str) -> torch.Tensor:
+    import torch
+
     if criterion == "max_softmax":
         return top
     if criterion == "entropy":
@@ -303,6 +342,8 @@ def evaluate_thresholds(conf: np.ndarray, correct: np.ndarray, thresholds, costs
 
 def _geometric_shares(q: float, num_exits: int) -> torch.Tensor:
     """q^[1..K] normalised, in torch float32 (the arithmetic of the official and MSDNet code)."""
+    import torch
+
     shares = torch.exp(torch.log(torch.tensor(q, dtype=torch.float32))
                        * torch.arange(1, num_exits + 1, dtype=torch.float32))
     return shares / shares.sum()
@@ -364,7 +405,7 @@ def resolve_grid(grid: str | np.ndarray | Sequence[Sequence[float]], num_exits: 
             return official_grid(num_exits)
         if grid == "msdnet":
             return msdnet_grid(num_exits)
-        raise ValueError(f"unknown grid {grid!r}; use 'official', 'msdnet' or an array of shares")
+        raise ValueError(f"unknown grid {grid!r}; use {' or '.join(map(repr, GRIDS))} or an array of shares")
     arr = np.asarray(grid, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] != num_exits or len(arr) == 0:
         raise ValueError(f"grid must have shape (points, {num_exits}), got {arr.shape}")
@@ -379,6 +420,8 @@ def curve_from_scores(calib_conf: np.ndarray, calib_correct: np.ndarray, test_co
                       test_correct: np.ndarray, costs, grid="official",
                       exit_names: Sequence[str] | None = None) -> pd.DataFrame:
     """:func:`budgeted_curve` on precomputed confidences and correctness (exits, samples)."""
+    import pandas as pd
+
     if np.shape(calib_conf)[0] != np.shape(test_conf)[0]:
         raise ValueError(f"calibration has {np.shape(calib_conf)[0]} exits but test has "
                          f"{np.shape(test_conf)[0]}")
@@ -440,6 +483,8 @@ def budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, costs
 def anytime_accuracy(logits, targets, costs, exit_names: Sequence[str] | None = None) -> pd.DataFrame:
     """Each exit on its own (anytime prediction): one row per exit with columns ``exit`` (name, or
     0-based index), ``cost`` and ``accuracy`` (percent)."""
+    import pandas as pd
+
     arr = _as_logits(logits)
     num_exits, num_samples, num_classes = arr.shape
     y = _as_targets(targets, num_samples, num_classes)

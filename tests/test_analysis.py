@@ -13,8 +13,9 @@ import yaml
 
 from dynexit import analysis
 from dynexit.cli import main
+from dynexit.curves import accuracy_at_budget, area_under_curve, interpolate
 from dynexit.logits import save_logits
-from dynexit.runs.pipeline import accuracy_at_budget
+from dynexit.policies import scores
 from dynexit.policies import anytime_accuracy, budgeted_curve
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "results" / "quickstart"
@@ -73,7 +74,7 @@ def hand_folder(root: Path) -> Path:
         curve = pd.DataFrame({"test_expected_cost": x, "test_accuracy": y, "calib_expected_cost": x,
                               "calib_accuracy": y})
         row.update(curve_min_gmacs=min(x), curve_max_gmacs=max(x), curve_best_accuracy=max(y))
-        row["acc_at_2"] = accuracy_at_budget(curve, 2.0)
+        row["acc_at_2"] = accuracy_at_budget(x, y, 2.0)
         runs.append(row)
         curves[rid] = curve
     spec = {"name": "hand", "variants": {"full": {}, "no_x2z": {"model.x2z": False}, "static": {}}, "seeds": [0, 1]}
@@ -131,7 +132,7 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
                            curve_max_gmacs=float(curve["test_expected_cost"].max()),
                            curve_best_accuracy=float(curve["test_accuracy"].max()))
             for b in budgets:
-                summary[f"acc_at_{b:g}"] = accuracy_at_budget(curve, b)
+                summary[f"acc_at_{b:g}"] = accuracy_at_budget(curve["test_expected_cost"], curve["test_accuracy"], b)
             curve.to_csv(folder / "curve.csv", index=False)
             anytime.to_csv(folder / "anytime.csv", index=False)
             pd.DataFrame({"exit": names, "gmacs": costs, "params": params}).to_csv(folder / "costs.csv", index=False)
@@ -149,18 +150,19 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
 
 # ----------------------------------------------------------------------------------- hand-computed
 
-def test_interpolate_never_extrapolates_and_averages_equal_costs():
-    out = analysis.interpolate([3.0, 1.0, 2.0, 2.0], [40.0, 10.0, 20.0, 30.0], [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
-    np.testing.assert_allclose(out, [np.nan, 10.0, 17.5, 25.0, 32.5, 40.0, np.nan])
+def test_interpolate_never_extrapolates_and_keeps_the_best_of_equal_costs():
+    # Two points cost 2: the curve goes through the better one, (2, 30) (dynexit.curves' rule).
+    out = interpolate([3.0, 1.0, 2.0, 2.0], [40.0, 10.0, 20.0, 30.0], [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
+    np.testing.assert_allclose(out, [np.nan, 10.0, 20.0, 30.0, 35.0, 40.0, np.nan])
 
 
 def test_area_under_curve_is_mean_accuracy_over_range():
     x, y = [0.0, 1.0, 2.0], [0.0, 10.0, 10.0]
     # over [0.5, 2]: (0.5 * (5 + 10) / 2 + 1 * 10) / 1.5
-    assert analysis.area_under_curve(x, y, 0.5, 2.0) == pytest.approx((3.75 + 10.0) / 1.5)
-    assert analysis.area_under_curve(x, [70.0] * 3, 0.0, 2.0) == pytest.approx(70.0)
-    assert math.isnan(analysis.area_under_curve(x, y, 0.5, 2.5))  # beyond the curve: never extrapolated
-    assert math.isnan(analysis.area_under_curve(x, y, 1.0, 1.0))
+    assert area_under_curve(x, y, 0.5, 2.0) == pytest.approx((3.75 + 10.0) / 1.5)
+    assert area_under_curve(x, [70.0] * 3, 0.0, 2.0) == pytest.approx(70.0)
+    assert math.isnan(area_under_curve(x, y, 0.5, 2.5))  # beyond the curve: never extrapolated
+    assert math.isnan(area_under_curve(x, y, 1.0, 1.0))
 
 
 def test_hand_computed_band_table_and_differences(tmp_path):
@@ -360,9 +362,10 @@ def test_exit_behaviour_reproduces_curves(tmp_path, exit_names):
     assert len(hist) == 10 * (3 * 4 + 1)
 
 
-def test_max_softmax_matches_definition():
+def test_confidence_is_the_max_softmax_of_policies_scores():
+    # The histograms score with dynexit.policies.scores (no copy of the scoring code of their own).
     logits = np.array([[[0.0, 0.0], [3.0, 1.0]], [[1.0, 2.0], [0.0, 0.0]]], dtype=np.float32)
-    conf, pred = analysis.max_softmax(logits)
+    conf, pred = scores(logits, "max_softmax")
     np.testing.assert_allclose(conf, [[0.5, 1 / (1 + math.exp(-2))], [1 / (1 + math.exp(-1)), 0.5]], rtol=1e-6)
     np.testing.assert_array_equal(pred, [[0, 0], [1, 0]])
 

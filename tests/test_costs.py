@@ -146,7 +146,7 @@ def test_counting_is_quiet_and_restores_the_model(caplog):
 
 def test_cli_prints_table_and_writes_csv(tmp_path, capsys):
     path = tmp_path / "costs.csv"
-    argv = ["costs", "tiny_perceiver_t16", "--set", "x2z=false", "--set", "depth_factor=[1,1,2,1]",
+    argv = ["costs", "tiny_perceiver_t16", "--set", "model.x2z=false", "--set", "model.depth_factor=[1,1,2,1]",
             "--num-classes", "7", "--input-size", "28", "--csv", str(path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -161,7 +161,8 @@ def test_cli_prints_table_and_writes_csv(tmp_path, capsys):
 
 
 def test_cli_bad_override_is_one_line_error(tmp_path, capsys):
-    assert main(["costs", "tiny_perceiver_t16", "--set", "x2y=false", "--csv", str(tmp_path / "c.csv")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "x2y" in err and err.count("\n") == 0
+    for bad in ("x2y=false", "model.x2y=false"):
+        assert main(["costs", "tiny_perceiver_t16", "--set", bad, "--csv", str(tmp_path / "c.csv")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "x2y" in err and err.count("\n") == 0
     assert not (tmp_path / "c.csv").exists()

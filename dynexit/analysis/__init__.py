@@ -5,9 +5,9 @@ exit behaviour, the run folders' logits). A *configuration* is a variant plus ev
 varies within it (except the seed); its runs differ only by seed, and every number shown for it is a
 mean with a standard deviation over those seeds. Modules: ``results`` (loading), ``tables`` (ablation
 table, per-run metrics, mean curves), ``behaviour`` (exit shares, exit accuracy, confidence),
-``figures`` and ``report``. Costs are GMACs, accuracies percent.
+``figures`` and ``report``; the curve maths is :mod:`dynexit.curves`. Costs are GMACs, accuracies percent.
 """
-from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares, max_softmax
+from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
 from dynexit.analysis.figures import (ACC_LABEL, COST_LABEL, PUBLISHED, config_colors, plot_budgeted_curves,
                                       plot_confidence_histograms, plot_exit_accuracy, plot_exit_shares)
 from dynexit.analysis.report import save_figure, write_report
@@ -15,13 +15,12 @@ from dynexit.analysis.results import (DEFAULT_RESULTS, REFERENCE_VARIANT, RESULT
                                       load_results)
 from dynexit.analysis.tables import (ablation_table, budget_column, common_cost_range, cost_range, curve_band,
                                      default_budgets, format_ablation, run_metrics, to_latex, to_markdown)
-from dynexit.curves import area_under_curve, interpolate
 
 __all__ = [
     "ACC_LABEL", "COST_LABEL", "DEFAULT_RESULTS", "PUBLISHED", "REFERENCE_VARIANT", "RESULTS_ENV", "Results",
-    "ablation_table", "area_under_curve", "budget_column", "common_cost_range", "config_colors",
+    "ablation_table", "budget_column", "common_cost_range", "config_colors",
     "confidence_histograms", "cost_range", "curve_band", "default_budgets", "exit_accuracy", "exit_shares",
-    "find_results_dir", "format_ablation", "interpolate", "load_results", "max_softmax", "plot_budgeted_curves",
+    "find_results_dir", "format_ablation", "load_results", "plot_budgeted_curves",
     "plot_confidence_histograms", "plot_exit_accuracy", "plot_exit_shares", "run_metrics", "save_figure",
     "to_latex", "to_markdown", "write_report",
 ]

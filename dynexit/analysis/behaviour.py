@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from dynexit.analysis.results import Results, _read_spec
+from dynexit.policies import evaluate_thresholds, scores
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ def exit_accuracy(results: Results) -> pd.DataFrame:
     (%; NaN where none leaves), recomputed from the run's test logits and the point's thresholds.
     Columns: ``config``, ``run_id``, ``seed``, ``point``, ``test_expected_cost``, ``exit``, ``share``,
     ``accuracy``. Runs without logits or thresholds (static ones) are left out."""
-    from dynexit.policies import evaluate_thresholds, scores
-
     rows = []
     for run in results.runs.to_dict("records"):
         rid, names = run["run_id"], results.run_exits(run["run_id"])
@@ -97,16 +96,6 @@ def exit_accuracy(results: Results) -> pd.DataFrame:
                                        "share", "accuracy"])
 
 
-def max_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Largest softmax probability and predicted class of logits (exits, samples, classes)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    conf = np.empty(logits.shape[:2], dtype=np.float32)
-    for k in range(logits.shape[0]):  # one exit at a time bounds the temporary memory
-        z = logits[k] - logits[k].max(axis=-1, keepdims=True)
-        conf[k] = 1.0 / np.exp(z).sum(axis=-1)
-    return conf, logits.argmax(axis=-1)
-
-
 def confidence_histograms(results: Results, bins: int = 20, split: str = "test") -> pd.DataFrame:
     """Histogram of the max softmax probability per configuration and exit (seeds pooled), split into
     correctly and wrongly classified samples. Columns: ``config``, ``exit``, ``bin_low``, ``bin_high``,
@@ -118,7 +107,7 @@ def confidence_histograms(results: Results, bins: int = 20, split: str = "test")
         if loaded is None:
             continue
         logits, targets = loaded
-        conf, pred = max_softmax(logits)
+        conf, pred = scores(logits, "max_softmax")
         for k, name in enumerate(results.run_exits(run["run_id"])[: logits.shape[0]]):
             right = pred[k] == targets
             hist = np.stack([np.histogram(conf[k][right], edges)[0], np.histogram(conf[k][~right], edges)[0]])

@@ -1,40 +1,31 @@
 """The ``dynexit`` command.
 
 Each subcommand lives in its own module of this package and provides ``add_parser(subparsers)``,
-which registers the subcommand and sets ``func`` (a function taking the parsed arguments). Errors are
-one clear line unless ``--debug`` is given.
+which registers the subcommand and sets ``func`` (a function taking the parsed arguments); options that
+several commands share are declared once in :mod:`dynexit.cli.options`. Command modules import torch
+and the rest of the package only when their command runs, so that ``--help`` answers at once. Errors
+are one clear line unless ``--debug`` is given.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# Subcommand modules, in the order ``dynexit --help`` lists them.
-COMMANDS = (
-    "models",
-    "costs",
-    "bench",
-    "convert",
-    "train",
-    "run",
-    "status",
-    "curve",
-    "search",
-    "report",
-)
+from dynexit.cli import bench, convert, costs, curve, models, report, run, search, status, train
+from dynexit.cli.options import SET_RULE, HelpFormatter
 
-EPILOG = """examples:
+# Subcommand modules, in the order ``dynexit --help`` lists them.
+COMMANDS = (models, costs, bench, convert, train, run, status, curve, search, report)
+
+EPILOG = f"""examples:
   dynexit models
   dynexit costs reg800m_perceiver_t128 --csv costs.csv
   dynexit run experiments/quickstart.yaml
   dynexit report results/quickstart
+
+{SET_RULE}
 run 'dynexit COMMAND --help' for a command's options and examples."""
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"dynexit.cli.{name}").add_parser(subparsers)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
     return parser
 
 

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import logging
 
-from dynexit.cli import HelpFormatter
-from dynexit.cli.costs import add_model_arguments, build_model
+from dynexit.cli.options import SET_RULE, HelpFormatter, add_criterion, add_device, add_model, build_model
 
 log = logging.getLogger(__name__)
 
 EPILOG = """examples:
   dynexit bench reg800m_perceiver_t128 --threads 2
-  dynexit bench reg800m_perceiver_t128 --batch-size 64 --shares 0.5,0,0,0.5 --repeats 5
-  dynexit bench tiny_perceiver_t16 --set z2x=false
+  dynexit bench resnet50_0375_perceiver_t128 --batch-size 64 --input-size 96 --shares 0.5,0,0,0.5 --repeats 5
+  dynexit bench tiny_perceiver_t16 --set model.z2x=false
 
 Latency to reach exit k: the median time of running segments 0..k on one random batch (the work of a
 sample leaving at exit k), after warm-up, under torch.inference_mode in eval mode; all exits are timed
@@ -28,7 +27,9 @@ Default shares: half at the first exit and the rest at the last, and equal share
 Unless --default-malloc is given, glibc's malloc is told to keep freed memory for reuse
 (dynexit.inference.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
 pages fault in again on each run, which made batch 32-64 runs at 224 px about 1.5x slower.
-Weights are random: only timing matters here."""
+Weights are random: only timing matters here.
+
+""" + SET_RULE
 
 
 def add_parser(subparsers) -> None:
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> None:
         description="Measure the latency of reaching each exit and of early exit at operating points, "
                     "and compare them with the per-exit costs counted by fvcore.",
         epilog=EPILOG, formatter_class=HelpFormatter)
-    add_model_arguments(p)
+    add_model(p)
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (default: 1)")
     p.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=10,
@@ -47,8 +48,8 @@ def add_parser(subparsers) -> None:
                    help="images for the operating points (default: the batch size, at least 16)")
     p.add_argument("--shares", action="append", metavar="S1,S2,...",
                    help="target share of images leaving at each exit (repeatable; see below)")
-    p.add_argument("--criterion", choices=("max_softmax", "entropy", "margin"), default="max_softmax")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    add_criterion(p)
+    add_device(p, default="cpu")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc as it is (default: keep freed memory for reuse, see below)")
     p.set_defaults(func=run)
@@ -96,7 +97,7 @@ def run(args) -> int:
     malloc = "default"
     if not args.default_malloc:
         malloc = "tuned" if reuse_freed_memory() else "default (tuning unavailable)"
-    model = build_model(args).eval()
+    model = build_model(args, "bench").eval()
     size = model.config.input_size
     costs = count_costs(model)
     shares_list = parse_shares(args.shares, model.num_exits) if model.num_exits > 1 else []

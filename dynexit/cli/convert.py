@@ -3,20 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from dynexit.models.checkpoint import save_model
-from dynexit.cli import HelpFormatter
-from dynexit.config import parse_set
-from dynexit.models import create_model
-from dynexit.models.official import load_official, official_architecture, open_checkpoint
+from dynexit.cli.options import SET_RULE, HelpFormatter, add_set, model_set
 
 EPILOG = """examples:
   dynexit convert-official reg800m_t128.pth reg800m_t128.dynexit.pt
-  dynexit convert-official ckpt.pth out.pt --model resnet50_0375_perceiver_t128 --set with_isc=false
+  dynexit convert-official ckpt.pth out.pt --model resnet50_0375_perceiver_t128 --set model.isc=false
 
 The architecture is read from the checkpoint's training arguments when it has them; --model and --set
-(dynexit override names: x2z, z2x, dwc, isc, last_ca, depth_factor, num_classes, ...) override it."""
+(model.x2z, model.z2x, model.dwc, model.isc, model.last_ca, model.depth_factor, model.num_classes, ...)
+override it.
+
+""" + SET_RULE
 
 
 def add_parser(subparsers) -> None:
@@ -29,13 +26,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("input", help="official checkpoint (.pth)")
     p.add_argument("output", help="dynexit checkpoint to write")
     p.add_argument("--model", help="preset name (default: from the checkpoint's arguments)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture override")
+    add_set(p, model_only=True)
     p.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from dynexit.models import create_model
+    from dynexit.models.checkpoint import save_model
+    from dynexit.models.official import load_official, official_architecture, open_checkpoint
+
     if Path(args.output).exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     checkpoint = open_checkpoint(args.input)
@@ -43,7 +44,7 @@ def run(args) -> int:
     name = args.model or name
     if name is None:
         raise ValueError(f"{args.input} records no model name; pass --model PRESET")
-    overrides.update(OmegaConf.to_container(parse_set(args.set)))
+    overrides.update(model_set(args.set, "convert-official"))
     model = create_model(name, **overrides)
     if args.ema:
         if "model_ema" not in checkpoint:

@@ -1,15 +1,8 @@
 """dynexit curve: budgeted accuracy/cost curve from saved per-exit logits."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-
-from dynexit.cli import HelpFormatter
-from dynexit.logits import load_logits
-from dynexit.policies import CRITERIA, anytime_accuracy, budgeted_curve
-from dynexit.utils import atomic_write_text
+from dynexit.cli.options import (HelpFormatter, add_criterion, add_grid, add_logits_inputs, add_out, add_temperature,
+                                 read_inputs)
 
 EPILOG = """examples:
   dynexit curve --calib logits_calib.npz --test logits_test.npz --costs costs.csv --out curve.csv
@@ -29,58 +22,18 @@ def add_parser(subparsers) -> None:
                     "Dynamic Perceiver grid or MSDNet's geometric grid), apply them to the test logits and "
                     "write one CSV row per operating point.",
         epilog=EPILOG, formatter_class=HelpFormatter)
-    p.add_argument("--calib", required=True, metavar="CALIB.npz", help="calibration logits (dynexit .npz)")
-    p.add_argument("--test", required=True, metavar="TEST.npz", help="test logits (dynexit .npz)")
-    p.add_argument("--costs", required=True, metavar="COSTS", help="per-exit costs: a,b,c,... or costs.csv")
-    p.add_argument("--grid", choices=("official", "msdnet"), default="official",
-                   help="target exit shares (default: official)")
-    p.add_argument("--criterion", choices=CRITERIA, default="max_softmax", help="confidence (default: max_softmax)")
-    p.add_argument("--temperature", action="store_true",
-                   help="scale each exit's logits by a temperature fitted on the calibration split")
-    p.add_argument("--exit-names", metavar="A,B,...", help="exit names for the column names "
-                   "(default: the costs CSV's 'exit' column, else 0, 1, ...)")
-    p.add_argument("--out", required=True, metavar="CURVE.csv", help="CSV file to write")
+    add_logits_inputs(p)
+    add_grid(p)
+    add_criterion(p)
+    add_temperature(p)
+    add_out(p, "CURVE.csv", "CSV file to write", required=True)
     p.set_defaults(func=run)
 
 
-def read_costs(spec: str) -> tuple[np.ndarray, list[str] | None]:
-    """Per-exit costs and (from a CSV's ``exit`` column) exit names, from ``--costs``."""
-    path = Path(spec)
-    if path.suffix.lower() == ".csv" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"costs file not found: {path}")
-        table = pd.read_csv(path)
-        if "gmacs" not in table.columns:
-            raise ValueError(f"{path} has no 'gmacs' column (columns: {', '.join(map(str, table.columns))})")
-        costs = pd.to_numeric(table["gmacs"], errors="coerce").to_numpy(dtype=float)
-        if np.isnan(costs).any():
-            raise ValueError(f"{path}: the 'gmacs' column holds empty or non-numeric values")
-        names = [str(n) for n in table["exit"]] if "exit" in table.columns else None
-        return costs, names
-    try:
-        costs = np.array([float(v) for v in spec.split(",")])
-    except ValueError:
-        raise ValueError(f"--costs {spec!r} is neither a CSV file nor a comma-separated list of numbers") from None
-    return costs, None
-
-
-def read_inputs(args):
-    """The logits, costs and exit names of ``--calib``, ``--test``, ``--costs`` and ``--exit-names``, checked
-    against each other: ``(calib_logits, calib_targets, test_logits, test_targets, costs, names)``."""
-    costs, names = read_costs(args.costs)
-    if args.exit_names:
-        names = [n.strip() for n in args.exit_names.split(",")]
-    calib_logits, calib_targets = load_logits(args.calib)
-    test_logits, test_targets = load_logits(args.test)
-    num_exits = calib_logits.shape[0]
-    if len(costs) != num_exits:
-        raise ValueError(f"--costs has {len(costs)} values but {args.calib} has {num_exits} exits")
-    if names is not None and len(names) != num_exits:
-        raise ValueError(f"{len(names)} exit names ({', '.join(names)}) for {num_exits} exits")
-    return calib_logits, calib_targets, test_logits, test_targets, costs, names
-
-
 def run(args) -> int:
+    from dynexit.policies import anytime_accuracy, budgeted_curve
+    from dynexit.utils import atomic_write_text
+
     calib_logits, calib_targets, test_logits, test_targets, costs, names = read_inputs(args)
     num_exits = calib_logits.shape[0]
     curve = budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, costs, grid=args.grid,

@@ -1,8 +1,7 @@
 """dynexit models: list the presets."""
 from __future__ import annotations
 
-from dynexit.cli import HelpFormatter
-from dynexit.models import BACKBONES, PRESETS, list_models
+from dynexit.cli.options import HelpFormatter
 
 
 def add_parser(subparsers) -> None:
@@ -14,6 +13,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from dynexit.models import BACKBONES, PRESETS, list_models
+
     print(f"{'preset':<34} {'backbone':<24} {'tokens':>6} {'classes':>7} {'size':>5}")
     for name in list_models():
         preset = PRESETS[name]

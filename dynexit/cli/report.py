@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynexit.cli import HelpFormatter
+from dynexit.cli.options import HelpFormatter, add_out
 
 EPILOG = """examples:
   dynexit report results/quickstart
-  dynexit report results/ablations --out paper/figures --formats pdf --budgets 0.8,1.0,1.2
+  dynexit report results/quickstart --out paper/figures --formats pdf --budgets 0.012,0.013,0.015
 
 Writes into RESULTS_DIR/report/ (or --out): budgeted_curves, exit_shares, exit_accuracy and confidence
 figures (PNG and PDF), the ablation table (ablation.csv, ablation.md, ablation.tex), and the data behind
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
                     "table, and where samples leave and how confident each exit is.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="an experiment's results folder")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: RESULTS_DIR/report)")
+    add_out(p, "DIR", "output folder (default: RESULTS_DIR/report)")
     p.add_argument("--formats", default="png,pdf", metavar="F,F",
                    help="figure formats, comma-separated: png, pdf, svg (default: png,pdf)")
     p.add_argument("--budgets", metavar="B,B,...",

@@ -1,16 +1,18 @@
 """dynexit run: run an experiment spec's grid, resumably."""
 from __future__ import annotations
 
-from dynexit.cli import HelpFormatter
+from dynexit.cli.options import SET_RULE, HelpFormatter, add_set
 
 EPILOG = """examples:
   dynexit run experiments/quickstart.yaml
   dynexit run experiments/quickstart.yaml --dry-run
-  dynexit run experiments/ablations.yaml --devices cuda:0,cuda:1 --set train.epochs=50
+  dynexit run experiments/imagenet_ablations.yaml --devices cuda:0,cuda:1 --set train.epochs=50
   dynexit run experiments/quickstart.yaml --devices cpu --workers 2
 
 Running the same command again skips finished runs and resumes interrupted ones from their last
-checkpoint. Results: <results_dir>/runs.csv and curves.csv, one folder per run under runs/."""
+checkpoint. Results: <results_dir>/runs.csv and curves.csv, one folder per run under runs/.
+
+""" + SET_RULE
 
 
 def add_parser(subparsers) -> None:
@@ -20,8 +22,7 @@ def add_parser(subparsers) -> None:
                     "that is not finished, on the devices there are.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("spec", help="experiment spec (YAML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of every run (dotted, e.g. train.epochs=3)")
+    add_set(p)
     p.add_argument("--devices", default="auto", help="auto | cpu | cuda:0,cuda:1,... (default: auto)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel workers (default: one per GPU, or 1 on the CPU)")

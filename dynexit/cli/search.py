@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynexit.cli import HelpFormatter
+from dynexit.policies import GRIDS
+from dynexit.cli.options import (SET_RULE, HelpFormatter, add_criterion, add_device, add_logits_inputs, add_out,
+                                 add_set, add_temperature, read_inputs)
 
 EPILOG = """examples:
   dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
@@ -38,15 +40,19 @@ search.db next to CURVE.csv); running the command again resumes or, when done, o
 
 LOSS_EPILOG = """examples:
   dynexit search loss-weights experiments/quickstart.yaml --trials 20
-  dynexit search loss-weights spec.yaml --trials 40 --set train.epochs=3 --cost-range 0.004,0.008 --device cuda:0
-  dynexit search loss-weights spec.yaml --trials 100 --storage postgresql://user@db-host/optuna   # on each machine
+  dynexit search loss-weights experiments/quickstart.yaml --trials 40 --set train.epochs=3 \\
+      --cost-range 0.012,0.015 --device cuda:0
+  dynexit search loss-weights experiments/quickstart.yaml --trials 100 --storage postgresql://user@db-host/optuna
 
 Each trial trains the spec's base configuration with its own loss weights (every exit but the last; the
 last stays 1), distillation weight and temperature, in <study folder>/runs/<run id>; the objective is
 the mean calibration budgeted accuracy over --cost-range GMACs (default: first to last exit's cost),
 scored after every epoch so that a median pruner stops poor trials. Outputs in the study folder
 (default <results_dir>/search/loss_weights): study.db, trials.csv and best_weights.yaml, a spec fragment
-(under 'variants') for 'dynexit run'."""
+(under 'variants') for 'dynexit run'. With --storage naming a shared database, run the same command on
+each machine to share the study.
+
+""" + SET_RULE
 
 
 def add_parser(subparsers) -> None:
@@ -62,9 +68,7 @@ def add_parser(subparsers) -> None:
                        description="Search exit thresholds on calibration logits (per budget, or a Pareto front), "
                                    "apply them to test logits, and write the curve and the trials.",
                        epilog=THRESHOLDS_EPILOG, formatter_class=HelpFormatter)
-    t.add_argument("--calib", required=True, metavar="CALIB.npz", help="calibration logits (dynexit .npz)")
-    t.add_argument("--test", required=True, metavar="TEST.npz", help="test logits (dynexit .npz)")
-    t.add_argument("--costs", required=True, metavar="COSTS", help="per-exit costs: a,b,c,... or costs.csv")
+    add_logits_inputs(t)
     mode = t.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'official' / 'msdnet'")
     mode.add_argument("--pareto", action="store_true", help="one multi-objective study: the Pareto front")
@@ -72,14 +76,11 @@ def add_parser(subparsers) -> None:
                    help="finished trials per study (default 200; 3000 with --pareto)")
     t.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///<CURVE folder>/search.db)")
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    t.add_argument("--criterion", choices=("max_softmax", "entropy", "margin"), default="max_softmax",
-                   help="confidence (default: max_softmax)")
-    t.add_argument("--temperature", action="store_true",
-                   help="scale each exit's logits by a temperature fitted on the calibration split")
+    add_criterion(t)
+    add_temperature(t)
     t.add_argument("--population", type=int, default=50, help="NSGA-II population with --pareto (default 50)")
-    t.add_argument("--exit-names", metavar="A,B,...", help="exit names (default: the costs CSV's 'exit' column)")
     t.add_argument("--study-name", default="thresholds", help="prefix of the study names (default: thresholds)")
-    t.add_argument("--out", required=True, metavar="CURVE.csv", help="curve CSV to write (trials: CURVE.trials.csv)")
+    add_out(t, "CURVE.csv", "curve CSV to write (trials: CURVE.trials.csv)", required=True)
     t.set_defaults(func=run_thresholds)
 
     w = sub.add_parser("loss-weights", help="per-exit loss weights and self-distillation, by training",
@@ -90,10 +91,9 @@ def add_parser(subparsers) -> None:
     w.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
     w.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///<study folder>/study.db)")
     w.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the base configuration (e.g. train.epochs=2); repeatable")
+    add_set(w)
     w.add_argument("--cost-range", metavar="LO,HI", help="GMACs range of the objective (default: first to last exit)")
-    w.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    add_device(w)
     w.add_argument("--study-dir", type=Path, default=None,
                    help="study folder (default: <results_dir>/search/loss_weights)")
     w.add_argument("--study-name", default=None, help="study name (default: loss-weights-<spec name>)")
@@ -110,20 +110,19 @@ def _quiet_optuna(args) -> None:
 def _budgets(spec: str, problem) -> list[float]:
     from dynexit.search import protocol_budgets
 
-    if spec in ("official", "msdnet"):
+    if spec in GRIDS:
         return protocol_budgets(problem, spec)
     try:
         values = [float(v) for v in spec.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--budgets {spec!r} is neither 'official', 'msdnet' nor a comma-separated list of "
-                         "numbers") from None
+        raise ValueError(f"--budgets {spec!r} is neither {' nor '.join(map(repr, GRIDS))} nor a comma-separated "
+                         "list of numbers") from None
     if not values:
         raise ValueError("--budgets is empty")
     return values
 
 
 def run_thresholds(args) -> int:
-    from dynexit.cli.curve import read_inputs
     from dynexit.search import (compare_with_protocol, open_storage, protocol_curve, search_budgets, search_pareto,
                                 sqlite_url, threshold_problem)
     from dynexit.search.thresholds import BUDGET_TRIALS, PARETO_TRIALS
@@ -156,7 +155,7 @@ def run_thresholds(args) -> int:
     for row in result.curve.itertuples():
         print(f"  {row.point:>5} {row.calib_expected_cost:>10.4g} {row.calib_accuracy:>11.2f} "
               f"{row.test_expected_cost:>10.4g} {row.test_accuracy:>10.2f}")
-    grid = "official" if num_exits == 4 else "msdnet"
+    grid = GRIDS[0] if num_exits == 4 else GRIDS[1]  # the official grid is defined for 4 exits
     cmp = compare_with_protocol(result.curve, protocol_curve(problem, grid)).attrs
     print(f"\nagainst the {grid} protocol at its points' test costs ({cmp['points_in_range']} in range): "
           f"mean {cmp['mean_difference']:+.2f}, min {cmp['min_difference']:+.2f} points; "

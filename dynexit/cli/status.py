@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dynexit.cli import HelpFormatter
+from dynexit.cli.options import HelpFormatter
 
 EPILOG = """examples:
   dynexit status experiments/quickstart.yaml

@@ -4,16 +4,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dynexit.cli import HelpFormatter
+from dynexit.cli.options import SET_RULE, HelpFormatter, add_device, add_out, add_set
 
 EPILOG = """examples:
   dynexit train experiments/train_digits.yaml
   dynexit train experiments/train_digits.yaml --set train.epochs=3 --set seed=1 --out runs/digits_s1
-  torchrun --standalone --nproc_per_node=2 -m dynexit train experiments/train_digits.yaml --out runs/ddp
 
+On several GPUs (or CPU processes), start the same command through torchrun:
+'torchrun --standalone --nproc_per_node=2 -m dynexit train experiments/train_digits.yaml --out runs/ddp'.
 The run folder gets config.yaml, checkpoint.pt (every epoch), metrics.csv, tb/ (TensorBoard) and
 train_result.json. Running the same command again resumes from the last checkpoint; a folder holding a
-checkpoint of another configuration is refused. Under torchrun, train.batch_size is per process."""
+checkpoint of another configuration is refused. Under torchrun, train.batch_size is per process.
+
+""" + SET_RULE
 
 
 def add_parser(subparsers) -> None:
@@ -23,11 +26,9 @@ def add_parser(subparsers) -> None:
                     "seed) and write checkpoints and per-epoch metrics into a run folder.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("config", help="run configuration (YAML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key (dotted, e.g. train.epochs=3); repeatable")
-    p.add_argument("--out", type=Path, default=None,
-                   help="run folder (default: runs/<config file name without .yaml>)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    add_set(p)
+    add_out(p, "DIR", "run folder (default: runs/<config file name without .yaml>)", kind=Path)
+    add_device(p)
     p.add_argument("--no-resume", action="store_true",
                    help="refuse to continue an existing checkpoint instead of resuming it")
     p.set_defaults(func=run)

@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from dynexit.config import RunConfig, save_yaml
+from dynexit.curves import accuracy_at_budget
 from dynexit.runs.folders import SUMMARY_FILE
 from dynexit.utils import atomic_write, atomic_write_text
 
@@ -108,17 +108,6 @@ def _curves(cfg: RunConfig, folder: Path, calib, test, costs: pd.DataFrame):
     return curve, anytime
 
 
-def accuracy_at_budget(curve: pd.DataFrame, budget: float) -> float:
-    """Test accuracy interpolated along the curve at ``budget`` GMACs; NaN outside the curve's range
-    (never extrapolated)."""
-    ordered = curve.sort_values("test_expected_cost")
-    x = ordered["test_expected_cost"].to_numpy(dtype=float)
-    y = ordered["test_accuracy"].to_numpy(dtype=float)
-    if len(x) == 0 or budget < x[0] or budget > x[-1]:
-        return float("nan")
-    return float(np.interp(budget, x, y))
-
-
 def summarize(cfg: RunConfig, model, costs: pd.DataFrame, curve: pd.DataFrame, anytime: pd.DataFrame,
               train_seconds: float) -> dict:
     """The run's row of runs.csv: per-exit test accuracy and cost, parameters, time, curve summaries."""
@@ -134,7 +123,7 @@ def summarize(cfg: RunConfig, model, costs: pd.DataFrame, curve: pd.DataFrame, a
     row["curve_max_gmacs"] = float(curve["test_expected_cost"].max())
     row["curve_best_accuracy"] = float(curve["test_accuracy"].max())
     for budget in cfg.eval.budgets:
-        row[f"acc_at_{budget:g}"] = accuracy_at_budget(curve, budget)
+        row[f"acc_at_{budget:g}"] = accuracy_at_budget(curve["test_expected_cost"], curve["test_accuracy"], budget)
     return row
 
 

@@ -47,6 +47,7 @@ import optuna
 import pandas as pd
 import yaml
 
+from dynexit.curves import mean_best_within_budget
 from dynexit.policies import anytime_accuracy, curve_from_scores, scores
 from dynexit.search.study import SearchStorage, open_storage, open_study, run_trials
 from dynexit.utils import atomic_write_text
@@ -96,10 +97,7 @@ def budgeted_area(logits, targets, costs: Sequence[float], cost_range: tuple[flo
     single = anytime_accuracy(logits, targets, costs)
     cost = np.concatenate([curve["calib_expected_cost"].to_numpy(float), single["cost"].to_numpy(float)])
     acc = np.concatenate([curve["calib_accuracy"].to_numpy(float), single["accuracy"].to_numpy(float)])
-    order = np.argsort(cost, kind="stable")
-    cost, best = cost[order], np.maximum.accumulate(acc[order])  # envelope: best within each budget
-    edges = np.clip(np.append(cost, np.inf), lo, hi)  # segment i: [cost_i, cost_{i+1}) at accuracy best_i
-    return float(np.sum(best * np.diff(edges)) / (hi - lo))
+    return mean_best_within_budget(cost, acc, lo, hi)
 
 
 @dataclass

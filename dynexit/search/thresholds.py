@@ -33,6 +33,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from dynexit.curves import area_under_curve, interpolate
 from dynexit.policies import (ALWAYS, NEVER, _as_costs, _as_logits, _as_targets, _names, curve_from_scores,
                               evaluate_thresholds, fit_temperatures, resolve_grid, scores)
 from dynexit.search.study import SearchStorage, open_storage, open_study, run_quick_trials
@@ -159,28 +160,23 @@ def protocol_budgets(problem: ThresholdProblem, grid="official") -> list[float]:
 
 def compare_with_protocol(curve: pd.DataFrame, protocol: pd.DataFrame) -> pd.DataFrame:
     """At the test cost of every protocol point: the protocol's test accuracy, the searched curve's
-    (linearly interpolated along its points sorted by test cost; NaN outside its cost range, never
-    extrapolated) and the difference. ``attrs``: ``min_difference``, ``mean_difference`` (over the
+    (:func:`dynexit.curves.interpolate`: NaN outside its cost range, never extrapolated; of equal-cost
+    points the most accurate) and the difference. ``attrs``: ``min_difference``, ``mean_difference`` (over the
     points in range), ``area_difference`` (mean difference of the two interpolated curves over their
     shared test-cost range) and ``points_in_range``."""
-    ordered = curve.sort_values("test_expected_cost", kind="stable")
-    x = ordered["test_expected_cost"].to_numpy(float)
-    y = ordered["test_accuracy"].to_numpy(float)
-    cost = protocol["test_expected_cost"].to_numpy(float)
-    inside = (cost >= x[0]) & (cost <= x[-1]) if len(x) else np.zeros(len(cost), bool)
-    searched = np.where(inside, np.interp(cost, x, y) if len(x) else np.nan, np.nan)
+    x, y = curve["test_expected_cost"], curve["test_accuracy"]
+    px, py = protocol["test_expected_cost"], protocol["test_accuracy"]
+    cost = px.to_numpy(float)
+    searched = interpolate(x, y, cost)
     out = pd.DataFrame({"point": protocol["point"].to_numpy() if "point" in protocol else np.arange(len(cost)),
                         "test_expected_cost": cost, "protocol_test_accuracy": protocol["test_accuracy"].to_numpy(float),
                         "searched_test_accuracy": searched})
     out["difference"] = out["searched_test_accuracy"] - out["protocol_test_accuracy"]
     diff = out["difference"].dropna()
-    p_sorted = protocol.sort_values("test_expected_cost", kind="stable")
-    px, py = p_sorted["test_expected_cost"].to_numpy(float), p_sorted["test_accuracy"].to_numpy(float)
-    lo, hi = max(x[0], px[0]) if len(x) else np.nan, min(x[-1], px[-1]) if len(x) else np.nan
     area = np.nan
-    if len(x) and hi > lo:
-        grid = np.linspace(lo, hi, 2001)
-        area = float(np.mean(np.interp(grid, x, y) - np.interp(grid, px, py)))
+    if len(x) and len(px):  # mean over the shared cost range (NaN when there is none)
+        lo, hi = max(np.nanmin(x), np.nanmin(px)), min(np.nanmax(x), np.nanmax(px))
+        area = area_under_curve(x, y, lo, hi) - area_under_curve(px, py, lo, hi)
     out.attrs.update(min_difference=float(diff.min()) if len(diff) else np.nan,
                      mean_difference=float(diff.mean()) if len(diff) else np.nan,
                      area_difference=area, points_in_range=int(len(diff)))

@@ -1,0 +1,166 @@
+"""Options shared by several commands, declared once, and the readers of their values.
+
+Nothing here imports torch, pandas or the models at import time: ``dynexit --help`` and every command's
+``--help`` answer without loading them; the readers import what they need when a command runs.
+
+``--set KEY=VALUE`` means one thing in every command: KEY is a dotted key of a run configuration
+(``model.x2z=false``, ``train.epochs=3``, ``data.image_size=64``, ``seed=1``) and VALUE is parsed as YAML.
+Commands that build a model from a preset name (costs, bench, convert-official) take ``model.*`` keys only.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from dynexit.policies import CRITERIA, GRIDS
+
+SET_RULE = """--set KEY=VALUE means the same in every command: KEY is a dotted key of a run configuration
+(model.x2z=false, train.epochs=3, data.image_size=64, seed=1) and VALUE is YAML; the commands that build
+a model from a preset (costs, bench, convert-official) take model.* keys only."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and example epilogs."""
+
+
+# ------------------------------------------------------------------------------------------- --set
+
+def add_set(parser: argparse.ArgumentParser, model_only: bool = False) -> None:
+    """``--set KEY=VALUE`` (repeatable), with the rule in its help."""
+    scope = ("model.* keys of a run configuration (e.g. model.x2z=false, model.depth_factor=[1,1,1,1])"
+             if model_only else "dotted keys of a run configuration (e.g. train.epochs=3, model.x2z=false)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override {scope}; VALUE is YAML; repeatable")
+
+
+def model_set(items: list[str], command: str) -> dict[str, Any]:
+    """The model overrides of ``--set`` items for a command that builds a model from a preset: the
+    ``model.*`` keys without their prefix, typed and checked against the model section of a run
+    configuration. Other keys, and plain ones (``x2z=false``), are errors that show the right spelling."""
+    from omegaconf import OmegaConf
+
+    from dynexit.config import ModelConfig, merge, model_overrides, parse_set
+
+    tree = OmegaConf.to_container(parse_set(items), resolve=True)
+    fields = {name for name in ModelConfig.__dataclass_fields__ if name != "name"}
+    for key in tree:
+        if key in fields:
+            raise ValueError(f"--set {key}=...: keys are dotted keys of a run configuration; write model.{key}=...")
+        if key != "model":
+            raise ValueError(f"--set {key}...: '{command}' builds a model, so it takes model.* keys only")
+    model = tree.get("model") or {}
+    if not isinstance(model, dict):
+        raise ValueError("--set model=...: give one key of the model at a time (model.x2z=false)")
+    if "name" in model:
+        raise ValueError(f"--set model.name=...: '{command}' takes the model's name as its argument")
+    return model_overrides(merge(ModelConfig, model, where="--set"))
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    """NAME, --input-size, --num-classes and --set (model.* keys): a model built from a preset."""
+    parser.add_argument("name", metavar="NAME", help="model preset (see 'dynexit models')")
+    parser.add_argument("--input-size", type=int, metavar="N", help="image size in pixels (default: the preset's)")
+    parser.add_argument("--num-classes", type=int, metavar="C", help="number of classes (default: the preset's)")
+    add_set(parser, model_only=True)
+
+
+def model_arguments(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The overrides of the preset given by --set, --input-size and --num-classes."""
+    overrides = model_set(args.set, command)
+    for key, value in (("input_size", args.input_size), ("num_classes", args.num_classes)):
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def build_model(args: argparse.Namespace, command: str):
+    """The model of NAME with the overrides of :func:`model_arguments`."""
+    from dynexit.models import create_model
+
+    return create_model(args.name, **model_arguments(args, command))
+
+
+# ------------------------------------------------------------------------------------ saved logits
+
+def add_logits_inputs(parser: argparse.ArgumentParser) -> None:
+    """--calib, --test, --costs and --exit-names: saved per-exit logits and the costs of the exits."""
+    parser.add_argument("--calib", required=True, metavar="CALIB.npz", help="calibration logits (dynexit .npz)")
+    parser.add_argument("--test", required=True, metavar="TEST.npz", help="test logits (dynexit .npz)")
+    parser.add_argument("--costs", required=True, metavar="COSTS", help="per-exit costs: a,b,c,... or costs.csv")
+    parser.add_argument("--exit-names", metavar="A,B,...", help="exit names for the column names "
+                        "(default: the costs CSV's 'exit' column, else 0, 1, ...)")
+
+
+def read_costs(spec: str):
+    """Per-exit costs and (from a CSV's ``exit`` column) exit names, from ``--costs``."""
+    import numpy as np
+    import pandas as pd
+
+    path = Path(spec)
+    if path.suffix.lower() == ".csv" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"costs file not found: {path}")
+        table = pd.read_csv(path)
+        if "gmacs" not in table.columns:
+            raise ValueError(f"{path} has no 'gmacs' column (columns: {', '.join(map(str, table.columns))})")
+        costs = pd.to_numeric(table["gmacs"], errors="coerce").to_numpy(dtype=float)
+        if np.isnan(costs).any():
+            raise ValueError(f"{path}: the 'gmacs' column holds empty or non-numeric values")
+        names = [str(n) for n in table["exit"]] if "exit" in table.columns else None
+        return costs, names
+    try:
+        costs = np.array([float(v) for v in spec.split(",")])
+    except ValueError:
+        raise ValueError(f"--costs {spec!r} is neither a CSV file nor a comma-separated list of numbers") from None
+    return costs, None
+
+
+def read_inputs(args: argparse.Namespace):
+    """The logits, costs and exit names of ``--calib``, ``--test``, ``--costs`` and ``--exit-names``, checked
+    against each other: ``(calib_logits, calib_targets, test_logits, test_targets, costs, names)``."""
+    from dynexit.logits import load_logits
+
+    costs, names = read_costs(args.costs)
+    if args.exit_names:
+        names = [n.strip() for n in args.exit_names.split(",")]
+    calib_logits, calib_targets = load_logits(args.calib)
+    test_logits, test_targets = load_logits(args.test)
+    num_exits = calib_logits.shape[0]
+    if len(costs) != num_exits:
+        raise ValueError(f"--costs has {len(costs)} values but {args.calib} has {num_exits} exits")
+    if names is not None and len(names) != num_exits:
+        raise ValueError(f"{len(names)} exit names ({', '.join(names)}) for {num_exits} exits")
+    return calib_logits, calib_targets, test_logits, test_targets, costs, names
+
+
+# ---------------------------------------------------------------------------------- exit policies
+
+def add_criterion(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--criterion", choices=CRITERIA, default=CRITERIA[0],
+                        help=f"confidence criterion (default: {CRITERIA[0]})")
+
+
+def add_temperature(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", action="store_true",
+                        help="scale each exit's logits by a temperature fitted on the calibration split")
+
+
+def add_grid(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", choices=GRIDS, default=GRIDS[0],
+                        help=f"target exit shares of the budgeted protocol (default: {GRIDS[0]})")
+
+
+# ------------------------------------------------------------------------------- devices, outputs
+
+def add_device(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    shown = default or "CUDA when available, else the CPU"
+    parser.add_argument("--device", default=default, help=f"cpu, cuda, cuda:1, ... (default: {shown})")
+
+
+def add_out(parser: argparse.ArgumentParser, metavar: str, text: str, required: bool = False,
+            kind: Any = str) -> None:
+    """--out: where a command writes (a file or a folder, as ``metavar`` and ``text`` say)."""
+    parser.add_argument("--out", required=required, metavar=metavar, type=kind, help=text)
