@@ -9,17 +9,22 @@ import torch  # noqa: F401  (imported first so that thread settings apply)
 
 from dynexit.config import DataConfig
 from dynexit.data import build_datasets, build_loaders
+
 for size in (28, 32):
     s = build_datasets(DataConfig(name="fashion_mnist", image_size=size))
     tf = s.train.transform
     x = s.train.images[:128]
-    for _ in range(5): tf(x)
-    t = time.perf_counter(); n = 200
-    for _ in range(n): tf(x)
+    for _ in range(5):
+        tf(x)
+    t, n = time.perf_counter(), 200
+    for _ in range(n):
+        tf(x)
     print(f"{size}px transform of a 128 batch: {(time.perf_counter()-t)/n*1e3:.2f} ms")
     for bs, nw in ((128, 0), (256, 0), (128, 2)):
         loader = build_loaders(s, bs, num_workers=nw)["train"]
-        t = time.perf_counter(); count = 0
-        for xb, yb in loader: count += len(xb)
+        t, count = time.perf_counter(), 0
+        for xb, _ in loader:
+            count += len(xb)
         dt = time.perf_counter() - t
-        print(f"{size}px train loader batch {bs} workers {nw}: {count} images in {dt:.2f} s = {count/dt:,.0f} img/s, {dt/len(loader)*1e3:.2f} ms/batch")
+        print(f"{size}px train loader batch {bs} workers {nw}: {count} images in {dt:.2f} s = {count/dt:,.0f} img/s, "
+              f"{dt/len(loader)*1e3:.2f} ms/batch")

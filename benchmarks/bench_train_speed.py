@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from dynexit import create_model

@@ -22,8 +22,14 @@ import optuna
 import pandas as pd
 
 from dynexit.logits import load_logits
-from dynexit.search import (compare_with_protocol, protocol_budgets, protocol_curve, search_budgets, search_pareto,
-                            threshold_problem)
+from dynexit.search import (
+    compare_with_protocol,
+    protocol_budgets,
+    protocol_curve,
+    search_budgets,
+    search_pareto,
+    threshold_problem,
+)
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "protocol_seed1"
 

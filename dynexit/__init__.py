@@ -23,11 +23,20 @@ _PUBLIC = {
     "preset_config": "dynexit.models",
 }
 
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = ["DynPerceiver", "PerceiverConfig", "StaticClassifier", "build_model", "create_model", "list_models",
+           "load_official", "preset_config", "__version__"]
 
 if TYPE_CHECKING:
-    from dynexit.models import (DynPerceiver, PerceiverConfig, StaticClassifier, build_model, create_model,
-                                list_models, load_official, preset_config)
+    from dynexit.models import (
+        DynPerceiver,
+        PerceiverConfig,
+        StaticClassifier,
+        build_model,
+        create_model,
+        list_models,
+        load_official,
+        preset_config,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -217,7 +218,7 @@ def fit_temperatures(logits, targets, bounds: tuple[float, float] = (0.05, 20.0)
         z -= z.max(axis=1, keepdims=True)  # beta * z <= 0: exp never overflows
         z_y = z[np.arange(num_samples), y]
 
-        def grad_hess(beta: float) -> tuple[float, float]:
+        def grad_hess(beta: float, z: np.ndarray = z, z_y: np.ndarray = z_y) -> tuple[float, float]:
             w = np.exp(beta * z)
             w /= w.sum(axis=1, keepdims=True)
             mean = (w * z).sum(axis=1)

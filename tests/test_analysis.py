@@ -15,8 +15,7 @@ from dynexit import analysis
 from dynexit.cli import main
 from dynexit.curves import accuracy_at_budget, area_under_curve, interpolate
 from dynexit.logits import save_logits
-from dynexit.policies import scores
-from dynexit.policies import anytime_accuracy, budgeted_curve
+from dynexit.policies import anytime_accuracy, budgeted_curve, scores
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "results" / "quickstart"
 EXITS = ("early3", "att", "cnn", "merge")
@@ -217,7 +216,7 @@ def test_hand_computed_band_table_and_differences(tmp_path):
 
     text = analysis.to_markdown(analysis.ablation_table(results))
     lines = text.splitlines()
-    assert lines[0].startswith("| Configuration | Params |") and len([l for l in lines if l.startswith("| ")]) == 4
+    assert lines[0].startswith("| Configuration | Params |") and sum(row.startswith("| ") for row in lines) == 4
     assert "| no_x2z |" in text and "63.25 ± 1.06" in text and "-6.67 ± 2.36" in text
     latex = analysis.to_latex(analysis.ablation_table(results))
     assert r"no\_x2z" in latex and r"63.25 $\pm$ 1.06" in latex and latex.count(r"\\") >= 5

@@ -2,10 +2,10 @@ import argparse
 
 import pytest
 import torch
-
-from dynexit.models.checkpoint import load_model
-from dynexit.cli import main
 from official_layout import deterministic_weights, load_fixture
+
+from dynexit.cli import main
+from dynexit.models.checkpoint import load_model
 
 
 def test_convert_official_reads_architecture_from_checkpoint_args(tmp_path, capsys):

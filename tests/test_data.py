@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from dynexit.config import DataConfig, RunConfig, merge
-from dynexit.data import (CALIB_FILE, DIGITS_TEST_SIZE, FASHION_MNIST_DEBIAN, TensorTransform,
-                          build_datasets, build_loaders, read_idx)
+from dynexit.data import (
+    CALIB_FILE,
+    DIGITS_TEST_SIZE,
+    FASHION_MNIST_DEBIAN,
+    TensorTransform,
+    build_datasets,
+    build_loaders,
+    read_idx,
+)
 
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3759
 

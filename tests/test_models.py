@@ -2,10 +2,10 @@ import itertools
 
 import pytest
 import torch
+from official_layout import OFFICIAL_MODELS, ablated_keys, deterministic_weights, load_fixture
 
 import dynexit
 from dynexit.models.official import convert_state_dict
-from official_layout import OFFICIAL_MODELS, ablated_keys, deterministic_weights, load_fixture
 
 SWITCHES = ("x2z", "z2x", "dwc", "isc", "last_ca")
 ALL_COMBINATIONS = [dict(zip(SWITCHES, flags)) for flags in itertools.product([True, False], repeat=5)]

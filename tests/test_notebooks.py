@@ -5,9 +5,9 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from test_analysis import write_synthetic_results
 
 from dynexit import analysis
-from test_analysis import write_synthetic_results
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

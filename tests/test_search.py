@@ -15,15 +15,31 @@ import torch
 import yaml
 
 from dynexit.cli import main as cli_main
+from dynexit.config import TrainConfig
 from dynexit.logits import save_logits
 from dynexit.policies import NEVER, budgeted_curve
-from dynexit.config import TrainConfig
-from dynexit.search import (compare_with_protocol, curve_of_thresholds, open_storage, open_study, protocol_budgets,
-                            protocol_curve, run_trials, search_budgets, search_pareto, sqlite_url,
-                            threshold_problem)
-from dynexit.search.loss_weights import (BEST_FILE, TRIALS_FILE, LossWeightSpace, baseline_params, budgeted_area,
-                                         search_loss_weights)
 from dynexit.runs.spec import expand
+from dynexit.search import (
+    compare_with_protocol,
+    curve_of_thresholds,
+    open_storage,
+    open_study,
+    protocol_budgets,
+    protocol_curve,
+    run_trials,
+    search_budgets,
+    search_pareto,
+    sqlite_url,
+    threshold_problem,
+)
+from dynexit.search.loss_weights import (
+    BEST_FILE,
+    TRIALS_FILE,
+    LossWeightSpace,
+    baseline_params,
+    budgeted_area,
+    search_loss_weights,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -373,10 +389,10 @@ def test_baseline_trial_keeps_the_base_ratios_and_needs_the_space_to_hold_them()
 def test_loss_weight_search_trains_on_digits_and_scores_the_calibration_curve(tmp_path):
     """Two real trials of two epochs (tiny preset, a small digits subset), in an SQLite study; the trainer's
     per-epoch callback reports each epoch's score."""
-    from dynexit.models.checkpoint import load_model
     from dynexit.config import RunConfig, merge
     from dynexit.data import build_datasets, build_loaders
     from dynexit.logits import collect_logits
+    from dynexit.models.checkpoint import load_model
 
     torch.set_num_threads(1)
     spec = tmp_path / "spec.yaml"

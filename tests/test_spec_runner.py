@@ -8,8 +8,18 @@ import pandas as pd
 import pytest
 
 import dynexit.runs.pipeline
-from dynexit.runs.folders import (DONE, FAILED, INTERRUPTED, PENDING, RUNNING, SUMMARY_FILE, experiment_status,
-                                  run_dir, run_lock, run_state, write_status)
+from dynexit.runs.folders import (
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    SUMMARY_FILE,
+    experiment_status,
+    run_lock,
+    run_state,
+    write_status,
+)
 from dynexit.runs.runner import plan_workers, run_experiment
 from dynexit.runs.spec import load_spec
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import dynexit.models.checkpoint
-from dynexit.models.checkpoint import load_model
 from dynexit.cli import main as cli_main
 from dynexit.config import RunConfig, load_run_config, merge, save_yaml
 from dynexit.data import build_datasets, build_loaders
 from dynexit.models import create_model
+from dynexit.models.checkpoint import load_model
 from dynexit.training import MultiExitLoss, train
 from dynexit.training.optim import lr_at, param_groups
 

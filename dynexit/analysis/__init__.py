@@ -8,13 +8,37 @@ table, per-run metrics, mean curves), ``behaviour`` (exit shares, exit accuracy,
 ``figures`` and ``report``; the curve maths is :mod:`dynexit.curves`. Costs are GMACs, accuracies percent.
 """
 from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
-from dynexit.analysis.figures import (ACC_LABEL, COST_LABEL, PUBLISHED, config_colors, plot_budgeted_curves,
-                                      plot_confidence_histograms, plot_exit_accuracy, plot_exit_shares)
+from dynexit.analysis.figures import (
+                                      ACC_LABEL,
+                                      COST_LABEL,
+                                      PUBLISHED,
+                                      config_colors,
+                                      plot_budgeted_curves,
+                                      plot_confidence_histograms,
+                                      plot_exit_accuracy,
+                                      plot_exit_shares,
+)
 from dynexit.analysis.report import save_figure, write_report
-from dynexit.analysis.results import (DEFAULT_RESULTS, REFERENCE_VARIANT, RESULTS_ENV, Results, find_results_dir,
-                                      load_results)
-from dynexit.analysis.tables import (ablation_table, budget_column, common_cost_range, cost_range, curve_band,
-                                     default_budgets, format_ablation, run_metrics, to_latex, to_markdown)
+from dynexit.analysis.results import (
+                                      DEFAULT_RESULTS,
+                                      REFERENCE_VARIANT,
+                                      RESULTS_ENV,
+                                      Results,
+                                      find_results_dir,
+                                      load_results,
+)
+from dynexit.analysis.tables import (
+                                      ablation_table,
+                                      budget_column,
+                                      common_cost_range,
+                                      cost_range,
+                                      curve_band,
+                                      default_budgets,
+                                      format_ablation,
+                                      run_metrics,
+                                      to_latex,
+                                      to_markdown,
+)
 
 __all__ = [
     "ACC_LABEL", "COST_LABEL", "DEFAULT_RESULTS", "PUBLISHED", "REFERENCE_VARIANT", "RESULTS_ENV", "Results",

@@ -6,7 +6,7 @@ Figures use matplotlib's object API (``matplotlib.figure.Figure``, no pyplot), s
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

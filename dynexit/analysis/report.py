@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
 from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
-from dynexit.analysis.figures import (plot_budgeted_curves, plot_confidence_histograms, plot_exit_accuracy,
-                                      plot_exit_shares)
+from dynexit.analysis.figures import (
+    plot_budgeted_curves,
+    plot_confidence_histograms,
+    plot_exit_accuracy,
+    plot_exit_shares,
+)
 from dynexit.analysis.results import load_results
 from dynexit.analysis.tables import ablation_table, curve_band, run_metrics, to_latex, to_markdown
 from dynexit.utils import atomic_write, atomic_write_text

@@ -7,7 +7,7 @@ never extrapolated (NaN outside it). Costs are GMACs, accuracies percent.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

@@ -1,8 +1,15 @@
 """dynexit curve: budgeted accuracy/cost curve from saved per-exit logits."""
 from __future__ import annotations
 
-from dynexit.cli.options import (HelpFormatter, add_criterion, add_grid, add_logits_inputs, add_out, add_temperature,
-                                 read_inputs)
+from dynexit.cli.options import (
+    HelpFormatter,
+    add_criterion,
+    add_grid,
+    add_logits_inputs,
+    add_out,
+    add_temperature,
+    read_inputs,
+)
 
 EPILOG = """examples:
   dynexit curve --calib logits_calib.npz --test logits_test.npz --costs costs.csv --out curve.csv

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dynexit.cli.options import (
+    SET_RULE,
+    HelpFormatter,
+    add_criterion,
+    add_device,
+    add_logits_inputs,
+    add_out,
+    add_set,
+    add_temperature,
+    read_inputs,
+)
 from dynexit.policies import GRIDS
-from dynexit.cli.options import (SET_RULE, HelpFormatter, add_criterion, add_device, add_logits_inputs, add_out,
-                                 add_set, add_temperature, read_inputs)
 
 EPILOG = """examples:
   dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
@@ -123,8 +132,15 @@ def _budgets(spec: str, problem) -> list[float]:
 
 
 def run_thresholds(args) -> int:
-    from dynexit.search import (compare_with_protocol, open_storage, protocol_curve, search_budgets, search_pareto,
-                                sqlite_url, threshold_problem)
+    from dynexit.search import (
+        compare_with_protocol,
+        open_storage,
+        protocol_curve,
+        search_budgets,
+        search_pareto,
+        sqlite_url,
+        threshold_problem,
+    )
     from dynexit.search.thresholds import BUDGET_TRIALS, PARETO_TRIALS
     from dynexit.utils import atomic_write_text
 
@@ -165,9 +181,9 @@ def run_thresholds(args) -> int:
 
 
 def run_loss_weights(args) -> int:
+    from dynexit.runs.spec import load_spec
     from dynexit.search import open_storage, sqlite_url
     from dynexit.search.loss_weights import STORAGE_FILE, search_loss_weights
-    from dynexit.runs.spec import load_spec
 
     _quiet_optuna(args)
     cost_range = None

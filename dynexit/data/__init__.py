@@ -25,10 +25,12 @@ through timm (RandAugment, random erasing, bicubic; eval resize S/0.875 then cen
 Mixup/CutMix and label smoothing belong to the training loop (``Splits.num_classes`` sizes them).
 """
 from __future__ import annotations
-from dynexit.data.datasets import (CALIB_FILE, DATASETS, DIGITS_TEST_SIZE, FASHION_MNIST_DEBIAN, RECIPES, read_idx)
+
+from dynexit.data.datasets import CALIB_FILE, DATASETS, DIGITS_TEST_SIZE, FASHION_MNIST_DEBIAN, RECIPES, read_idx
 from dynexit.data.loaders import build_loaders
 from dynexit.data.splits import Splits, build_datasets, calibration_indices
 from dynexit.data.transforms import TensorTransform, imagenet_transform
 
 __all__ = ["CALIB_FILE", "DATASETS", "DIGITS_TEST_SIZE", "FASHION_MNIST_DEBIAN", "RECIPES", "Splits",
-           "TensorTransform", "build_datasets", "build_loaders", "calibration_indices", "imagenet_transform", "read_idx"]
+           "TensorTransform", "build_datasets", "build_loaders", "calibration_indices", "imagenet_transform",
+           "read_idx"]

@@ -14,10 +14,28 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dynexit.config import DataConfig
-from dynexit.data.datasets import (_INFO, CALIB_FILE, DATASETS, IMAGENET_MEAN, IMAGENET_STD, MAX_IN_MEMORY_BYTES,
-                                   RECIPES, FolderImages, InMemoryImages, _Arrays, _Info, _load)
-from dynexit.data.transforms import (PilTransform, TensorTransform, _crop_padding, _hflip, _small_folder_transform,
-                                     imagenet_transform)
+from dynexit.data.datasets import (
+    _INFO,
+    CALIB_FILE,
+    DATASETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_IN_MEMORY_BYTES,
+    RECIPES,
+    FolderImages,
+    InMemoryImages,
+    _Arrays,
+    _Info,
+    _load,
+)
+from dynexit.data.transforms import (
+    PilTransform,
+    TensorTransform,
+    _crop_padding,
+    _hflip,
+    _small_folder_transform,
+    imagenet_transform,
+)
 from dynexit.utils import atomic_write_text
 
 log = logging.getLogger(__name__)

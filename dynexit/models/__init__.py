@@ -17,5 +17,6 @@ def create_model(name: str, **overrides: Any) -> MultiExitModel:
 
 __all__ = [
     "BACKBONES", "PRESETS", "DynPerceiver", "MultiExitModel", "PerceiverConfig", "State", "StaticClassifier",
-    "build_model", "convert_state_dict", "create_model", "list_models", "load_backbone_weights", "load_official", "preset_config",
+    "build_model", "convert_state_dict", "create_model", "list_models", "load_backbone_weights", "load_official",
+    "preset_config",
 ]

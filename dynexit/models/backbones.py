@@ -7,9 +7,9 @@ of each stage, so each backbone reports its four stage-input widths and its outp
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision

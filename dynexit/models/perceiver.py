@@ -39,7 +39,7 @@ class State(NamedTuple):
     z: torch.Tensor  # latent tokens (B, N, C)
     logits: tuple[torch.Tensor, ...]  # logits of the exits run so far
 
-    def select(self, index: torch.Tensor) -> "State":
+    def select(self, index: torch.Tensor) -> State:
         """The state of the samples at ``index`` only."""
         return State(self.x[index], self.z[index], tuple(y[index] for y in self.logits))
 

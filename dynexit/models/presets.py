@@ -114,4 +114,5 @@ def validate(cfg: PerceiverConfig) -> None:
             if v < 0 or (name == "num_heads" and v < 1):
                 raise ValueError(f"model field {name!r} has an invalid entry {v}")
     if cfg.num_latents % 8:
-        raise ValueError(f"model field 'num_latents' must be a multiple of 8 (tokens halve per stage), got {cfg.num_latents}")
+        raise ValueError(f"model field 'num_latents' must be a multiple of 8 (tokens halve per stage), "
+                         f"got {cfg.num_latents}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import fcntl
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from dynexit.runs.spec import Experiment, Run
 from dynexit.utils import atomic_write_text

@@ -19,9 +19,17 @@ of loss-weight trials, pruned ones included), Pareto fronts and parameter import
 """
 from dynexit.search.loss_weights import LossWeightSearch, LossWeightSpace, budgeted_area, search_loss_weights
 from dynexit.search.study import SearchStorage, open_storage, open_study, run_quick_trials, run_trials, sqlite_url
-from dynexit.search.thresholds import (ThresholdProblem, ThresholdSearch, compare_with_protocol, curve_of_thresholds,
-                                       protocol_budgets, protocol_curve, search_budgets, search_pareto,
-                                       threshold_problem)
+from dynexit.search.thresholds import (
+                                       ThresholdProblem,
+                                       ThresholdSearch,
+                                       compare_with_protocol,
+                                       curve_of_thresholds,
+                                       protocol_budgets,
+                                       protocol_curve,
+                                       search_budgets,
+                                       search_pareto,
+                                       threshold_problem,
+)
 
 __all__ = ["LossWeightSearch", "LossWeightSpace", "SearchStorage", "ThresholdProblem", "ThresholdSearch",
            "budgeted_area", "compare_with_protocol", "curve_of_thresholds", "open_storage", "open_study",

@@ -39,9 +39,10 @@ import sqlite3
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -236,7 +237,7 @@ class _Heartbeat:
             except Exception as err:  # noqa: BLE001 - a missed beat must not kill the trial
                 log.warning("heartbeat of trial %d failed: %s", self.trial_id, err)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self.thread.start()
         return self
 

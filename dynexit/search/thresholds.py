@@ -26,16 +26,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import optuna
 import pandas as pd
 
 from dynexit.curves import area_under_curve, interpolate
-from dynexit.policies import (ALWAYS, NEVER, _as_costs, _as_logits, _as_targets, _names, curve_from_scores,
-                              evaluate_thresholds, fit_temperatures, resolve_grid, scores)
+from dynexit.policies import (
+    ALWAYS,
+    NEVER,
+    _as_costs,
+    _as_logits,
+    _as_targets,
+    _names,
+    curve_from_scores,
+    evaluate_thresholds,
+    fit_temperatures,
+    resolve_grid,
+    scores,
+)
 from dynexit.search.study import SearchStorage, open_storage, open_study, run_quick_trials
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -32,8 +33,15 @@ from dynexit.training.distributed import DistContext, setup
 from dynexit.training.loss import MultiExitLoss
 from dynexit.training.metrics import METRICS_FILE, ExitMetrics, MetricsLog, autocast, evaluate, prepare_images
 from dynexit.training.optim import build_ema, build_optimizer, lr_at, set_lr
-from dynexit.training.state import (CHECKPOINT_FILE, CONFIG_FILE, FORMAT, check_run_folder, rng_state,
-                                    seed_everything, set_rng_state)
+from dynexit.training.state import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    FORMAT,
+    check_run_folder,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from dynexit.utils import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ targets (B, classes) such as Mixup/CutMix produce. A one-exit model gets plain c
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -8,9 +8,10 @@ for the EMA weights. ``train_loss`` is the full training objective.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -48,7 +49,7 @@ class ExitMetrics:
             self.objective_sum += objective.detach().double() * n
         self.count += n
 
-    def reduce(self, ctx: DistContext) -> "ExitMetrics":
+    def reduce(self, ctx: DistContext) -> ExitMetrics:
         for t in (self.loss_sum, self.correct, self.objective_sum, self.count):
             ctx.all_reduce(t)
         return self
@@ -57,9 +58,9 @@ class ExitMetrics:
         n = max(float(self.count.item()), 1.0)
         loss, correct = (self.loss_sum / n).tolist(), (self.correct * 100.0 / n).tolist()
         out = {f"{prefix}_loss": float(self.objective_sum.item()) / n} if objective else {}
-        for name, l, c in zip(self.exit_names, loss, correct):
-            out[f"{prefix}_loss_{name}"] = l
-            out[f"{prefix}_acc_{name}"] = c
+        for name, exit_loss, exit_acc in zip(self.exit_names, loss, correct):
+            out[f"{prefix}_loss_{name}"] = exit_loss
+            out[f"{prefix}_acc_{name}"] = exit_acc
         return out
 
 
