@@ -6,7 +6,6 @@ differ only by seed, and every number shown for it is a mean with a standard dev
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -16,8 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
-log = logging.getLogger(__name__)
 
 RESULTS_ENV = "DYNEXIT_RESULTS"  # the notebooks' results folder
 DEFAULT_RESULTS = "results/quickstart"

@@ -54,7 +54,6 @@ _INFO = {
 }
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Split views
 
@@ -324,7 +323,6 @@ def _load_imagefolder(cfg: DataConfig):
     return train, val
 
 
-
 def _load(cfg: DataConfig):
     if cfg.name == "digits":
         return _load_digits()
@@ -333,4 +331,3 @@ def _load(cfg: DataConfig):
     if cfg.name in _CIFAR:
         return _load_cifar(cfg, cfg.name)
     return _load_imagefolder(cfg)
-

@@ -1,16 +1,12 @@
 """DataLoaders of the three splits: seeded shuffling, DistributedSampler under torchrun."""
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from dynexit.data.splits import Splits
-
-log = logging.getLogger(__name__)
-
 
 
 def build_loaders(splits: Splits, batch_size: int, num_workers: int = 0, distributed: bool = False,

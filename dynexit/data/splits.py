@@ -59,8 +59,6 @@ class Splits:
     std: tuple[float, ...] = IMAGENET_STD
 
 
-
-
 def _check_config(cfg: DataConfig) -> None:
     if cfg.name not in DATASETS:
         raise ValueError(f"data.name: unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
@@ -152,8 +150,6 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     return out
 
 
-
-
 def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None) -> Splits:
     """Loads ``cfg.name`` and returns its disjoint train / calibration / test splits.
 
@@ -219,5 +215,3 @@ def _in_memory_splits(cfg: DataConfig, src: _Arrays, info: _Info, train_idx: np.
     return (InMemoryImages(train_x, src.train_targets, train_idx, train_tf),
             InMemoryImages(train_x, src.train_targets, calib_idx, eval_tf),
             InMemoryImages(test_x, src.test_targets, test_idx, eval_tf))
-
-

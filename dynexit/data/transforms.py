@@ -1,7 +1,6 @@
 """Transforms: the small recipe as whole-batch tensor work, and the official ImageNet recipe through timm."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,9 +9,6 @@ import torch.nn.functional as F
 
 from dynexit.config import DataConfig
 from dynexit.data.datasets import _INFO
-
-log = logging.getLogger(__name__)
-
 
 
 class TensorTransform:
@@ -117,4 +113,3 @@ def _hflip(cfg: DataConfig, name: str) -> bool:
 
 def _crop_padding(cfg: DataConfig) -> int:
     return cfg.image_size // 8 if cfg.crop_padding is None else int(cfg.crop_padding)
-

@@ -46,4 +46,3 @@ def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
             return Outcome(run.run_id, FAILED, message)
         write_status(folder, DONE)
     return Outcome(run.run_id, DONE)
-

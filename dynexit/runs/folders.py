@@ -93,4 +93,3 @@ def experiment_status(experiment: Experiment) -> list[dict]:
                      "overrides": run.overrides,
                      "error": read_status(folder).get("error", "") if state == FAILED else ""})
     return rows
-

@@ -23,7 +23,6 @@ from dynexit.utils import atomic_write, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-
 def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str]) -> dict:
     """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary."""
     folder = Path(folder)

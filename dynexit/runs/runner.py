@@ -58,7 +58,6 @@ def worker_environment(group: list[str], cpu_workers: int) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":")[1] for d in group)}
 
 
-
 def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, queue, results,
             log_level: int = logging.INFO) -> None:
     os.environ.update(env)

@@ -375,4 +375,3 @@ def load_metrics(run_dir: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
     return pd.read_csv(path)
-
