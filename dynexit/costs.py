@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dynexit.models.perceiver import MultiExitModel, State
+from dynexit.models.perceiver import MultiExitModel
 from dynexit.utils import atomic_write_text
 
 with warnings.catch_warnings():
@@ -61,6 +61,7 @@ NOT_COUNTED: dict[str, str] = {
     "aten::hardswish": "activation (MobileNetV3)",
     "aten::hardswish_": "in-place activation (MobileNetV3)",
     "aten::max_pool2d": "max pooling of the ResNet stem",
+    "aten::avg_pool2d": "average pooling in front of the MSDNet classifiers",
 }
 
 # Components of a model, for the breakdown; see component_of.
@@ -158,24 +159,51 @@ class ExitCosts:
         atomic_write_text(path, self.table().to_csv(index=False))
 
 
-class _Segment(nn.Module):
-    """Segment ``k`` of ``model`` as a function of the state's tensors that returns the whole new state
-    (so tracing keeps all its work); keeps the output for the next segment."""
+def _flatten(s: tuple) -> tuple[list[torch.Tensor], list[int | None]]:
+    """The tensors of a state (a NamedTuple whose fields are tensors or tuples of tensors) in field
+    order, and its layout: None for a tensor field, the length of a tuple field."""
+    tensors: list[torch.Tensor] = []
+    layout: list[int | None] = []
+    for value in s:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            layout.append(None)
+        else:
+            tensors.extend(value)
+            layout.append(len(value))
+    return tensors, layout
 
-    def __init__(self, model: MultiExitModel, k: int):
+
+def _unflatten(like: tuple, tensors: tuple[torch.Tensor, ...], layout: list[int | None]) -> tuple:
+    """The state of the type of ``like`` rebuilt from :func:`_flatten`'s tensors and layout."""
+    fields, i = [], 0
+    for n in layout:
+        fields.append(tensors[i] if n is None else tuple(tensors[i:i + n]))
+        i += 1 if n is None else n
+    return type(like)(*fields)
+
+
+class _Segment(nn.Module):
+    """Segment ``k`` of ``model`` as a function of the input state's tensors that returns all tensors of
+    the new state (so tracing keeps all its work); keeps the output for the next segment."""
+
+    def __init__(self, model: MultiExitModel, k: int, s: tuple):
         super().__init__()
         self.model = model
         self.k = k
-        self.output: State | None = None
+        self.like = s
+        self.inputs, self.layout = _flatten(s)
+        self.output: tuple | None = None
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, *logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = self.model.run_segment(self.k, State(x, z, logits))
-        self.output = State(s.x.detach(), s.z.detach(), tuple(y.detach() for y in s.logits))
-        return (s.x, s.z, *s.logits)
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.model.run_segment(self.k, _unflatten(self.like, tensors, self.layout))
+        out, layout = _flatten(s)
+        self.output = _unflatten(s, tuple(t.detach() for t in out), layout)
+        return tuple(out)
 
 
-def _flop_counter(segment: _Segment, s: State) -> FlopCountAnalysis:
-    counter = FlopCountAnalysis(segment, (s.x, s.z, *s.logits))
+def _flop_counter(segment: _Segment) -> FlopCountAnalysis:
+    counter = FlopCountAnalysis(segment, tuple(segment.inputs))
     counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     counter.set_op_handle(**dict.fromkeys(NOT_COUNTED))  # None: fvcore skips them without a warning
     # Each segment runs only part of the model by design; unsupported ops are checked below instead.
@@ -209,8 +237,8 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
         with torch.no_grad():
             s = model.init_state(images)
             for k in range(model.num_exits):
-                segment = _Segment(model, k)
-                counter = _flop_counter(segment, s)
+                segment = _Segment(model, k, s)
+                counter = _flop_counter(segment)
                 segment_macs.append(int(counter.total()))
                 unsupported = counter.unsupported_ops()
                 if unsupported:

@@ -17,6 +17,7 @@ COMMANDS = (
     "costs",
     "bench",
     "convert",
+    "convert_msdnet",
     "train",
     "run",
     "status",

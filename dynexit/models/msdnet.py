@@ -359,9 +359,10 @@ MSDNET_PRESETS: dict[str, dict[str, Any]] = {
     "msdnet_imagenet": {"variant": "imagenet", "num_classes": 1000, "input_size": 224, "nBlocks": 5,
                         "stepmode": "even", "step": 4, "base": 4, "nChannels": 32, "growthRate": 16,
                         "grFactor": [1, 2, 4, 4], "bnFactor": [1, 2, 4, 4]},
-    # For 28-32 px images on a CPU: 4 blocks of narrow layers and 32-channel classifiers.
+    # For 28-32 px images on a CPU: the CIFAR widths, 4 blocks of 2 layers, 32-channel classifiers;
+    # 0.0177 GMACs at 28 px (fvcore), about the cost of tiny_perceiver_t16.
     "msdnet_small": {"num_classes": 10, "input_size": 32, "nBlocks": 4, "stepmode": "even", "step": 2, "base": 2,
-                     "nChannels": 8, "growthRate": 4, "head_channels": 32},
+                     "head_channels": 32},
 }
 
 
