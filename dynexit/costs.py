@@ -5,7 +5,9 @@ Units: fvcore counts one fused multiply-add as one FLOP, so every "GMACs" figure
 
 How the count is made. Each segment of the model (``model.run_segment(k, state)``, the code that
 ``forward`` and early exit run) is traced by fvcore as its own function of the state, returning the
-whole new state. Returning everything matters: tracing drops work whose result is unused, so tracing
+whole new state (a state is a NamedTuple whose fields are tensors or tuples of tensors: the
+Dyn-Perceiver's features, latents and logits, MSDNet's per-scale feature maps and logits). Returning
+everything matters: tracing drops work whose result is unused, so tracing
 "the model up to exit k" would miss the latent work that runs before exit k but only feeds later exits
 (the official ResNet count at exit 3 is 1.022 G instead of the 1.138 G really spent). The cost of
 exit k is the sum of segments 0..k: the work an early-exit run does to get there, including every
@@ -82,15 +84,17 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
 
 def component_of(name: str) -> str | None:
     """Component of the module or parameter called ``name`` in a model made by ``create_model``:
-    ``cnn`` (stem and stages), ``latent`` (latent array, token mixers and expanders, self-attention),
+    ``cnn`` (stem and stages; MSDNet's blocks), ``latent`` (latent array, token mixers and expanders, self-attention),
     ``x2z`` (feature-to-latent cross-attention with its depthwise convolution), ``z2x`` (latent-to-feature
     cross-attention of stages 2-4), ``last_ca`` (the last cross-attention), ``heads`` (every classifier
-    with its isc), ``other`` (anything else); None for containers that hold several components."""
+    with its isc; MSDNet's classifiers), ``other`` (anything else); None for containers that hold several components."""
     parts = name.split(".") if name else []
     if not parts:
         return None
-    if parts[0] == "backbone":
+    if parts[0] in ("backbone", "blocks"):  # blocks: MSDNet's
         return "cnn"
+    if parts[0] == "classifier":  # MSDNet's exit heads
+        return "heads"
     if parts[0] == "latent":
         return "latent"
     if parts[0] == "latent_stages":

@@ -295,3 +295,7 @@ def test_costs_cli_counts_msdnet(capsys):
     assert main(["costs", "msdnet_small", "--input-size", "28"]) == 0
     out = capsys.readouterr().out
     assert all(f"exit{k}" in out for k in range(1, 5))
+    costs = count_costs(dynexit.create_model("msdnet_small"), input_size=28)
+    assert set(costs.component_params) == set(costs.component_macs) == {"cnn", "heads"}  # blocks, classifiers
+    assert sum(costs.component_macs.values()) == costs.macs[-1]
+    assert sum(costs.component_params.values()) == costs.params[-1]
