@@ -42,7 +42,8 @@ def fixture_tensor(key: str, shape: list[int]) -> torch.Tensor:
     leaf = key.rsplit(".", 1)[-1]
     if leaf == "num_batches_tracked":
         return torch.zeros((), dtype=torch.long)
-    t = torch.sin(torch.arange(math.prod(shape), dtype=torch.float64) * 0.7373 + (zlib.crc32(key.encode()) % 997) / 97.0)
+    phase = (zlib.crc32(key.encode()) % 997) / 97.0
+    t = torch.sin(torch.arange(math.prod(shape), dtype=torch.float64) * 0.7373 + phase)
     if leaf == "running_var":
         v = 1.0 + 0.3 * t.abs()
     elif leaf == "running_mean":
@@ -71,7 +72,8 @@ def checkpoint_file(fixture, tmp_path_factory):
 
 
 def fixture_input(fixture) -> torch.Tensor:
-    return torch.randn(fixture["input"]["shape"], generator=torch.Generator().manual_seed(fixture["input"]["generator_seed"]))
+    recipe = fixture["input"]
+    return torch.randn(recipe["shape"], generator=torch.Generator().manual_seed(recipe["generator_seed"]))
 
 
 def assert_fixture_outputs(outputs, fixture):
