@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 # name -> home module
 _PUBLIC = {
     "DynPerceiver": "dynexit.models",
+    "MSDNet": "dynexit.models",
+    "MSDNetConfig": "dynexit.models",
+    "load_msdnet": "dynexit.models",
     "PerceiverConfig": "dynexit.models",
     "StaticClassifier": "dynexit.models",
     "build_model": "dynexit.models",
@@ -23,17 +26,20 @@ _PUBLIC = {
     "preset_config": "dynexit.models",
 }
 
-__all__ = ["DynPerceiver", "PerceiverConfig", "StaticClassifier", "build_model", "create_model", "list_models",
-           "load_official", "preset_config", "__version__"]
+__all__ = ["DynPerceiver", "MSDNet", "MSDNetConfig", "PerceiverConfig", "StaticClassifier", "build_model",
+           "create_model", "list_models", "load_msdnet", "load_official", "preset_config", "__version__"]
 
 if TYPE_CHECKING:
     from dynexit.models import (
         DynPerceiver,
+        MSDNet,
+        MSDNetConfig,
         PerceiverConfig,
         StaticClassifier,
         build_model,
         create_model,
         list_models,
+        load_msdnet,
         load_official,
         preset_config,
     )

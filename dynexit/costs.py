@@ -5,7 +5,9 @@ Units: fvcore counts one fused multiply-add as one FLOP, so every "GMACs" figure
 
 How the count is made. Each segment of the model (``model.run_segment(k, state)``, the code that
 ``forward`` and early exit run) is traced by fvcore as its own function of the state, returning the
-whole new state. Returning everything matters: tracing drops work whose result is unused, so tracing
+whole new state (a state is a NamedTuple whose fields are tensors or tuples of tensors: the
+Dyn-Perceiver's features, latents and logits, MSDNet's per-scale feature maps and logits). Returning
+everything matters: tracing drops work whose result is unused, so tracing
 "the model up to exit k" would miss the latent work that runs before exit k but only feeds later exits
 (the official ResNet count at exit 3 is 1.022 G instead of the 1.138 G really spent). The cost of
 exit k is the sum of segments 0..k: the work an early-exit run does to get there, including every
@@ -35,7 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dynexit.models.perceiver import MultiExitModel, State
+from dynexit.models.perceiver import MultiExitModel
 from dynexit.utils import atomic_write_text
 
 with warnings.catch_warnings():
@@ -61,6 +63,7 @@ NOT_COUNTED: dict[str, str] = {
     "aten::hardswish": "activation (MobileNetV3)",
     "aten::hardswish_": "in-place activation (MobileNetV3)",
     "aten::max_pool2d": "max pooling of the ResNet stem",
+    "aten::avg_pool2d": "average pooling in front of the MSDNet classifiers",
 }
 
 # Components of a model, for the breakdown; see component_of.
@@ -81,15 +84,17 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
 
 def component_of(name: str) -> str | None:
     """Component of the module or parameter called ``name`` in a model made by ``create_model``:
-    ``cnn`` (stem and stages), ``latent`` (latent array, token mixers and expanders, self-attention),
+    ``cnn`` (stem and stages; MSDNet's blocks), ``latent`` (latent array, token mixers and expanders, self-attention),
     ``x2z`` (feature-to-latent cross-attention with its depthwise convolution), ``z2x`` (latent-to-feature
     cross-attention of stages 2-4), ``last_ca`` (the last cross-attention), ``heads`` (every classifier
-    with its isc), ``other`` (anything else); None for containers that hold several components."""
+    with its isc; MSDNet's classifiers), ``other`` (anything else); None for containers that hold several components."""
     parts = name.split(".") if name else []
     if not parts:
         return None
-    if parts[0] == "backbone":
+    if parts[0] in ("backbone", "blocks"):  # blocks: MSDNet's
         return "cnn"
+    if parts[0] == "classifier":  # MSDNet's exit heads
+        return "heads"
     if parts[0] == "latent":
         return "latent"
     if parts[0] == "latent_stages":
@@ -158,24 +163,51 @@ class ExitCosts:
         atomic_write_text(path, self.table().to_csv(index=False))
 
 
-class _Segment(nn.Module):
-    """Segment ``k`` of ``model`` as a function of the state's tensors that returns the whole new state
-    (so tracing keeps all its work); keeps the output for the next segment."""
+def _flatten(s: tuple) -> tuple[list[torch.Tensor], list[int | None]]:
+    """The tensors of a state (a NamedTuple whose fields are tensors or tuples of tensors) in field
+    order, and its layout: None for a tensor field, the length of a tuple field."""
+    tensors: list[torch.Tensor] = []
+    layout: list[int | None] = []
+    for value in s:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            layout.append(None)
+        else:
+            tensors.extend(value)
+            layout.append(len(value))
+    return tensors, layout
 
-    def __init__(self, model: MultiExitModel, k: int):
+
+def _unflatten(like: tuple, tensors: tuple[torch.Tensor, ...], layout: list[int | None]) -> tuple:
+    """The state of the type of ``like`` rebuilt from :func:`_flatten`'s tensors and layout."""
+    fields, i = [], 0
+    for n in layout:
+        fields.append(tensors[i] if n is None else tuple(tensors[i:i + n]))
+        i += 1 if n is None else n
+    return type(like)(*fields)
+
+
+class _Segment(nn.Module):
+    """Segment ``k`` of ``model`` as a function of the input state's tensors that returns all tensors of
+    the new state (so tracing keeps all its work); keeps the output for the next segment."""
+
+    def __init__(self, model: MultiExitModel, k: int, s: tuple):
         super().__init__()
         self.model = model
         self.k = k
-        self.output: State | None = None
+        self.like = s
+        self.inputs, self.layout = _flatten(s)
+        self.output: tuple | None = None
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, *logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = self.model.run_segment(self.k, State(x, z, logits))
-        self.output = State(s.x.detach(), s.z.detach(), tuple(y.detach() for y in s.logits))
-        return (s.x, s.z, *s.logits)
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.model.run_segment(self.k, _unflatten(self.like, tensors, self.layout))
+        out, layout = _flatten(s)
+        self.output = _unflatten(s, tuple(t.detach() for t in out), layout)
+        return tuple(out)
 
 
-def _flop_counter(segment: _Segment, s: State) -> FlopCountAnalysis:
-    counter = FlopCountAnalysis(segment, (s.x, s.z, *s.logits))
+def _flop_counter(segment: _Segment) -> FlopCountAnalysis:
+    counter = FlopCountAnalysis(segment, tuple(segment.inputs))
     counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     counter.set_op_handle(**dict.fromkeys(NOT_COUNTED))  # None: fvcore skips them without a warning
     # Each segment runs only part of the model by design; unsupported ops are checked below instead.
@@ -209,8 +241,8 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
         with torch.no_grad():
             s = model.init_state(images)
             for k in range(model.num_exits):
-                segment = _Segment(model, k)
-                counter = _flop_counter(segment, s)
+                segment = _Segment(model, k, s)
+                counter = _flop_counter(segment)
                 segment_macs.append(int(counter.total()))
                 unsupported = counter.unsupported_ops()
                 if unsupported:

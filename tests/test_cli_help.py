@@ -134,6 +134,19 @@ def _official_checkpoints(folder: Path) -> None:
     torch.save({"model": deterministic_weights(ablated_keys(resnet, isc=False))}, folder / "ckpt.pth")
 
 
+def _msdnet_checkpoint(root: Path, words: list[str]) -> None:
+    """A checkpoint in the reference MSDNet layout for a convert-msdnet example (its --model and --set)."""
+    import yaml
+
+    import dynexit
+
+    sets = [value for flag, value in zip(words, words[1:]) if flag == "--set"]
+    overrides = {key.removeprefix("model."): yaml.safe_load(value) for key, value in (s.split("=", 1) for s in sets)}
+    model = dynexit.create_model(words[words.index("--model") + 1], **overrides)
+    state = {f"module.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"epoch": 1, "arch": "msdnet", "state_dict": state, "best_prec1": 0.0}, root / words[2])
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, one_torch_thread) -> Path:
     """A scratch folder with the specs and stand-ins for every file an example reads."""
@@ -151,6 +164,8 @@ def workdir(tmp_path_factory, one_torch_thread) -> Path:
             elif flag == "--costs" and value.endswith(".csv"):
                 (root / value).parent.mkdir(parents=True, exist_ok=True)
                 pd.DataFrame({"exit": EXITS, "gmacs": [0.46, 1.06, 1.23, 1.30]}).to_csv(root / value, index=False)
+        if words[1] == "convert-msdnet":
+            _msdnet_checkpoint(root, words)
     _official_checkpoints(root)
     results = write_synthetic_results(root / "results" / "quickstart", seeds=(0,), samples=60)
     shutil.copy(root / "experiments" / "quickstart.yaml", results / "experiment.yaml")  # as 'dynexit run' keeps it

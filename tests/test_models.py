@@ -113,6 +113,8 @@ def test_every_preset_builds_with_its_settings():
                      "reg3x2g_perceiver_t128", "resnet50_0375_perceiver_t128", "mobilenetV3_0x75_perceiver_t128"]:
         assert required in names
     for name in names:
+        if name.startswith("msdnet"):  # MSDNet presets: tests/test_msdnet.py
+            continue
         model = dynexit.create_model(name)
         cfg = model.config
         widths = [stage.self_attn[0].attn.qkv.in_features for stage in model.latent_stages]
