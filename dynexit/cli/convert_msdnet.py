@@ -8,7 +8,7 @@ from dynexit.cli.options import SET_RULE, HelpFormatter, add_set
 EPILOG = """examples:
   dynexit convert-msdnet msdnet-step=4-block=5.pth.tar msdnet_imagenet.dynexit.pt --model msdnet_imagenet
   dynexit convert-msdnet cifar100_anytime.pth.tar cifar100_anytime.dynexit.pt --model msdnet_cifar_anytime
-  dynexit convert-msdnet cifar10_batch.pth.tar cifar10_batch.dynexit.pt --model msdnet_cifar_batch --set model.num_classes=10
+  dynexit convert-msdnet cifar10_batch.pth.tar cifar10.pt --model msdnet_cifar_batch --set model.num_classes=10
 
 A reference checkpoint records no architecture: --model names the preset it was trained as and --set
 overrides its knobs (model.num_classes, model.nBlocks, model.step, model.stepmode, model.base, model.nChannels,
