@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dynexit.cli import HelpFormatter
-from dynexit.models import BACKBONES, PRESETS, list_models
+from dynexit.models import BACKBONES, BRANCHY_PRESETS, PRESETS, list_models
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "models", help="list the model presets",
-        description="List every model preset with its backbone, latent tokens and defaults.",
+        description="List every model preset with its backbone, latent tokens (Dyn-Perceiver) and defaults.",
         epilog="example:\n  dynexit models", formatter_class=HelpFormatter)
     p.set_defaults(func=run)
 
@@ -16,8 +16,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     print(f"{'preset':<34} {'backbone':<24} {'tokens':>6} {'classes':>7} {'size':>5}")
     for name in list_models():
-        preset = PRESETS[name]
-        print(f"{name:<34} {preset['backbone']:<24} {preset['num_latents']:>6} "
+        preset = PRESETS[name] if name in PRESETS else BRANCHY_PRESETS[name]
+        print(f"{name:<34} {preset['backbone']:<24} {preset.get('num_latents', '-'):>6} "
               f"{preset.get('num_classes', 1000):>7} {preset.get('input_size', 224):>5}")
     print("\nbackbones:")
     for name, spec in BACKBONES.items():

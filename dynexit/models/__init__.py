@@ -1,21 +1,34 @@
-"""Dyn-Perceiver models, their backbones, presets and the official checkpoint mapping."""
+"""Dyn-Perceiver models, exits on any backbone (branchy), their backbones, presets and the official
+checkpoint mapping."""
 from __future__ import annotations
 
 from typing import Any
 
 from dynexit.models.backbones import BACKBONES, load_backbone_weights
+from dynexit.models.branchy import BRANCHY_PRESETS, BranchyConfig, BranchyNet, branchy_config
 from dynexit.models.official import convert_state_dict, load_official
 from dynexit.models.perceiver import DynPerceiver, MultiExitModel, State, StaticClassifier, build_model
-from dynexit.models.presets import PRESETS, PerceiverConfig, list_models, preset_config
+from dynexit.models.presets import PRESETS, PerceiverConfig, preset_config
+
+
+def list_models() -> list[str]:
+    """Names of every preset (Dyn-Perceiver and branchy), sorted."""
+    return sorted([*PRESETS, *BRANCHY_PRESETS])
 
 
 def create_model(name: str, **overrides: Any) -> MultiExitModel:
     """Builds preset ``name`` (see ``list_models()``) with ``overrides`` of its configuration, e.g.
-    ``create_model("reg800m_perceiver_t128", num_classes=10, input_size=32, z2x=False)``."""
+    ``create_model("reg800m_perceiver_t128", num_classes=10, input_size=32, z2x=False)`` or
+    ``create_model("branchy_resnet_tiny", exit_stages=[2, 3])``."""
+    if name in BRANCHY_PRESETS:
+        return BranchyNet(branchy_config(name, **overrides))
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; valid presets: {', '.join(list_models())}")
     return build_model(preset_config(name, **overrides))
 
 
 __all__ = [
-    "BACKBONES", "PRESETS", "DynPerceiver", "MultiExitModel", "PerceiverConfig", "State", "StaticClassifier",
-    "build_model", "convert_state_dict", "create_model", "list_models", "load_backbone_weights", "load_official", "preset_config",
+    "BACKBONES", "BRANCHY_PRESETS", "PRESETS", "BranchyConfig", "BranchyNet", "DynPerceiver", "MultiExitModel",
+    "PerceiverConfig", "State", "StaticClassifier", "branchy_config", "build_model", "convert_state_dict",
+    "create_model", "list_models", "load_backbone_weights", "load_official", "preset_config",
 ]
