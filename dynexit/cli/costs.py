@@ -12,6 +12,7 @@ EPILOG = """examples:
   dynexit costs resnet50_0375_perceiver_t128 --input-size 160 --num-classes 100
   dynexit costs reg800m_perceiver_t128 --set x2z=false --set depth_factor=[1,1,1,1]
   dynexit costs reg800m_perceiver_t128 --set static=true      # the backbone alone, one exit
+  dynexit costs branchy_resnet_tiny --input-size 28 --set exit_stages=[2,3]   # exits on the backbone
 
 Costs are per image and cumulative in exit order: exit k counts every segment up to it, including the
 earlier exit heads that ran and were rejected. GMACs: fvcore counts one multiply-add as one FLOP.
