@@ -13,6 +13,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,6 +72,8 @@ class DataConfig:
 # Official README: the CNN and merged exits weigh 1, the two latent exits 0.5 each.
 DEFAULT_LOSS_WEIGHTS = {"early3": 0.5, "att": 0.5, "cnn": 1.0, "merge": 1.0}
 MIXUP_MODES = ("batch", "pair", "elem")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "multistep")
 
 
 @dataclass
@@ -81,13 +84,24 @@ class TrainConfig:
     batch_size: int = 64  # per process
     eval_batch_size: Optional[int] = None  # None: 2 * batch_size
     accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    # AdamW; no weight decay on biases and 1-D parameters (norms, BN).
+    # Optimizer (adamw or sgd) and learning-rate schedule (cosine or multistep); no weight decay on biases
+    # and 1-D parameters (norms, BN) unless decay_all.
     lr: float = 1e-3
     min_lr: float = 1e-6  # the cosine schedule ends here
-    warmup_epochs: float = 0.0  # linear per-iteration warm-up, then cosine to min_lr
+    warmup_epochs: float = 0.0  # linear per-iteration warm-up, then the schedule
     weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd; needs momentum > 0
+    decay_all: bool = False  # weight decay on every parameter (MSDNet's reference recipe)
+    # cosine: per iteration from lr down to min_lr at the last step. multistep: lr times lr_decay from each
+    # milestone on, a fraction of the epochs (see milestone_epochs: [0.5, 0.75] of 300 epochs is lr x0.1
+    # from epoch 150 and x0.01 from epoch 225, counting epochs from 0).
+    schedule: str = "cosine"  # cosine | multistep
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep
+    lr_decay: float = 0.1  # multistep
     clip_grad: Optional[float] = None  # max global gradient norm; None: no clipping
     # Loss: sum over exits of weight * CE, plus self-distillation from the detached last exit.
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
@@ -150,6 +164,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     _number(cfg, "eps", 0.0, low_open=True)
     if len(cfg.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in cfg.betas):
         raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(cfg.betas)!r}")
+    _check_optimizer_and_schedule(cfg)
     _number(cfg, "clip_grad", 0.0, low_open=True, allow_none=True)
     for exit_name, weight in cfg.loss_weights.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
@@ -172,6 +187,38 @@ def validate_train_config(cfg: TrainConfig) -> None:
     if cfg.sync_bn and cfg.freeze_bn:
         raise ValueError("train.sync_bn and train.freeze_bn exclude each other (frozen BatchNorm has no "
                          "batch statistics to synchronise)")
+
+
+def _check_optimizer_and_schedule(cfg: TrainConfig) -> None:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    _number(cfg, "momentum", 0.0, 1.0)
+    if cfg.momentum == 1.0:
+        raise ValueError("train.momentum must be below 1")
+    if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        raise ValueError("train.nesterov needs train.momentum > 0")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    _number(cfg, "lr_decay", 0.0, 1.0, low_open=True)
+    milestones = list(cfg.milestones)
+    if not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in milestones):
+        raise TypeError(f"train.milestones must be numbers (fractions of the epochs), got {milestones!r}")
+    if cfg.schedule == "multistep":
+        if not milestones or any(not 0.0 < m < 1.0 for m in milestones) or milestones != sorted(set(milestones)):
+            raise ValueError(f"train.milestones must be increasing fractions of the epochs in (0, 1), e.g. "
+                             f"[0.5, 0.75], got {milestones!r}")
+        first = milestone_epochs(milestones, cfg.epochs)[0]
+        if first < cfg.warmup_epochs:
+            raise ValueError(f"train.milestones: the first decay ({milestones[0]:g} x {cfg.epochs} epochs: epoch "
+                             f"{first}) comes before the warm-up ends (train.warmup_epochs={cfg.warmup_epochs:g})")
+
+
+def milestone_epochs(milestones: list[float], epochs: int) -> list[int]:
+    """The epoch (counted from 0) from which each milestone, a fraction of ``epochs``, decays: the nearest
+    to ``fraction * epochs``, halves rounded up (so 0.5 of 5 epochs is epoch 3, as MSDNet's reference
+    ``epoch >= 0.5 * epochs``; 0.6666667 of 90 is epoch 60). The fraction is taken as the decimal it prints
+    as, so 0.7 of 10 epochs is exactly 7 (the float product is 7.000000000000001)."""
+    return [math.floor(Fraction(repr(float(m))) * epochs + Fraction(1, 2)) for m in milestones]
 
 
 def uses_mixup(cfg: TrainConfig) -> bool:

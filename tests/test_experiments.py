@@ -53,3 +53,23 @@ def test_imagenet_official_spec_is_the_official_recipe():
 def test_shipped_run_configs_load(name):
     cfg = load_run_config(EXPERIMENTS / name)
     resolve_model(cfg.model)
+
+
+def test_msdnet_cifar_spec_trains_with_the_reference_recipe():
+    """The train section of experiments/msdnet_cifar100.yaml is MSDNet's CIFAR recipe. (Its dry run needs
+    the msdnet_cifar_anytime model: add the spec to SPECS once that model exists.)"""
+    import yaml
+
+    from dynexit.config import TrainConfig, merge, milestone_epochs, validate_train_config
+    from dynexit.training.optim import learning_rate
+
+    spec = yaml.safe_load((EXPERIMENTS / "msdnet_cifar100.yaml").read_text())
+    train = merge(TrainConfig, spec["base"]["train"], where="msdnet_cifar100.yaml")
+    validate_train_config(train)
+    assert (train.optimizer, train.lr, train.momentum, train.nesterov) == ("sgd", 0.1, 0.9, True)
+    assert (train.weight_decay, train.decay_all, train.batch_size, train.epochs) == (1e-4, True, 64, 300)
+    assert milestone_epochs(train.milestones, train.epochs) == [150, 225]
+    steps = 703  # 45,000 training images in batches of 64, the incomplete last one dropped
+    assert [learning_rate(train, epoch * steps, steps) for epoch in (0, 149, 150, 224, 225, 299)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-12)
+    assert spec["base"]["data"]["calib_size"] == 5000 and spec["base"]["eval"]["grid"] == "msdnet"

@@ -112,9 +112,9 @@ def test_every_preset_builds_with_its_settings():
     for required in ["reg400m_perceiver_t32", "reg800m_perceiver_t512", "reg1x6g_perceiver_t256",
                      "reg3x2g_perceiver_t128", "resnet50_0375_perceiver_t128", "mobilenetV3_0x75_perceiver_t128"]:
         assert required in names
-    for name in names:
-        if name.startswith("msdnet"):  # MSDNet presets: tests/test_msdnet.py
-            continue
+    # the Dyn-Perceiver presets (MSDNet: test_msdnet.py; branchy: test_branchy.py)
+    for name in sorted(dynexit.models.PRESETS):
+        assert name in names
         model = dynexit.create_model(name)
         cfg = model.config
         widths = [stage.self_attn[0].attn.qkv.in_features for stage in model.latent_stages]

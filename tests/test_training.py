@@ -14,12 +14,20 @@ from omegaconf import OmegaConf
 
 import dynexit.models.checkpoint
 from dynexit.cli import main as cli_main
-from dynexit.config import RunConfig, load_run_config, merge, save_yaml
+from dynexit.config import (
+    RunConfig,
+    TrainConfig,
+    load_run_config,
+    merge,
+    milestone_epochs,
+    save_yaml,
+    validate_train_config,
+)
 from dynexit.data import build_datasets, build_loaders
 from dynexit.models import create_model
 from dynexit.models.checkpoint import load_model
 from dynexit.training import MultiExitLoss, train
-from dynexit.training.optim import lr_at, param_groups
+from dynexit.training.optim import build_optimizer, learning_rate, lr_at, param_groups
 
 EXITS = ("early3", "att", "cnn", "merge")
 WEIGHTS = {"early3": 0.5, "att": 0.5, "cnn": 1.0, "merge": 1.0}
@@ -127,6 +135,70 @@ def test_warmup_then_cosine_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_multistep_lr_at_every_step():
+    # 4 epochs of 3 steps, milestones at 50 % and 75 %: lr x0.1 from epoch 2, x0.01 from epoch 3.
+    cfg = TrainConfig(epochs=4, lr=0.1, schedule="multistep", milestones=[0.5, 0.75], lr_decay=0.1)
+    validate_train_config(cfg)
+    lrs = [learning_rate(cfg, s, 3) for s in range(12)]
+    assert lrs == pytest.approx([0.1] * 6 + [0.01] * 3 + [0.001] * 3, rel=1e-12)
+    # One epoch of warm-up (3 steps) comes first, then the same steps.
+    cfg.warmup_epochs = 1.0
+    lrs = [learning_rate(cfg, s, 3) for s in range(12)]
+    assert lrs == pytest.approx([0.1 / 3, 0.2 / 3, 0.1] + [0.1] * 3 + [0.01] * 3 + [0.001] * 3, rel=1e-12)
+    # A milestone is the epoch (from 0) nearest to fraction x epochs, halves up (MSDNet: `epoch >= 0.5 * epochs`).
+    assert milestone_epochs([0.5, 0.75], 300) == [150, 225]  # MSDNet CIFAR
+    assert milestone_epochs([0.3333333, 0.6666667], 90) == [30, 60]  # MSDNet ImageNet: every 30 epochs
+    assert milestone_epochs([0.5], 5) == [3]
+    assert milestone_epochs([0.7], 10) == [7]  # 0.7 * 10 is 7.000000000000001 in floats
+    # cosine stays the default and gives what lr_at gives.
+    cosine = TrainConfig(epochs=4, lr=1e-3, warmup_epochs=1.0)
+    assert [learning_rate(cosine, s, 3) for s in range(12)] == [lr_at(s, 12, 3, 1e-3, 1e-6) for s in range(12)]
+
+
+def test_sgd_settings_reach_the_torch_optimizer():
+    model = create_model("tiny_perceiver_t16")
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.8, nesterov=True, weight_decay=1e-4)
+    optimizer = build_optimizer(model, cfg)
+    assert type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 2
+    for group, decay in zip(optimizer.param_groups, (1e-4, 0.0)):
+        assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.1, 0.8, True, decay)
+        assert group["dampening"] == 0
+    cfg.decay_all = True  # MSDNet's reference: weight decay on every parameter
+    (group,) = build_optimizer(model, cfg).param_groups
+    assert group["weight_decay"] == 1e-4 and len(group["params"]) == len(list(model.parameters()))
+    adamw = build_optimizer(model, TrainConfig(lr=2e-3, betas=[0.8, 0.99], eps=1e-6))
+    assert type(adamw) is torch.optim.AdamW
+    assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in adamw.param_groups] == \
+        [(2e-3, (0.8, 0.99), 1e-6, 0.05), (2e-3, (0.8, 0.99), 1e-6, 0.0)]
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("train.optimizer=sgdm", r"train\.optimizer must be one of adamw, sgd, got 'sgdm'"),
+    ("train.schedule=step", r"train\.schedule must be one of cosine, multistep, got 'step'"),
+    ("train.milestones=[0.75,0.5]", r"train\.milestones must be increasing fractions"),
+    ("train.milestones=[0.5,1.0]", r"train\.milestones must be increasing fractions"),
+    ("train.milestones=[0,0.5]", r"train\.milestones must be increasing fractions"),
+    ("train.milestones=[]", r"train\.milestones must be increasing fractions"),
+    ("train.milestones=[0.1,0.5]",
+     r"train\.milestones: the first decay \(0\.1 x 3 epochs: epoch 0\) comes before the warm-up"),
+    ("train.lr_decay=0", r"train\.lr_decay must be in \(0, 1\]"),
+    ("train.momentum=1.0", r"train\.momentum must be below 1"),
+])
+def test_bad_optimizer_or_schedule_is_refused_naming_the_key(tmp_path, setting, message):
+    schedule = "train.schedule=step" if "schedule" in setting else "train.schedule=multistep"
+    cfg = small_config("train.optimizer=sgd", schedule, setting)  # 3 epochs, 1 of warm-up
+    with pytest.raises(ValueError, match=message):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_nesterov_needs_momentum_and_milestones_are_numbers():
+    with pytest.raises(ValueError, match=r"train\.nesterov needs train\.momentum > 0"):
+        validate_train_config(TrainConfig(optimizer="sgd", nesterov=True, momentum=0.0))
+    with pytest.raises(ValueError, match=r"train\.milestones"):  # caught by the typed config at load
+        small_config("train.milestones=[half]")
+
+
 # ------------------------------------------------------------------------ resume, determinism, NaN
 
 class Stop(Exception):
@@ -146,7 +218,28 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
     assert all(torch.equal(ta[k], tb[k]) for k in ta), "same seed, same machine: same weights"
     different = train(small_config("seed=1", "train.epochs=1"), tmp_path / "seed1")
     assert not torch.equal(checkpoint_tensors(different.checkpoint)["model.latent"], ta["model.latent"])
+    assert_interrupted_run_resumes_exactly(cfg, first, tmp_path / "c", monkeypatch)
 
+
+def test_resume_is_exact_with_sgd_and_a_multistep_schedule(tmp_path, monkeypatch):
+    # MSDNet's recipe in small: SGD with Nesterov momentum, decay on every parameter, lr x0.1 at 30 % and
+    # 60 % of 3 epochs (from epochs 2 and 3).
+    cfg = small_config("train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9", "train.nesterov=true",
+                       "train.weight_decay=1e-4", "train.decay_all=true", "train.schedule=multistep",
+                       "train.milestones=[0.3,0.6]", "train.warmup_epochs=0", "train.ema=true")
+    first = train(cfg, tmp_path / "a")
+    assert pd.read_csv(first.metrics_csv)["lr"].tolist() == pytest.approx([0.1, 0.01, 0.001], rel=1e-12)
+    ckpt = torch.load(first.checkpoint, map_location="cpu", weights_only=False)
+    (group,) = ckpt["optimizer"]["param_groups"]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-4)
+    assert all("momentum_buffer" in state for state in ckpt["optimizer"]["state"].values())
+    assert_interrupted_run_resumes_exactly(cfg, first, tmp_path / "c", monkeypatch)
+
+
+def assert_interrupted_run_resumes_exactly(cfg, first, folder: Path, monkeypatch):
+    """A run of ``cfg`` stopped after its first epoch's checkpoint and resumed ends with exactly the
+    checkpoint and metrics of the uninterrupted run ``first`` (3 epochs of 3 steps)."""
+    ta = checkpoint_tensors(first.checkpoint)
     save = dynexit.models.checkpoint.save_model
 
     def save_then_stop(path, model, **extra):
@@ -156,10 +249,10 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
 
     monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
     with pytest.raises(Stop):
-        train(cfg, tmp_path / "c")
-    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+        train(cfg, folder)
+    assert torch.load(folder / "checkpoint.pt", weights_only=False)["epoch"] == 1
     monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
-    resumed = train(cfg, tmp_path / "c")
+    resumed = train(cfg, folder)
     assert resumed.start_epoch == 1 and resumed.epochs == 3 and resumed.steps == first.steps == 9
     tc = checkpoint_tensors(resumed.checkpoint)
     assert tc.keys() == ta.keys()
@@ -171,7 +264,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
     pd.testing.assert_frame_equal(ma, mc)
     # A finished run returns at once with its result.
     t0 = time.perf_counter()
-    done = train(cfg, tmp_path / "c")
+    done = train(cfg, folder)
     assert time.perf_counter() - t0 < 5 and done.metrics == resumed.metrics and done.epochs == 3
 
 

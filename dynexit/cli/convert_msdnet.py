@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynexit.cli.options import SET_RULE, HelpFormatter, add_set
+from dynexit.cli.options import SET_RULE, HelpFormatter, add_set, model_set
 
 EPILOG = """examples:
   dynexit convert-msdnet msdnet-step=4-block=5.pth.tar msdnet_imagenet.dynexit.pt --model msdnet_imagenet
@@ -33,9 +33,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from omegaconf import OmegaConf
-
-    from dynexit.config import parse_set
     from dynexit.models import MSDNET_PRESETS, MSDNet, load_msdnet, msdnet_config
     from dynexit.models.checkpoint import save_model
 
@@ -43,10 +40,7 @@ def run(args) -> int:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     if args.model not in MSDNET_PRESETS:
         raise ValueError(f"--model {args.model!r} is not an MSDNet preset; valid: {', '.join(sorted(MSDNET_PRESETS))}")
-    tree = OmegaConf.to_container(parse_set(args.set), resolve=True)
-    if set(tree) - {"model"} or not isinstance(tree.get("model", {}), dict):
-        raise ValueError("--set: 'convert-msdnet' builds a model, so it takes model.* keys only (model.num_classes=10)")
-    overrides = tree.get("model", {})
+    overrides = model_set(args.set, "convert-msdnet")
     model = MSDNet(msdnet_config(args.model, **overrides))
     load_msdnet(model, args.input)
     save_model(args.output, model, source=str(args.input))

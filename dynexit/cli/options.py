@@ -36,16 +36,17 @@ def add_set(parser: argparse.ArgumentParser, model_only: bool = False) -> None:
 
 def model_set(items: list[str], command: str) -> dict[str, Any]:
     """The model overrides of ``--set`` items for a command that builds a model from a preset: the
-    ``model.*`` keys without their prefix, typed and checked against the model section of a run
-    configuration. Other keys, and plain ones (``x2z=false``), are errors that show the right spelling."""
+    ``model.*`` keys without their prefix (VALUE parsed as YAML); the model's own configuration checks each key
+    and type when the model is built. Other keys, and plain ones (``x2z=false``), are errors that show the
+    right spelling."""
     from omegaconf import OmegaConf
 
-    from dynexit.config import ModelConfig, merge, model_overrides, parse_set
+    from dynexit.config import RunConfig, parse_set
 
     tree = OmegaConf.to_container(parse_set(items), resolve=True)
-    fields = {name for name in ModelConfig.__dataclass_fields__ if name != "name"}
+    sections = set(RunConfig.__dataclass_fields__)
     for key in tree:
-        if key in fields:
+        if key not in sections:
             raise ValueError(f"--set {key}=...: keys are dotted keys of a run configuration; write model.{key}=...")
         if key != "model":
             raise ValueError(f"--set {key}...: '{command}' builds a model, so it takes model.* keys only")
@@ -54,7 +55,7 @@ def model_set(items: list[str], command: str) -> dict[str, Any]:
         raise ValueError("--set model=...: give one key of the model at a time (model.x2z=false)")
     if "name" in model:
         raise ValueError(f"--set model.name=...: '{command}' takes the model's name as its argument")
-    return model_overrides(merge(ModelConfig, model, where="--set"))
+    return model  # each model family's configuration checks its keys and types when the model is built
 
 
 # ------------------------------------------------------------------------------------------ models

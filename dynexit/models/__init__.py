@@ -1,9 +1,11 @@
-"""Multi-exit models: Dyn-Perceiver (backbones, presets, the official checkpoint mapping) and MSDNet."""
+"""Multi-exit models: Dyn-Perceiver (backbones, presets, the official checkpoint mapping), MSDNet and exits on
+any backbone (branchy)."""
 from __future__ import annotations
 
 from typing import Any
 
 from dynexit.models.backbones import BACKBONES, load_backbone_weights
+from dynexit.models.branchy import BRANCHY_PRESETS, BranchyConfig, BranchyNet, branchy_config
 from dynexit.models.msdnet import MSDNET_PRESETS, MSDNet, MSDNetConfig, msdnet_config
 from dynexit.models.msdnet_weights import load_msdnet
 from dynexit.models.official import convert_state_dict, load_official
@@ -12,23 +14,27 @@ from dynexit.models.presets import PRESETS, PerceiverConfig, preset_config
 
 
 def list_models() -> list[str]:
-    """Names of every preset (Dyn-Perceiver and MSDNet), sorted."""
-    return sorted([*PRESETS, *MSDNET_PRESETS])
+    """Names of every preset (Dyn-Perceiver, MSDNet and branchy), sorted."""
+    return sorted([*PRESETS, *MSDNET_PRESETS, *BRANCHY_PRESETS])
 
 
 def create_model(name: str, **overrides: Any) -> MultiExitModel:
     """Builds preset ``name`` (see ``list_models()``) with ``overrides`` of its configuration, e.g.
     ``create_model("reg800m_perceiver_t128", num_classes=10, input_size=32, z2x=False)`` or
-    ``create_model("msdnet_cifar_anytime", num_classes=10)``."""
+    ``create_model("msdnet_cifar_anytime", num_classes=10)`` or
+    ``create_model("branchy_resnet_tiny", exit_stages=[2, 3])``."""
     if name in MSDNET_PRESETS:
         return MSDNet(msdnet_config(name, **overrides))
+    if name in BRANCHY_PRESETS:
+        return BranchyNet(branchy_config(name, **overrides))
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; valid presets: {', '.join(list_models())}")
     return build_model(preset_config(name, **overrides))
 
 
 __all__ = [
-    "BACKBONES", "MSDNET_PRESETS", "PRESETS", "DynPerceiver", "MSDNet", "MSDNetConfig", "MultiExitModel",
-    "PerceiverConfig", "State", "StaticClassifier", "build_model", "convert_state_dict", "create_model",
-    "list_models", "load_backbone_weights", "load_msdnet", "load_official", "msdnet_config", "preset_config",
+    "BACKBONES", "BRANCHY_PRESETS", "MSDNET_PRESETS", "PRESETS", "BranchyConfig", "BranchyNet", "DynPerceiver",
+    "MSDNet", "MSDNetConfig", "MultiExitModel", "PerceiverConfig", "State", "StaticClassifier", "branchy_config",
+    "build_model", "convert_state_dict", "create_model", "list_models", "load_backbone_weights", "load_msdnet",
+    "load_official", "msdnet_config", "preset_config",
 ]

@@ -32,7 +32,7 @@ from dynexit.config import RunConfig, resolve_model, save_yaml, to_container, us
 from dynexit.training.distributed import DistContext, setup
 from dynexit.training.loss import MultiExitLoss
 from dynexit.training.metrics import METRICS_FILE, ExitMetrics, MetricsLog, autocast, evaluate, prepare_images
-from dynexit.training.optim import build_ema, build_optimizer, lr_at, set_lr
+from dynexit.training.optim import build_ema, build_optimizer, learning_rate, set_lr
 from dynexit.training.state import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -135,8 +135,6 @@ class _Session:
         self.ema = build_ema(self.model, tc)
         self.mixup = self._build_mixup()
         self.steps_per_epoch = math.ceil(len(self.loaders["train"]) / tc.accum_steps)
-        self.total_steps = tc.epochs * self.steps_per_epoch
-        self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
         start_epoch, step, wall_time = 0, 0, 0.0
         if checkpoint is not None:
             start_epoch, step, wall_time = self._restore(checkpoint)
@@ -268,7 +266,7 @@ class _Session:
         n = len(loader)
         show = ctx.is_main and (tc.progress if tc.progress is not None else sys.stderr.isatty())
         bar = tqdm(total=n, desc=f"epoch {epoch}/{tc.epochs}", disable=not show, leave=False, dynamic_ncols=True)
-        lr = lr_at(step, self.total_steps, self.warmup_steps, tc.lr, tc.min_lr)
+        lr = learning_rate(tc, step, self.steps_per_epoch)
         for i, (images, labels) in enumerate(loader):
             images = prepare_images(images, ctx.device, tc.channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
@@ -287,7 +285,7 @@ class _Session:
                 (out.total / group).backward()
             metrics.update(logits, labels, out.per_exit, out.total)
             if boundary:
-                lr = lr_at(step, self.total_steps, self.warmup_steps, tc.lr, tc.min_lr)
+                lr = learning_rate(tc, step, self.steps_per_epoch)
                 set_lr(self.optimizer, lr)
                 if tc.clip_grad is not None:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
