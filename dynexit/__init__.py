@@ -6,6 +6,7 @@ from dynexit.models import (
     build_model,
     create_model,
     list_models,
+    load_backbone_weights,
     load_official,
     preset_config,
 )
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DynPerceiver", "PerceiverConfig", "StaticClassifier", "build_model", "create_model", "list_models",
-    "load_official", "preset_config", "__version__",
+    "load_backbone_weights", "load_official", "preset_config", "__version__",
 ]

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from dynexit.models import MultiExitModel, PerceiverConfig, build_model
-from dynexit.models.official import open_checkpoint
-from dynexit.utils import atomic_write
+from dynexit.utils import UnsafeFileError, atomic_write, load_torch_file
 
 
 def save_model(path: str | Path, model: MultiExitModel, **extra: Any) -> None:
@@ -23,9 +22,30 @@ def save_model(path: str | Path, model: MultiExitModel, **extra: Any) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+class OutdatedCheckpointError(ValueError):
+    """A checkpoint of an older dynexit version, which pickled numpy's random state: it cannot be loaded
+    without allowing numpy objects to be unpickled, so it is refused (the run starts over)."""
+
+
+def _is_numpy_array_global(name: str) -> bool:
+    """What a pickled numpy array needs (numpy 1 and 2 spell the module differently)."""
+    return name in ("numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
+                    "numpy.core.multiarray._reconstruct") or name.startswith("numpy.dtypes.")
+
+
 def read(path: str | Path) -> dict[str, Any]:
-    checkpoint = open_checkpoint(path)
-    if "model_config" not in checkpoint or "model" not in checkpoint:
+    """A dynexit checkpoint, loaded safely (tensors and plain containers only, no allow-list)."""
+    path = Path(path)
+    try:
+        checkpoint = load_torch_file(path, "dynexit checkpoint")
+    except UnsafeFileError as err:
+        if err.globals and all(_is_numpy_array_global(name) for name in err.globals):
+            raise OutdatedCheckpointError(
+                f"{path} was written by an older dynexit version: it pickles numpy's random state "
+                f"({', '.join(err.globals)}), which cannot be loaded safely. Start its run over: delete {path} "
+                f"(training restarts from epoch 0) or the whole run folder {path.parent}") from None
+        raise
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
         raise ValueError(f"{path} is not a dynexit checkpoint (no 'model' and 'model_config'); "
                          "for an official checkpoint use load_official or 'dynexit convert-official'")
     return checkpoint
