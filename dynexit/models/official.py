@@ -150,10 +150,10 @@ def open_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-def read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_checkpoint(checkpoint: str | Path | dict[str, Any], where: str | None = None) -> dict[str, torch.Tensor]:
     """The official state dict inside a path or loaded checkpoint (``model``, ``model_ema``, ``state_dict``
-    or a raw state dict)."""
-    where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the checkpoint"
+    or a raw state dict). ``where`` names a loaded checkpoint's file in errors."""
+    where = where or (str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the checkpoint")
     checkpoint = open_checkpoint(checkpoint)
     for key in ("model", "model_ema", "state_dict"):
         if isinstance(checkpoint.get(key), dict):
