@@ -1,6 +1,7 @@
 """Small helpers shared across the package."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -28,6 +29,32 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """A JSON file's contents; a missing, unreadable or malformed file is an error naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
+
+
+def read_csv_file(path: str | Path, what: str):
+    """A CSV file as a DataFrame (empty when the file is); errors name ``what`` and the path."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"cannot read {what} {path}: {str(err).strip()}") from None
 
 
 class UnsafeFileError(ValueError):

@@ -272,3 +272,17 @@ def test_every_spec_section_is_checked_and_unknown_ones_are_named():
                          "grid": {"train.lr": [0.1, 0.2]}, "zip": [], "seeds": [0, 1], "executor": {"kind": "local"},
                          "results_dir": None, "description": "fine"})
     assert len(experiment.runs) == 4
+
+
+def test_damaged_run_files_are_named(tmp_path):
+    from dynexit.training.loop import load_metrics
+    from dynexit.utils import read_csv_file, read_json_file
+
+    (tmp_path / "metrics.csv").write_bytes(b'epoch,loss\n1,"unclosed\n2,3,4,5\n')
+    with pytest.raises(ValueError, match=rf"cannot read metrics file {tmp_path / 'metrics.csv'}"):
+        load_metrics(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"costs file not found: {tmp_path / 'costs.csv'}"):
+        read_csv_file(tmp_path / "costs.csv", "costs file")
+    (tmp_path / "summary.json").write_text('{"a": 1')
+    with pytest.raises(ValueError, match=rf"cannot read run summary {tmp_path / 'summary.json'}"):
+        read_json_file(tmp_path / "summary.json", "run summary")

@@ -9,7 +9,7 @@ import pandas as pd
 from dynexit.cli import HelpFormatter
 from dynexit.logits import load_logits
 from dynexit.policies import CRITERIA, anytime_accuracy, budgeted_curve, check_costs
-from dynexit.utils import atomic_write_text
+from dynexit.utils import atomic_write_text, read_csv_file
 
 EPILOG = """examples:
   dynexit curve --calib logits_calib.npz --test logits_test.npz --costs costs.csv --out curve.csv
@@ -48,12 +48,7 @@ def read_costs(spec: str) -> tuple[np.ndarray, list[str] | None]:
     increase strictly from exit to exit."""
     path = Path(spec)
     if path.suffix.lower() == ".csv" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"costs file not found: {path}")
-        try:
-            table = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read costs file {path}: {str(err).strip()}") from None
+        table = read_csv_file(path, "costs file")
         if "gmacs" not in table.columns:
             raise ValueError(f"{path} has no 'gmacs' column (columns: {', '.join(map(str, table.columns))})")
         costs = pd.to_numeric(table["gmacs"], errors="coerce").to_numpy(dtype=float)
