@@ -35,7 +35,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "protocol
 
 
 def fixture_problem():
-    arrays = np.load(FIXTURE.with_suffix(".npz"))
+    arrays = np.load(FIXTURE.with_suffix(".npz"), allow_pickle=False)
     costs = json.loads(FIXTURE.with_suffix(".json").read_text())["costs"]
     return threshold_problem(arrays["calib_logits"], arrays["calib_targets"], arrays["test_logits"],
                              arrays["test_targets"], costs)

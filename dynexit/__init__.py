@@ -22,12 +22,15 @@ _PUBLIC = {
     "build_model": "dynexit.models",
     "create_model": "dynexit.models",
     "list_models": "dynexit.models",
+    "load_backbone_weights": "dynexit.models",
     "load_official": "dynexit.models",
     "preset_config": "dynexit.models",
 }
 
-__all__ = ["DynPerceiver", "MSDNet", "MSDNetConfig", "PerceiverConfig", "StaticClassifier", "build_model",
-           "create_model", "list_models", "load_msdnet", "load_official", "preset_config", "__version__"]
+__all__ = [
+    "DynPerceiver", "MSDNet", "MSDNetConfig", "PerceiverConfig", "StaticClassifier", "build_model", "create_model",
+    "list_models", "load_backbone_weights", "load_msdnet", "load_official", "preset_config", "__version__",
+]
 
 if TYPE_CHECKING:
     from dynexit.models import (
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
         build_model,
         create_model,
         list_models,
+        load_backbone_weights,
         load_msdnet,
         load_official,
         preset_config,

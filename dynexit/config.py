@@ -279,13 +279,15 @@ def parse_set(items: list[str] | None) -> Any:
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Reads a run configuration YAML file (plus ``--set`` overrides) into a validated RunConfig."""
+    from dynexit.yaml_files import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot parse YAML: {err}") from None
+    raw = read_yaml(path, "config file")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a run configuration is a mapping of sections "
+                         f"({', '.join(f.name for f in dataclasses.fields(RunConfig))}), got {type(raw).__name__}")
     cfg = merge(RunConfig, raw, where=str(path))
     if overrides:
         cfg = merge(cfg, parse_set(overrides), where="--set")

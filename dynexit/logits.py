@@ -6,6 +6,8 @@ exits in the model's exit order.
 from __future__ import annotations
 
 import logging
+import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -96,14 +98,19 @@ def load_logits(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"logits file not found: {path}")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"cannot read {path} as an .npz file: {err}") from err
-    if not isinstance(data, np.lib.npyio.NpzFile):
+        fields, arrays = None, {}
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                fields = list(data.files)
+                arrays = {name: data[name] for name in FIELDS if name in fields}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # truncated or damaged
+        raise ValueError(f"cannot read {path} as an .npz logits file ({type(err).__name__}: {err}); it may be "
+                         f"truncated or damaged: write it again") from None
+    if fields is None:
         raise ValueError(f"{path} is a single array, not an .npz file with 'logits' and 'targets'")
-    with data:
-        missing = [f for f in FIELDS if f not in data.files]
-        if missing:
-            raise ValueError(f"{path} has no field {missing[0]!r} (fields: {', '.join(data.files) or 'none'})")
-        logits, targets = data["logits"], data["targets"]
+    missing = [f for f in FIELDS if f not in arrays]
+    if missing:
+        raise ValueError(f"{path} has no field {missing[0]!r} (fields: {', '.join(fields) or 'none'})")
+    logits, targets = arrays["logits"], arrays["targets"]
     _validate(logits, targets, str(path))
     return logits.astype(np.float32, copy=False), targets.astype(np.int64, copy=False)

@@ -88,13 +88,27 @@ def _as_targets(targets, num_samples: int, num_classes: int, name: str = "target
     return arr.astype(np.int64, copy=False)
 
 
-def _as_costs(costs, num_exits: int) -> np.ndarray:
+def check_costs(costs, exit_names: Sequence[str] | None = None, where: str = "costs") -> np.ndarray:
+    """Per-exit cumulative costs as float64: finite, non-negative and strictly increasing from exit to exit
+    (each exit runs everything before it), else a ValueError naming ``where``, the exits and their values."""
+    arr = np.asarray(costs, dtype=np.float64).reshape(-1)
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError(f"{where} must be finite and non-negative, got {arr.tolist()}")
+    names = ([str(n) for n in exit_names] if exit_names is not None and len(exit_names) == len(arr)
+             else [str(k) for k in range(len(arr))])
+    for k in range(1, len(arr)):
+        if arr[k] <= arr[k - 1]:
+            raise ValueError(f"{where}: cumulative costs must increase strictly from exit to exit, but exit "
+                             f"{names[k]!r} costs {arr[k]:g}, not more than exit {names[k - 1]!r} before it "
+                             f"({arr[k - 1]:g}); costs: {', '.join(f'{n}={c:g}' for n, c in zip(names, arr))}")
+    return arr
+
+
+def _as_costs(costs, num_exits: int, exit_names: Sequence[str] | None = None) -> np.ndarray:
     arr = np.asarray(costs, dtype=np.float64).reshape(-1)
     if len(arr) != num_exits:
         raise ValueError(f"costs has {len(arr)} values but there are {num_exits} exits")
-    if not np.isfinite(arr).all() or (arr < 0).any():
-        raise ValueError(f"costs must be finite and non-negative, got {arr.tolist()}")
-    return arr
+    return check_costs(arr, exit_names)
 
 
 def _as_temperatures(temperature, num_exits: int) -> np.ndarray | None:
@@ -427,7 +441,7 @@ def curve_from_scores(calib_conf: np.ndarray, calib_correct: np.ndarray, test_co
         raise ValueError(f"calibration has {np.shape(calib_conf)[0]} exits but test has "
                          f"{np.shape(test_conf)[0]}")
     num_exits = np.shape(calib_conf)[0]
-    costs = _as_costs(costs, num_exits)
+    costs = _as_costs(costs, num_exits, exit_names)
     names = _names(exit_names, num_exits)
     shares = resolve_grid(grid, num_exits)
     rows = []
@@ -465,7 +479,7 @@ def budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, costs
     num_exits, _, num_classes = calib_logits.shape
     calib_targets = _as_targets(calib_targets, calib_logits.shape[1], num_classes, "calib_targets")
     test_targets = _as_targets(test_targets, test_logits.shape[1], num_classes, "test_targets")
-    costs = _as_costs(costs, num_exits)
+    costs = _as_costs(costs, num_exits, exit_names)
     if isinstance(temperatures, str):
         if temperatures != "fit":
             raise ValueError(f"temperatures must be None, 'fit' or one value per exit, got {temperatures!r}")
@@ -489,7 +503,7 @@ def anytime_accuracy(logits, targets, costs, exit_names: Sequence[str] | None = 
     arr = _as_logits(logits)
     num_exits, num_samples, num_classes = arr.shape
     y = _as_targets(targets, num_samples, num_classes)
-    costs = _as_costs(costs, num_exits)
+    costs = _as_costs(costs, num_exits, exit_names)
     _, pred = scores(arr)
     accuracy = (pred == y).sum(axis=1) * 100.0 / num_samples
     return pd.DataFrame({"exit": _names(exit_names, num_exits), "cost": costs, "accuracy": accuracy})

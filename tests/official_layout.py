@@ -14,7 +14,7 @@ OFFICIAL_MODELS = ("reg800m_perceiver_t128", "resnet50_0375_perceiver_t128", "mo
 
 
 def load_fixture(name: str) -> dict:
-    return torch.load(FIXTURES / f"{name}.pt", weights_only=False)
+    return torch.load(FIXTURES / f"{name}.pt", weights_only=True)
 
 
 def deterministic_weights(keys) -> dict[str, torch.Tensor]:

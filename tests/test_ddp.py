@@ -53,8 +53,8 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = train(config(64), tmp_path / "single", device="cpu")
 
-    ddp_ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
-    one_ckpt = torch.load(single.checkpoint, weights_only=False)
+    ddp_ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    one_ckpt = torch.load(single.checkpoint, weights_only=True)
     assert ddp_ckpt["world_size"] == 2 and ddp_ckpt["step"] == one_ckpt["step"] == 3
     assert len(ddp_ckpt["rng"]) == 2  # each process's RNG state, for an exact resume
     for part in ("model", "ema"):

@@ -97,8 +97,8 @@ def test_a_grid_killed_mid_run_resumes_to_the_results_of_an_uninterrupted_one(tm
     pd.testing.assert_frame_equal(curves["killed"], curves["whole"])
     assert runs["whole"]["acc_final"].min() > 50  # trained models, not chance (10 classes)
     for run in experiment.runs:
-        a = torch.load(run_dir(results["killed"], run) / "checkpoint.pt", weights_only=False)["model"]
-        b = torch.load(run_dir(results["whole"], run) / "checkpoint.pt", weights_only=False)["model"]
+        a = torch.load(run_dir(results["killed"], run) / "checkpoint.pt", weights_only=True)["model"]
+        b = torch.load(run_dir(results["whole"], run) / "checkpoint.pt", weights_only=True)["model"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

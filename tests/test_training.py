@@ -47,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see con
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a training checkpoint: model, EMA and optimizer state, flattened by key."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     out = {f"model.{k}": v for k, v in ckpt["model"].items()}
     out.update({f"ema.{k}": v for k, v in ckpt.get("ema", {}).items()})
     for pid, state in ckpt["optimizer"]["state"].items():
@@ -229,7 +229,7 @@ def test_resume_is_exact_with_sgd_and_a_multistep_schedule(tmp_path, monkeypatch
                        "train.milestones=[0.3,0.6]", "train.warmup_epochs=0", "train.ema=true")
     first = train(cfg, tmp_path / "a")
     assert pd.read_csv(first.metrics_csv)["lr"].tolist() == pytest.approx([0.1, 0.01, 0.001], rel=1e-12)
-    ckpt = torch.load(first.checkpoint, map_location="cpu", weights_only=False)
+    ckpt = torch.load(first.checkpoint, map_location="cpu", weights_only=True)
     (group,) = ckpt["optimizer"]["param_groups"]
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-4)
     assert all("momentum_buffer" in state for state in ckpt["optimizer"]["state"].values())
@@ -250,7 +250,7 @@ def assert_interrupted_run_resumes_exactly(cfg, first, folder: Path, monkeypatch
     monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
     with pytest.raises(Stop):
         train(cfg, folder)
-    assert torch.load(folder / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
     resumed = train(cfg, folder)
     assert resumed.start_epoch == 1 and resumed.epochs == 3 and resumed.steps == first.steps == 9
@@ -313,7 +313,7 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(tmp_p
         train(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint.pt"
     assert list(hashes) == [1] and sha256(ckpt) == hashes[1]
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
     assert list(pd.read_csv(tmp_path / "run" / "metrics.csv")["epoch"]) == [1]
 
 
@@ -328,7 +328,7 @@ def test_epoch_callback_sees_each_checkpointed_epoch_and_can_end_training(tmp_pa
     with pytest.raises(Stop):
         train(small_config(), tmp_path / "run", on_epoch_end=stop_after_two)
     assert seen == [(1, 1, True, True), (2, 2, True, True)]
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert train(small_config(), tmp_path / "run").epochs == 3
 
 

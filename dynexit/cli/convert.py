@@ -35,22 +35,24 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from dynexit.models import create_model
     from dynexit.models.checkpoint import save_model
-    from dynexit.models.official import load_official, official_architecture, open_checkpoint
+    from dynexit.models.official import load_official, official_architecture, open_checkpoint, read_checkpoint
 
     if Path(args.output).exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     checkpoint = open_checkpoint(args.input)
+    weights = checkpoint
+    if args.ema:
+        if "model_ema" not in checkpoint:
+            raise ValueError(f"{args.input} holds no model_ema weights")
+        weights = checkpoint["model_ema"]
+    weights = read_checkpoint(weights, where=str(args.input))  # refuses dynexit state dicts, naming the file
     name, overrides = official_architecture(checkpoint)
     name = args.model or name
     if name is None:
         raise ValueError(f"{args.input} records no model name; pass --model PRESET")
     overrides.update(model_set(args.set, "convert-official"))
     model = create_model(name, **overrides)
-    if args.ema:
-        if "model_ema" not in checkpoint:
-            raise ValueError(f"{args.input} holds no model_ema weights")
-        checkpoint = checkpoint["model_ema"]
-    load_official(model, checkpoint)
+    load_official(model, weights)
     save_model(args.output, model, source=str(args.input))
     print(f"wrote {args.output}: {name}, {sum(p.numel() for p in model.parameters()):,} parameters")
     return 0

@@ -96,27 +96,29 @@ def add_logits_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def read_costs(spec: str):
-    """Per-exit costs and (from a CSV's ``exit`` column) exit names, from ``--costs``."""
+    """Per-exit costs and (from a CSV's ``exit`` column) exit names, from ``--costs``; the costs must
+    increase strictly from exit to exit."""
     import numpy as np
     import pandas as pd
 
+    from dynexit.policies import check_costs
+    from dynexit.utils import read_csv_file
+
     path = Path(spec)
     if path.suffix.lower() == ".csv" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"costs file not found: {path}")
-        table = pd.read_csv(path)
+        table = read_csv_file(path, "costs file")
         if "gmacs" not in table.columns:
             raise ValueError(f"{path} has no 'gmacs' column (columns: {', '.join(map(str, table.columns))})")
         costs = pd.to_numeric(table["gmacs"], errors="coerce").to_numpy(dtype=float)
         if np.isnan(costs).any():
             raise ValueError(f"{path}: the 'gmacs' column holds empty or non-numeric values")
         names = [str(n) for n in table["exit"]] if "exit" in table.columns else None
-        return costs, names
+        return check_costs(costs, names, where=f"costs file {path}"), names
     try:
         costs = np.array([float(v) for v in spec.split(",")])
     except ValueError:
         raise ValueError(f"--costs {spec!r} is neither a CSV file nor a comma-separated list of numbers") from None
-    return costs, None
+    return check_costs(costs, where=f"--costs {spec}"), None
 
 
 def read_inputs(args: argparse.Namespace):

@@ -3,6 +3,7 @@ known about each one (classes, mean and std, whether mirror images keep their cl
 of a split (in-memory images transformed batch-wise, image folders transformed per image)."""
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import logging
@@ -235,22 +236,61 @@ _CIFAR = {  # folder, train batches, test batch, label key, meta file, class-nam
 }
 
 
-def _read_cifar_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CIFAR python batch (a pickled dict; only open files you trust): images (N, 3, 32, 32)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"CIFAR batch file missing: {path}")
+def _numpy_array_builders() -> dict[tuple[str, str], Any]:
+    """The globals a pickled numpy array needs, under the module names numpy 1 and 2 pickle them as."""
+    core = getattr(np, "_core", None) or np.core
+    builders = {}
+    for module in ("numpy.core", "numpy._core"):
+        builders[(f"{module}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
+        builders[(f"{module}.numeric", "_frombuffer")] = core.numeric._frombuffer
+    return builders
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads what a CIFAR python batch holds (dicts, lists, str, bytes, numbers and numpy arrays) and
+    refuses every other class or function, so that a forged batch file cannot run code."""
+
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): codecs.encode,  # bytes, as pickle protocols 0-2 write them
+               **_numpy_array_builders()}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return self.ALLOWED[(module, name)]
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def read_cifar_pickle(path: Path) -> Any:
+    """A CIFAR python pickle (batch or meta file), read with :class:`_CifarUnpickler`."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            return _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise ValueError(f"refusing to load CIFAR file {path}: it holds {err}, which a CIFAR batch never "
+                         f"contains (unpickling it could run code); nothing in it was run") from None
     except Exception as err:
-        raise ValueError(f"cannot read CIFAR batch file {path}: {err}") from None
+        raise ValueError(f"cannot read CIFAR file {path}: {err}") from None
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR python batch (a pickled dict): images (N, 3, 32, 32), labels (N,)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR batch file missing: {path}")
+    batch = read_cifar_pickle(path)
     for key in ("data", label_key):
         if not isinstance(batch, dict) or key not in batch:
             raise ValueError(f"CIFAR batch file {path} has no key {key!r}")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise ValueError(f"CIFAR batch file {path}: data {data.shape} and {len(labels)} labels do not "
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"CIFAR batch file {path}: 'data' or {label_key!r} is not numeric ({err})") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1 or len(data) != len(labels):
+        raise ValueError(f"CIFAR batch file {path}: data {data.shape} and labels {labels.shape} do not "
                          f"form (N, 3072) images with N labels")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
@@ -275,9 +315,10 @@ def _load_cifar(cfg: DataConfig, name: str) -> _Arrays:
             raise ValueError(f"{folder / f}: labels outside 0..{num_classes - 1}")
     classes = [str(c) for c in range(num_classes)]
     if (folder / meta_file).is_file():
-        with open(folder / meta_file, "rb") as f:
-            meta = pickle.load(f, encoding="latin1")
-        classes = list(meta.get(names_key, classes))
+        meta = read_cifar_pickle(folder / meta_file)
+        if not isinstance(meta, dict):
+            raise ValueError(f"CIFAR meta file {folder / meta_file} is not a dict")
+        classes = [str(c) for c in meta.get(names_key, classes)]
     return _Arrays(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_x, test_y, classes)
 
 

@@ -165,7 +165,8 @@ def load_backbone_weights(backbone: StagedBackbone, weights: str | Path | dict) 
     Keys of the library model outside stem and stages (its classifier) are skipped and returned; every
     backbone parameter must be present with the right shape, else a ValueError names the culprits.
     """
-    state = _read_state_dict(weights)
+    where = str(weights) if isinstance(weights, (str, Path)) else "backbone weights"
+    state = _read_state_dict(weights, where)
     own = backbone.state_dict()
     loaded, missing, wrong = {}, [], []
     for key, value in own.items():
@@ -178,7 +179,7 @@ def load_backbone_weights(backbone: StagedBackbone, weights: str | Path | dict) 
             loaded[key] = state[source]
     if missing or wrong:
         raise ValueError(
-            "backbone weights do not fit: "
+            f"{where} does not fit the backbone: "
             + "; ".join([f"missing {m}" for m in missing] + [f"wrong shape {w}" for w in wrong])
         )
     backbone.load_state_dict(loaded)
@@ -196,12 +197,12 @@ def _source_key(key: str, prefixes: dict[str, str]) -> str:
     raise KeyError(key)
 
 
-def _read_state_dict(weights: str | Path | dict) -> dict[str, torch.Tensor]:
+def _read_state_dict(weights: str | Path | dict, where: str) -> dict[str, torch.Tensor]:
     if isinstance(weights, (str, Path)):
         weights = load_torch_file(weights, "backbone weights file")
     for key in ("state_dict", "model"):
         if isinstance(weights, dict) and isinstance(weights.get(key), dict):
             weights = weights[key]
     if not isinstance(weights, dict):
-        raise ValueError("backbone weights must be a state dict")
+        raise ValueError(f"{where} is not a state dict (got {type(weights).__name__})")
     return weights

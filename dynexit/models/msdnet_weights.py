@@ -27,7 +27,7 @@ def read_msdnet_state_dict(checkpoint: str | Path | dict[str, Any], source: str 
     """
     if isinstance(checkpoint, (str, Path)):
         source = source or str(checkpoint)
-        checkpoint = load_torch_file(checkpoint, "MSDNet checkpoint", weights_only=True)
+        checkpoint = load_torch_file(checkpoint, "MSDNet checkpoint")
     where = f" in {source}" if source else ""
     if not isinstance(checkpoint, dict):
         raise ValueError(f"an MSDNet checkpoint must be a dict{where}, got {type(checkpoint).__name__}")

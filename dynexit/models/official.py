@@ -7,6 +7,7 @@ model's own state dict exactly: every missing, unexpected or wrongly shaped key 
 """
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Any
@@ -129,18 +130,30 @@ def convert_state_dict(official: dict[str, torch.Tensor], model: nn.Module) -> d
     return converted
 
 
+# What an official checkpoint pickles besides tensors and plain containers: its training arguments.
+OFFICIAL_GLOBALS = (argparse.Namespace,)
+
+
 def open_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint file loaded (on the CPU), or the dict itself; clear errors for missing or corrupt files."""
+    """An official checkpoint file loaded safely on the CPU (tensors, plain containers and the training
+    arguments' ``argparse.Namespace``; anything else is refused unrun), or the dict itself; clear errors
+    for missing, corrupt or unsafe files."""
+    where = "the checkpoint"
     if isinstance(checkpoint, (str, Path)):
-        checkpoint = load_torch_file(checkpoint, "checkpoint", weights_only=False)
+        where = str(checkpoint)
+        checkpoint = load_torch_file(checkpoint, "official checkpoint", allow=OFFICIAL_GLOBALS)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
+        raise ValueError(f"{where}: a checkpoint must be a dict, got {type(checkpoint).__name__}")
+    if "model_config" in checkpoint:
+        raise ValueError(f"{where} is a dynexit checkpoint (it has 'model_config'), not an official one: it needs "
+                         f"no conversion; load it with dynexit.models.checkpoint.load_model")
     return checkpoint
 
 
-def read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_checkpoint(checkpoint: str | Path | dict[str, Any], where: str | None = None) -> dict[str, torch.Tensor]:
     """The official state dict inside a path or loaded checkpoint (``model``, ``model_ema``, ``state_dict``
-    or a raw state dict)."""
+    or a raw state dict). ``where`` names a loaded checkpoint's file in errors."""
+    where = where or (str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the checkpoint")
     checkpoint = open_checkpoint(checkpoint)
     for key in ("model", "model_ema", "state_dict"):
         if isinstance(checkpoint.get(key), dict):
@@ -148,9 +161,18 @@ def read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.
             break
     if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         bad = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)][:5]
-        raise ValueError(f"not a state dict: entries {bad} are not tensors")
+        raise ValueError(f"{where}: not a state dict: entries {bad} are not tensors")
     # Checkpoints saved from DistributedDataParallel carry a "module." prefix.
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+    ours = [k for k in state if k.startswith(_DYNEXIT_PREFIXES)]
+    if ours:
+        raise ValueError(f"{where} holds dynexit parameter names ({ours[0]}, ...), not official ones: it is "
+                         f"already a dynexit state dict; load it with model.load_state_dict")
+    return state
+
+
+# Top-level module names that only dynexit's own state dicts have.
+_DYNEXIT_PREFIXES = ("latent_stages.", "exits.", "backbone.")
 
 
 # Official training arguments -> dynexit overrides.

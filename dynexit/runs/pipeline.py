@@ -18,7 +18,7 @@ import pandas as pd
 from dynexit.config import RunConfig, save_yaml
 from dynexit.curves import accuracy_at_budget
 from dynexit.runs.folders import SUMMARY_FILE
-from dynexit.utils import atomic_write, atomic_write_text
+from dynexit.utils import atomic_write, atomic_write_text, read_csv_file, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,10 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> float:
                "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder)]
         log.info("launching %s", " ".join(cmd))
         subprocess.run(cmd, check=True, env=os.environ.copy())
-        return float(_read_json(folder / "train_result.json").get("wall_time", float("nan")))
+        result_file = folder / "train_result.json"
+        if not result_file.is_file():
+            return float("nan")
+        return float(read_json_file(result_file, "training result").get("wall_time", float("nan")))
     result = train(cfg, folder, device=devices[0], resume=True)
     return float(result.wall_time)
 
@@ -81,7 +84,7 @@ def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
 
     path = folder / "costs.csv"
     if path.is_file():
-        return pd.read_csv(path)
+        return read_csv_file(path, "costs file")
     costs = exit_costs(model.cpu(), input_size=cfg.data.image_size)
     atomic_write(path, lambda tmp: costs.to_csv(tmp, index=False))
     return costs
@@ -125,6 +128,3 @@ def summarize(cfg: RunConfig, model, costs: pd.DataFrame, curve: pd.DataFrame, a
         row[f"acc_at_{budget:g}"] = accuracy_at_budget(curve["test_expected_cost"], curve["test_accuracy"], budget)
     return row
 
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +36,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from dynexit.config import RunConfig, merge, parse_set, resolve_model, to_container
+from dynexit.yaml_files import read_yaml
 
 
 @dataclass
@@ -98,12 +100,7 @@ def run_id(cfg: RunConfig) -> str:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Reads, validates and expands a spec file; ``overrides`` (``key=value``) apply to every run."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"spec file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: cannot parse YAML: {err}") from None
+    raw = read_yaml(path, "spec file")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a spec is a mapping with at least 'name' and 'base'")
     return expand(raw, path, overrides)
@@ -111,7 +108,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experimen
 
 def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None) -> Experiment:
     where = str(path) if path else "spec"
-    spec: SpecFile = merge(SpecFile, raw, where=where)
+    spec: SpecFile = merge(SpecFile, check_sections(raw, where), where=where)
     cli = to_plain(parse_set(overrides)) if overrides else {}
     variants = spec.variants or {"base": {}}
     axes: list[list[dict[str, Any]]] = [[{k: v} for v in _values(spec.grid[k], k, where)] for k in spec.grid]
@@ -144,6 +141,51 @@ def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] |
                 runs.append(Run(rid, variant, dotted, cfg))
     results_dir = Path(spec.results_dir) if spec.results_dir else Path("results") / spec.name
     return Experiment(spec.name, path, results_dir, spec.executor, runs, grid_keys, raw)
+
+
+# Each top-level section of a spec: is its value of the right kind, and how to say what it must be.
+_SECTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string (the experiment's name)"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "results_dir": (lambda v: v is None or isinstance(v, str), "a folder path (string)"),
+    "base": (lambda v: v is None or isinstance(v, dict),
+             "a mapping: a run configuration (model, data, train, eval, seed)"),
+    "variants": (lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and (o is None or isinstance(o, dict)) for k, o in v.items())),
+        "a mapping of variant name -> overrides (a mapping of dotted keys to values, {} for none), e.g. "
+        "{full: {}, no_x2z: {model.x2z: false}}"),
+    "grid": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+             "a mapping of dotted key -> list of values, e.g. {train.lr: [0.001, 0.003]}"),
+    "zip": (lambda v: v is None or (isinstance(v, list) and all(isinstance(g, dict) for g in v)),
+            "a list of groups, each a mapping of dotted key -> list of values of one length, e.g. "
+            "[{model.name: [a, b], train.lr: [0.001, 0.0006]}]"),
+    "seeds": (lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(s, int) and not isinstance(s, bool) for s in v)), "a list of integers, e.g. [0, 1, 2]"),
+    "executor": (lambda v: v is None or isinstance(v, dict),
+                 "a mapping, e.g. {kind: local} or {kind: slurm, slurm_partition: gpu}"),
+}
+
+
+def check_sections(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``raw`` with empty sections left out (their defaults apply) and empty variants as ``{}``, after
+    checking that every top-level section is known and of the right kind (else a ValueError naming it)."""
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            raise ValueError(f"{where}: unknown section {key!r}; a spec has {', '.join(_SECTIONS)}")
+        valid, expected = _SECTIONS[key]
+        if not valid(value):
+            raise ValueError(f"{where}: '{key}' must be {expected}; got {_describe_value(value)}")
+    out = {key: value for key, value in raw.items() if value is not None}
+    if "variants" in out:
+        out["variants"] = {name: overrides or {} for name, overrides in out["variants"].items()}
+    return out
+
+
+def _describe_value(value: Any) -> str:
+    kind = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(type(value))
+    kind = kind or ("nothing" if value is None else type(value).__name__)
+    text = json.dumps(value, default=str)
+    return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, path: Path | None) -> RunConfig:

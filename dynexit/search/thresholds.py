@@ -118,7 +118,7 @@ def threshold_problem(calib_logits, calib_targets, test_logits, test_targets, co
         raise ValueError("a threshold search needs a model with at least 2 exits")
     calib_targets = _as_targets(calib_targets, calib_logits.shape[1], num_classes, "calib_targets")
     test_targets = _as_targets(test_targets, test_logits.shape[1], num_classes, "test_targets")
-    costs = _as_costs(costs, num_exits)
+    costs = _as_costs(costs, num_exits, exit_names)
     names = tuple(_names(exit_names, num_exits))
     if isinstance(temperatures, str):
         if temperatures != "fit":

@@ -367,9 +367,7 @@ def _deterministic_kernels() -> None:
 
 def load_metrics(run_dir: str | Path):
     """The run's metrics.csv as a DataFrame (FileNotFoundError when missing)."""
-    import pandas as pd
+    from dynexit.utils import read_csv_file
 
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
-    return pd.read_csv(path)
+    return read_csv_file(Path(run_dir) / METRICS_FILE, "metrics file")
+

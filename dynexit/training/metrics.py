@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynexit.training.distributed import DistContext
-from dynexit.utils import atomic_write
+from dynexit.utils import atomic_write, read_csv_file
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class MetricsLog:
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
 
     def rows(self) -> pd.DataFrame:
-        return pd.read_csv(self.path) if self.path.is_file() else pd.DataFrame()
+        return read_csv_file(self.path, "metrics file") if self.path.is_file() else pd.DataFrame()
 
     def truncate(self, epoch: int) -> None:
         if not self.enabled or not self.path.is_file():

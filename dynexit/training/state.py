@@ -32,7 +32,14 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(loader_generator: Optional[torch.Generator] = None) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random state of this process as tensors and plain lists/numbers, so that a checkpoint holding
+    it loads with ``torch.load(weights_only=True)`` and no allow-list."""
+    version, internal, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"kind": str(kind), "key": [int(k) for k in key], "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if loader_generator is not None:
@@ -41,8 +48,11 @@ def rng_state(loader_generator: Optional[torch.Generator] = None) -> dict[str, A
 
 
 def set_rng_state(state: dict[str, Any], loader_generator: Optional[torch.Generator] = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], np.asarray(numpy["key"], dtype=np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -72,14 +82,29 @@ def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUMABLE
     return diffs
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A training checkpoint (ValueError when the file is not one)."""
-    from dynexit.models.checkpoint import read
+# What resuming reads from a training checkpoint besides the weights.
+TRAINING_KEYS = ("optimizer", "epoch", "step", "rng", "config", "metrics", "wall_time")
 
-    checkpoint = read(path)
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, loaded safely. A file that is not one, is damaged or holds anything but
+    tensors and plain values is a ValueError naming it and saying how to start the run over."""
+    from dynexit.models.checkpoint import OutdatedCheckpointError, read
+
+    start_over = (f"To start this run over, delete {path} (training restarts from epoch 0) or the whole run "
+                  f"folder {path.parent}")
+    try:
+        checkpoint = read(path)
+    except OutdatedCheckpointError:
+        raise
+    except ValueError as err:
+        raise ValueError(f"{err}. {start_over}") from None
     if checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path} is a model checkpoint without training state (not written by dynexit "
                          f"training); move it away or use another run folder")
+    missing = [key for key in TRAINING_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} lacks the training state {', '.join(missing)}. {start_over}")
     return checkpoint
 
 
