@@ -6,6 +6,7 @@ names the key (and the file and line where OmegaConf knows them); a dataclass co
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dynexit.data import DataConfig
+from dynexit.data import DataConfig, validate_data_config
 from dynexit.models.presets import PerceiverConfig, preset_config
-from dynexit.training.config import TrainConfig
+from dynexit.training.config import TrainConfig, validate_train_config
 
 
 def _model_config_fields():
@@ -59,6 +60,32 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+
+
+EVAL_GRIDS = ("official", "msdnet")
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Every check of a run's values that needs no data and no model: the architecture (preset and
+    overrides), data, train and eval sections. Raises ValueError/TypeError naming the first bad key."""
+    resolve_model(cfg.model)
+    validate_data_config(cfg.data)
+    validate_train_config(cfg.train)
+    validate_eval_config(cfg.eval)
+
+
+def validate_eval_config(cfg: EvalConfig) -> None:
+    from dynexit.policies import CRITERIA
+
+    if cfg.grid not in EVAL_GRIDS:
+        raise ValueError(f"eval.grid must be one of {', '.join(EVAL_GRIDS)}, got {cfg.grid!r}")
+    if cfg.criterion not in CRITERIA:
+        raise ValueError(f"eval.criterion must be one of {', '.join(CRITERIA)}, got {cfg.criterion!r}")
+    for budget in cfg.budgets:
+        if not math.isfinite(budget) or budget <= 0:
+            raise ValueError(f"eval.budgets must be positive GMACs, got {budget!r}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be a positive integer, got {cfg.batch_size!r}")
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
@@ -107,7 +134,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     cfg = merge(RunConfig, raw, where=str(path))
     if overrides:
         cfg = merge(cfg, parse_set(overrides), where="--set")
-    resolve_model(cfg.model)  # architecture errors now, before anything runs
+    validate_run_config(cfg)  # errors now, before anything runs
     return cfg
 
 

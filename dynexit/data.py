@@ -498,7 +498,8 @@ def _load_imagefolder(cfg: DataConfig):
 # Splits
 
 
-def _check_config(cfg: DataConfig) -> None:
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raises ValueError naming the first bad field of ``cfg`` (as ``data.<name>``)."""
     if cfg.name not in DATASETS:
         raise ValueError(f"data.name: unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
     if cfg.fallback is not None and (cfg.fallback not in DATASETS or cfg.fallback == cfg.name):
@@ -609,7 +610,7 @@ def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None) -> Splits
     FileNotFoundError. The calibration split is drawn from the training set (see
     ``calibration_indices``); ``train_subset`` then thins the rest and ``test_subset`` the test set.
     """
-    _check_config(cfg)
+    validate_data_config(cfg)
     try:
         source = _load(cfg)
     except FileNotFoundError as err:
