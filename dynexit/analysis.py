@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from dynexit.utils import atomic_write, atomic_write_text
+from dynexit.utils import atomic_write, atomic_write_text, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +139,12 @@ def load_results(results_dir: str | Path) -> Results:
     for rid, names in run_exit_names.items():
         if not names:
             raise ValueError(f"{path / 'runs.csv'}: run {rid} has no acc_<exit>/gmacs_<exit> columns")
-    exit_names = _union_in_order(run_exit_names.values())
 
     config_keys = _config_keys(runs)
     runs.insert(1, "config", [_label(row, config_keys) for row in runs.to_dict("records")])
     configs, reference = _order_configs(runs, config_keys, list((spec.get("variants") or {}).keys()))
+    runs = _in_display_order(runs, configs)
+    exit_names = _union_in_order(run_exit_names[rid] for rid in runs["run_id"])
     num_exits = runs["run_id"].map(lambda rid: len(run_exit_names[rid]))
     static = [c for c in configs if (num_exits[runs["config"] == c] == 1).all()]
 
@@ -255,6 +256,15 @@ def _sort_key(column: pd.Series) -> pd.Series:
     return numbers if numbers.notna().sum() == column.notna().sum() else column.astype(str)
 
 
+def _in_display_order(runs: pd.DataFrame, configs: list[str]) -> pd.DataFrame:
+    """Runs sorted by configuration (display order), seed and run id: every table and figure then follows
+    a fixed order, whatever the order of runs.csv's rows."""
+    rank = {config: i for i, config in enumerate(configs)}
+    ordered = runs.assign(_rank=runs["config"].map(rank)).sort_values(["_rank", "seed", "run_id"], kind="stable",
+                                                                       key=_sort_key)
+    return ordered.drop(columns="_rank").reset_index(drop=True)
+
+
 def _load_curves(path: Path, runs: pd.DataFrame) -> pd.DataFrame:
     """curves.csv, completed from run folders (``curve.csv``) for runs it lacks; with ``config``."""
     curves = _read_csv(path / "curves.csv") if (path / "curves.csv").is_file() else pd.DataFrame()
@@ -286,7 +296,10 @@ def _load_curves(path: Path, runs: pd.DataFrame) -> pd.DataFrame:
     if "point" not in curves.columns:
         curves["point"] = curves.groupby("run_id").cumcount()
     first = ["run_id", "config", "seed", "point"]
-    return curves[first + [c for c in curves.columns if c not in first]]
+    rank = {rid: i for i, rid in enumerate(runs["run_id"])}  # the runs' order, then each run's points in order
+    curves = curves.sort_values(["run_id", "point"], kind="stable",
+                                key=lambda column: column.map(rank) if column.name == "run_id" else column)
+    return curves[first + [c for c in curves.columns if c not in first]].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------ curve algebra
@@ -916,12 +929,22 @@ def _has_panel(hist: pd.DataFrame, configs: list[str], row: int, name: str) -> b
 
 # ------------------------------------------------------------------------------------------- report
 
+# No creation date in a figure, and fixed SVG ids (random by default): the same figure, the same bytes.
+_STABLE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
+_SVG_SALT = "dynexit"
+
+
 def save_figure(fig, path: str | Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
-    """Writes ``fig`` as ``path.<format>`` for each format, atomically; returns the paths."""
+    """Writes ``fig`` as ``path.<format>`` for each format, atomically and byte-stable (rendering the same
+    figure again gives the same bytes); returns the paths."""
+    import matplotlib
+
     out = []
     for fmt in formats:
         target = Path(path).with_suffix(f".{fmt}")
-        atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
+        with matplotlib.rc_context({"svg.hashsalt": _SVG_SALT}):
+            atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight",
+                                                                  metadata=_STABLE_METADATA.get(fmt)))
         out.append(target)
     return out
 
@@ -931,13 +954,22 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
                  published: bool | str = "auto") -> dict[str, list[Path]]:
     """Writes an experiment's figures and tables into ``out_dir`` (default ``RESULTS_DIR/report``):
     budgeted curves, exit shares, exit accuracy and confidence histograms (each in ``formats``), the
-    ablation table (CSV, Markdown, LaTeX) and the data behind the figures (CSV). Returns
-    ``{item: [paths]}``."""
+    ablation table (CSV, Markdown, LaTeX) and the data behind the figures (CSV). All or nothing: every file
+    is rendered into a staging folder first and moved into ``out_dir`` only when all succeeded; the same
+    results give the same bytes. Returns ``{item: [paths]}``."""
     for fmt in formats:
         if fmt not in ("png", "pdf", "svg"):
             raise ValueError(f"figure format {fmt!r} is not one of png, pdf, svg")
     results = load_results(results_dir)
     out = Path(out_dir) if out_dir is not None else results.path / "report"
+    with staged_folder(out) as stage:
+        written = _render_report(results, stage, formats, budgets, published)
+    return {item: [out / path.name for path in paths] for item, paths in written.items()}
+
+
+def _render_report(results: Results, out: Path, formats: Sequence[str], budgets: Sequence[float] | None,
+                   published: bool | str) -> dict[str, list[Path]]:
+    """Writes every file of the report into ``out``; returns ``{item: [paths]}``."""
     written: dict[str, list[Path]] = {}
 
     def csv(name: str, frame: pd.DataFrame) -> Path:
