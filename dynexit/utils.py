@@ -108,7 +108,8 @@ def staged_folder(out_dir: str | Path) -> Iterator[Path]:
     ancestor (the same file system; a failure creates no folder) and is removed either way."""
     out = Path(out_dir)
     base = next((p for p in out.parents if p.is_dir()), Path("."))
-    _sweep_once(base)
+    for folder in (base, out):
+        _sweep_once(folder)
     stage = base / temporary_name(out.name)
     stage.mkdir()
     try:

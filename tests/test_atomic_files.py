@@ -123,6 +123,10 @@ def test_staged_folder_changes_all_files_or_none(tmp_path):
             assert stage.parent == tmp_path
             raise RuntimeError("nothing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    # The next report of a new process sweeps what a killed one left in the report folder.
+    (out / temporary_name("a.csv").replace(f"-{os.getpid()}.", f"-{_dead_pid()}.")).write_text("half")
+    utils._swept.clear()
     with staged_folder(out) as stage:
         atomic_write_text(stage / "a.csv", "second")
+    assert sorted(p.name for p in out.iterdir()) == ["a.csv", "b.png"]
     assert (out / "a.csv").read_text() == "second" and (out / "b.png").read_text() == "first b.png"
