@@ -66,11 +66,17 @@ EVAL_GRIDS = ("official", "msdnet")
 
 
 def validate_run_config(cfg: RunConfig) -> None:
-    """Every check of a run's values that needs no data and no model: the architecture (preset and
-    overrides), data, train and eval sections. Raises ValueError/TypeError naming the first bad key."""
-    resolve_model(cfg.model)
+    """Every check of a run's values that needs no data and no built model: the architecture (preset and
+    overrides), data, train (with the loss weights against the model's exits) and eval sections. Raises
+    ValueError/TypeError naming the first bad key."""
+    from dynexit.models.perceiver import model_class
+    from dynexit.training.loss import check_exit_weights
+
+    exit_names = model_class(resolve_model(cfg.model)).exit_names
     validate_data_config(cfg.data)
     validate_train_config(cfg.train)
+    if len(exit_names) > 1:  # one exit: plain cross-entropy, the weights are not used
+        check_exit_weights(exit_names, cfg.train.loss_weights)
     validate_eval_config(cfg.eval)
 
 

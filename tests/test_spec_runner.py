@@ -87,6 +87,7 @@ def test_bad_grid_values(tmp_path):
     ("{data.calib_size: 0}", "data.calib_size"),
     ("{eval.criterion: confidence}", "eval.criterion"),
     ("{train.min_lr: 0.1}", "train.min_lr"),
+    ("{train.loss_weights.exit9: 1.0}", "train.loss_weights: 'exit9' is not an exit"),
 ])
 def test_one_impossible_variant_writes_nothing_and_is_named(tmp_path, bad, key, monkeypatch):
     """A value that only training, the data or the evaluation would refuse is refused for the whole grid
