@@ -106,8 +106,8 @@ def staged_folder(out_dir: str | Path) -> Iterator[Path]:
     file written into it is moved into ``out_dir`` (each atomically, replacing a file of the same name);
     when it raises, ``out_dir`` stays as it was. The staging folder lies in ``out_dir``'s nearest existing
     ancestor (the same file system; a failure creates no folder) and is removed either way."""
-    out = Path(out_dir)
-    base = next((p for p in out.parents if p.is_dir()), Path("."))
+    out = Path(out_dir).resolve()  # out_dir a link to another file system: stage on that one
+    base = next((p for p in out.parents if p.is_dir()), out)
     for folder in (base, out):
         _sweep_once(folder)
     stage = base / temporary_name(out.name)

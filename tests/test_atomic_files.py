@@ -130,3 +130,11 @@ def test_staged_folder_changes_all_files_or_none(tmp_path):
         atomic_write_text(stage / "a.csv", "second")
     assert sorted(p.name for p in out.iterdir()) == ["a.csv", "b.png"]
     assert (out / "a.csv").read_text() == "second" and (out / "b.png").read_text() == "first b.png"
+    # A report folder that links to another place is staged next to its target (the same file system).
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "link").symlink_to(tmp_path / "elsewhere")
+    with staged_folder(tmp_path / "results" / "link") as stage:
+        assert stage.parent == tmp_path
+        atomic_write_text(stage / "a.csv", "linked")
+    assert (tmp_path / "elsewhere" / "a.csv").read_text() == "linked"
