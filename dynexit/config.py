@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -47,6 +48,10 @@ def resolve_model(cfg: Any) -> PerceiverConfig:
     return preset_config(cfg.name, **model_overrides(cfg))
 
 
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+RECIPES = ("small", "imagenet")
+
+
 @dataclass
 class DataConfig:
     """Which data set, how it is split, and how it is transformed."""
@@ -67,6 +72,34 @@ class DataConfig:
     random_erasing: float = 0.25  # imagenet recipe: random-erasing probability (pixel mode)
     eval_crop_pct: float = 0.875  # imagenet recipe: eval resize to S / eval_crop_pct, centre crop S
     num_workers: int = 0  # DataLoader worker processes
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raises ValueError naming the first bad field of ``cfg`` (as ``data.<name>``)."""
+    if cfg.name not in DATASETS:
+        raise ValueError(f"data.name: unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
+    if cfg.fallback is not None and (cfg.fallback not in DATASETS or cfg.fallback == cfg.name):
+        raise ValueError(f"data.fallback: {cfg.fallback!r} must be another known data set "
+                         f"({', '.join(d for d in DATASETS if d != cfg.name)})")
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"data.recipe: unknown recipe {cfg.recipe!r}; known: {', '.join(RECIPES)}")
+    if not isinstance(cfg.image_size, int) or cfg.image_size < 8:
+        raise ValueError(f"data.image_size must be an integer >= 8, got {cfg.image_size!r}")
+    if not cfg.calib_size > 0 or (cfg.calib_size >= 1 and cfg.calib_size != int(cfg.calib_size)):
+        raise ValueError(f"data.calib_size must be a fraction in (0, 1) or a whole count >= 1, "
+                         f"got {cfg.calib_size!r}")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"data.{key} must be a positive integer or null, got {value!r}")
+    if cfg.crop_padding is not None and cfg.crop_padding < 0:
+        raise ValueError(f"data.crop_padding must be >= 0, got {cfg.crop_padding}")
+    if not 0.0 <= cfg.random_erasing <= 1.0:
+        raise ValueError(f"data.random_erasing must be a probability, got {cfg.random_erasing}")
+    if not 0.0 < cfg.eval_crop_pct <= 1.0:
+        raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
+    if cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
 
 
 # Official README: the CNN and merged exits weigh 1, the two latent exits 0.5 each.
@@ -243,6 +276,52 @@ class RunConfig:
     seed: int = 0
 
 
+def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
+    """The weights in exit order; ValueError naming any exit the model lacks or any exit without a weight."""
+    names = list(exit_names)
+    unknown = [k for k in weights if k not in names]
+    if unknown:
+        raise ValueError(f"train.loss_weights: {', '.join(repr(k) for k in unknown)} "
+                         f"{'is not an exit' if len(unknown) == 1 else 'are not exits'} of this model "
+                         f"(its exits: {', '.join(names)})")
+    missing = [k for k in names if k not in weights]
+    if missing:
+        raise ValueError(f"train.loss_weights: no weight for exit(s) {', '.join(missing)} "
+                         f"(the model's exits: {', '.join(names)}; give 0 to leave one out)")
+    return [float(weights[k]) for k in names]
+
+
+EVAL_GRIDS = ("official", "msdnet")
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Every check of a run's values that needs no data and no built model: the architecture (preset and
+    overrides), data, train (with the loss weights against the model's exits) and eval sections. Raises
+    ValueError/TypeError naming the first bad key."""
+    from dynexit.models.perceiver import model_class
+
+    exit_names = model_class(resolve_model(cfg.model)).exit_names
+    validate_data_config(cfg.data)
+    validate_train_config(cfg.train)
+    if len(exit_names) > 1:  # one exit: plain cross-entropy, the weights are not used
+        check_exit_weights(exit_names, cfg.train.loss_weights)
+    validate_eval_config(cfg.eval)
+
+
+def validate_eval_config(cfg: EvalConfig) -> None:
+    from dynexit.policies import CRITERIA
+
+    if cfg.grid not in EVAL_GRIDS:
+        raise ValueError(f"eval.grid must be one of {', '.join(EVAL_GRIDS)}, got {cfg.grid!r}")
+    if cfg.criterion not in CRITERIA:
+        raise ValueError(f"eval.criterion must be one of {', '.join(CRITERIA)}, got {cfg.criterion!r}")
+    for budget in cfg.budgets:
+        if not math.isfinite(budget) or budget <= 0:
+            raise ValueError(f"eval.budgets must be positive GMACs, got {budget!r}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be a positive integer, got {cfg.batch_size!r}")
+
+
 def to_container(cfg: Any) -> dict[str, Any]:
     """A plain dict of a dataclass config (for YAML, hashing, CSV columns)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -291,7 +370,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     cfg = merge(RunConfig, raw, where=str(path))
     if overrides:
         cfg = merge(cfg, parse_set(overrides), where="--set")
-    resolve_model(cfg.model)  # architecture errors now, before anything runs
+    validate_run_config(cfg)  # errors now, before anything runs
     return cfg
 
 

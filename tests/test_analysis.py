@@ -410,3 +410,49 @@ def test_published_points_only_for_released_presets(synthetic):
     marked = [line for line in ax.get_lines() if line.get_marker() == "x"]
     np.testing.assert_allclose(marked[0].get_xydata(), [[0.459, 68.62], [1.065, 78.32], [1.228, 79.15],
                                                         [1.298, 79.86]])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_report_is_byte_stable_whatever_the_row_order(tmp_path):
+    """The same results give the same bytes in every file (figures carry no creation date, SVG ids are
+    fixed), also when runs.csv and curves.csv list their rows in another order."""
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0,), samples=60)
+    formats = ("png", "pdf", "svg")
+    analysis.write_report(folder, formats=formats)
+    first = _files(folder / "report")
+    assert len(first) == 4 * 3 + 8 and all(first.values())  # 4 figures in 3 formats, 8 tables
+    for name in ("runs.csv", "curves.csv"):
+        rows = pd.read_csv(folder / name)
+        rows.iloc[::-1].to_csv(folder / name, index=False)
+    assert pd.read_csv(folder / "runs.csv")["run_id"].iloc[0] == "static-0"
+    analysis.write_report(folder, formats=formats)
+    again = _files(folder / "report")
+    assert [name for name in first if first[name] != again[name]] == []
+    assert list(again) == list(first)
+    assert list(pd.read_csv(folder / "report" / "run_metrics.csv")["run_id"]) == [
+        f"{variant}-0" for variant in SYNTHETIC]
+
+
+def test_a_failing_report_changes_no_file(tmp_path, capsys):
+    """A run folder tampered with after the first report: the report fails midway (its exit-behaviour
+    figures need the logits) and every file of the old report stays as it was; nothing new appears."""
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0,), samples=60)
+    assert main(["report", str(folder), "--budgets", "0.004,0.0052"]) == 0
+    before = _files(folder / "report")
+    around = sorted(p.name for p in folder.iterdir())
+    logits = folder / "runs" / "no_x2z-0" / "logits_test.npz"
+    data = np.load(logits)
+    save_logits(logits, data["logits"][:3], data["targets"])  # three exits, runs.csv lists four
+    capsys.readouterr()
+    assert main(["report", str(folder), "--budgets", "0.004,0.005"]) == 1  # other budgets: other tables
+    assert "logits_test.npz has 3 exits" in capsys.readouterr().err
+    assert _files(folder / "report") == before
+    assert sorted(p.name for p in folder.iterdir()) == around
+    # Without an old report, a failing one leaves no report folder.
+    with pytest.raises(ValueError, match="3 exits"):
+        analysis.write_report(folder, tmp_path / "elsewhere" / "report")
+    assert not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]

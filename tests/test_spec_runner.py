@@ -93,6 +93,45 @@ def test_bad_grid_values(tmp_path):
         load_spec(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("bad,key", [
+    ("{train.lr: -1}", "train.lr"),
+    ("{data.calib_size: 0}", "data.calib_size"),
+    ("{eval.criterion: confidence}", "eval.criterion"),
+    ("{train.min_lr: 0.1}", "train.min_lr"),
+    ("{train.loss_weights.exit9: 1.0}", "train.loss_weights: 'exit9' is not an exit"),
+])
+def test_one_impossible_variant_writes_nothing_and_is_named(tmp_path, bad, key, monkeypatch):
+    """A value that only training, the data or the evaluation would refuse is refused for the whole grid
+    before any folder or file exists: no run folder, error.txt, status.json, runs.csv or curves.csv."""
+    monkeypatch.setattr(dynexit.runs.pipeline, "run_pipeline", fake_pipeline())
+    out = tmp_path / "res"
+    text = SPEC.format(out=out).replace("variants:\n", f"variants:\n  culprit: {bad}\n")
+    with pytest.raises(ValueError, match=rf"variant 'culprit'.*{key}") as err:
+        run_experiment(load_spec(write_spec(tmp_path, text)), devices="cpu")
+    assert "spec.yaml" in str(err.value)
+    assert not out.exists()
+
+
+def test_the_runner_checks_every_run_itself(tmp_path, monkeypatch):
+    """An experiment changed after loading (or built in code) is checked again by the runner: the error
+    names the run, its variant and the key; an unknown executor is refused too; nothing is written."""
+    monkeypatch.setattr(dynexit.runs.pipeline, "run_pipeline", fake_pipeline())
+    out = tmp_path / "res"
+    experiment = load_spec(write_spec(tmp_path, SPEC.format(out=out)))
+    culprit = experiment.runs[5]
+    culprit.config.eval.budgets = [0.5, -1.0]
+    with pytest.raises(ValueError, match=rf"run {culprit.run_id} \(variant '{culprit.variant}'.*eval\.budgets"):
+        run_experiment(experiment, devices="cpu")
+    assert not out.exists()
+    experiment = load_spec(tmp_path / "spec.yaml")
+    experiment.executor.kind = "cloud"
+    with pytest.raises(ValueError, match="executor.kind"):
+        run_experiment(experiment, devices="cpu")
+    with pytest.raises(ValueError, match="gpu:0"):
+        run_experiment(load_spec(tmp_path / "spec.yaml"), devices="gpu:0")
+    assert not out.exists()
+
+
 def test_plan_workers():
     assert plan_workers("auto", None, 0) == [["cpu"]]
     assert plan_workers("cpu", 3, 4) == [["cpu"]] * 3

@@ -14,19 +14,29 @@ from dynexit.analysis.figures import (
     plot_exit_accuracy,
     plot_exit_shares,
 )
-from dynexit.analysis.results import load_results
+from dynexit.analysis.results import Results, load_results
 from dynexit.analysis.tables import ablation_table, curve_band, run_metrics, to_latex, to_markdown
-from dynexit.utils import atomic_write, atomic_write_text
+from dynexit.utils import atomic_write, atomic_write_text, staged_folder
 
 log = logging.getLogger(__name__)
 
 
+# No creation date in a figure, and fixed SVG ids (random by default): the same figure, the same bytes.
+_STABLE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
+_SVG_SALT = "dynexit"
+
+
 def save_figure(fig, path: str | Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
-    """Writes ``fig`` as ``path.<format>`` for each format, atomically; returns the paths."""
+    """Writes ``fig`` as ``path.<format>`` for each format, atomically and byte-stable (rendering the same
+    figure again gives the same bytes); returns the paths."""
+    import matplotlib
+
     out = []
     for fmt in formats:
         target = Path(path).with_suffix(f".{fmt}")
-        atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
+        with matplotlib.rc_context({"svg.hashsalt": _SVG_SALT}):
+            atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight",
+                                                                  metadata=_STABLE_METADATA.get(fmt)))
         out.append(target)
     return out
 
@@ -36,13 +46,22 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
                  published: bool | str = "auto") -> dict[str, list[Path]]:
     """Writes an experiment's figures and tables into ``out_dir`` (default ``RESULTS_DIR/report``):
     budgeted curves, exit shares, exit accuracy and confidence histograms (each in ``formats``), the
-    ablation table (CSV, Markdown, LaTeX) and the data behind the figures (CSV). Returns
-    ``{item: [paths]}``."""
+    ablation table (CSV, Markdown, LaTeX) and the data behind the figures (CSV). All or nothing: every file
+    is rendered into a staging folder first and moved into ``out_dir`` only when all succeeded; the same
+    results give the same bytes. Returns ``{item: [paths]}``."""
     for fmt in formats:
         if fmt not in ("png", "pdf", "svg"):
             raise ValueError(f"figure format {fmt!r} is not one of png, pdf, svg")
     results = load_results(results_dir)
     out = Path(out_dir) if out_dir is not None else results.path / "report"
+    with staged_folder(out) as stage:
+        written = _render_report(results, stage, formats, budgets, published)
+    return {item: [out / path.name for path in paths] for item, paths in written.items()}
+
+
+def _render_report(results: Results, out: Path, formats: Sequence[str], budgets: Sequence[float] | None,
+                   published: bool | str) -> dict[str, list[Path]]:
+    """Writes every file of the report into ``out``; returns ``{item: [paths]}``."""
     written: dict[str, list[Path]] = {}
 
     def csv(name: str, frame: pd.DataFrame) -> Path:

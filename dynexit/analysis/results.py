@@ -96,11 +96,12 @@ def load_results(results_dir: str | Path) -> Results:
     for rid, names in run_exit_names.items():
         if not names:
             raise ValueError(f"{path / 'runs.csv'}: run {rid} has no acc_<exit>/gmacs_<exit> columns")
-    exit_names = _union_in_order(run_exit_names.values())
 
     config_keys = _config_keys(runs)
     runs.insert(1, "config", [_label(row, config_keys) for row in runs.to_dict("records")])
     configs, reference = _order_configs(runs, config_keys, list((spec.get("variants") or {}).keys()))
+    runs = _in_display_order(runs, configs)
+    exit_names = _union_in_order(run_exit_names[rid] for rid in runs["run_id"])
     num_exits = runs["run_id"].map(lambda rid: len(run_exit_names[rid]))
     static = [c for c in configs if (num_exits[runs["config"] == c] == 1).all()]
 
@@ -212,6 +213,15 @@ def _sort_key(column: pd.Series) -> pd.Series:
     return numbers if numbers.notna().sum() == column.notna().sum() else column.astype(str)
 
 
+def _in_display_order(runs: pd.DataFrame, configs: list[str]) -> pd.DataFrame:
+    """Runs sorted by configuration (display order), seed and run id: every table and figure then follows
+    a fixed order, whatever the order of runs.csv's rows."""
+    rank = {config: i for i, config in enumerate(configs)}
+    ordered = runs.assign(_rank=runs["config"].map(rank)).sort_values(["_rank", "seed", "run_id"], kind="stable",
+                                                                       key=_sort_key)
+    return ordered.drop(columns="_rank").reset_index(drop=True)
+
+
 def _load_curves(path: Path, runs: pd.DataFrame) -> pd.DataFrame:
     """curves.csv, completed from run folders (``curve.csv``) for runs it lacks; with ``config``."""
     curves = _read_csv(path / "curves.csv") if (path / "curves.csv").is_file() else pd.DataFrame()
@@ -243,4 +253,7 @@ def _load_curves(path: Path, runs: pd.DataFrame) -> pd.DataFrame:
     if "point" not in curves.columns:
         curves["point"] = curves.groupby("run_id").cumcount()
     first = ["run_id", "config", "seed", "point"]
-    return curves[first + [c for c in curves.columns if c not in first]]
+    rank = {rid: i for i, rid in enumerate(runs["run_id"])}  # the runs' order, then each run's points in order
+    curves = curves.sort_values(["run_id", "point"], kind="stable",
+                                key=lambda column: column.map(rank) if column.name == "run_id" else column)
+    return curves[first + [c for c in curves.columns if c not in first]].reset_index(drop=True)

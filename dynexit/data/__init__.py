@@ -26,7 +26,8 @@ Mixup/CutMix and label smoothing belong to the training loop (``Splits.num_class
 """
 from __future__ import annotations
 
-from dynexit.data.datasets import CALIB_FILE, DATASETS, DIGITS_TEST_SIZE, FASHION_MNIST_DEBIAN, RECIPES, read_idx
+from dynexit.config import DATASETS, RECIPES
+from dynexit.data.datasets import CALIB_FILE, DIGITS_TEST_SIZE, FASHION_MNIST_DEBIAN, read_idx
 from dynexit.data.loaders import build_loaders
 from dynexit.data.splits import Splits, build_datasets, calibration_indices
 from dynexit.data.transforms import TensorTransform, imagenet_transform

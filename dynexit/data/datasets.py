@@ -24,8 +24,6 @@ from dynexit.config import DataConfig
 log = logging.getLogger(__name__)
 
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
-RECIPES = ("small", "imagenet")
 CALIB_FILE = "calib_indices.json"
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 # Where downloads go (and are looked for) when data.root is not set.

@@ -13,15 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dynexit.config import DataConfig
+from dynexit.config import DataConfig, validate_data_config
 from dynexit.data.datasets import (
     _INFO,
     CALIB_FILE,
-    DATASETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MAX_IN_MEMORY_BYTES,
-    RECIPES,
     FolderImages,
     InMemoryImages,
     _Arrays,
@@ -57,33 +55,6 @@ class Splits:
     classes: list[str] = field(default_factory=list)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-
-
-def _check_config(cfg: DataConfig) -> None:
-    if cfg.name not in DATASETS:
-        raise ValueError(f"data.name: unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
-    if cfg.fallback is not None and (cfg.fallback not in DATASETS or cfg.fallback == cfg.name):
-        raise ValueError(f"data.fallback: {cfg.fallback!r} must be another known data set "
-                         f"({', '.join(d for d in DATASETS if d != cfg.name)})")
-    if cfg.recipe not in RECIPES:
-        raise ValueError(f"data.recipe: unknown recipe {cfg.recipe!r}; known: {', '.join(RECIPES)}")
-    if not isinstance(cfg.image_size, int) or cfg.image_size < 8:
-        raise ValueError(f"data.image_size must be an integer >= 8, got {cfg.image_size!r}")
-    if not cfg.calib_size > 0 or (cfg.calib_size >= 1 and cfg.calib_size != int(cfg.calib_size)):
-        raise ValueError(f"data.calib_size must be a fraction in (0, 1) or a whole count >= 1, "
-                         f"got {cfg.calib_size!r}")
-    for key in ("train_subset", "test_subset"):
-        value = getattr(cfg, key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"data.{key} must be a positive integer or null, got {value!r}")
-    if cfg.crop_padding is not None and cfg.crop_padding < 0:
-        raise ValueError(f"data.crop_padding must be >= 0, got {cfg.crop_padding}")
-    if not 0.0 <= cfg.random_erasing <= 1.0:
-        raise ValueError(f"data.random_erasing must be a probability, got {cfg.random_erasing}")
-    if not 0.0 < cfg.eval_crop_pct <= 1.0:
-        raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
-    if cfg.num_workers < 0:
-        raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
 
 
 def _calib_count(cfg: DataConfig, n_train: int) -> int:
@@ -160,7 +131,7 @@ def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None) -> Splits
     FileNotFoundError. The calibration split is drawn from the training set (see
     ``calibration_indices``); ``train_subset`` then thins the rest and ``test_subset`` the test set.
     """
-    _check_config(cfg)
+    validate_data_config(cfg)
     try:
         source = _load(cfg)
     except FileNotFoundError as err:

@@ -258,5 +258,10 @@ class StaticClassifier(MultiExitModel):
         return State(images, images.new_zeros(images.shape[0], 0, 0), ())
 
 
+def model_class(cfg: PerceiverConfig) -> type[MultiExitModel]:
+    """The class ``build_model`` builds for ``cfg`` (its ``exit_names`` are known without building it)."""
+    return StaticClassifier if cfg.static else DynPerceiver
+
+
 def build_model(cfg: PerceiverConfig) -> MultiExitModel:
-    return StaticClassifier(cfg) if cfg.static else DynPerceiver(cfg)
+    return model_class(cfg)(cfg)

@@ -27,7 +27,8 @@ def run_columns(experiment: Experiment, run) -> dict:
 
 
 def aggregate(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Writes runs.csv and curves.csv for the finished runs of ``experiment``."""
+    """Writes runs.csv and curves.csv for the finished runs of ``experiment``, in the spec's order of runs
+    (not the order in which they finished): the same finished runs give the same bytes."""
     out = experiment.results_dir
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".aggregate.lock", "a") as lock:

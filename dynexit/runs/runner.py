@@ -78,31 +78,53 @@ def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, q
         aggregate(experiment)
 
 
+EXECUTORS = ("local", "slurm", "submitit_local")
+
+
+def check_experiment(experiment: Experiment) -> None:
+    """What can be wrong with an experiment before it runs, checked before anything is written: every run's
+    configuration (an error names the run, its variant and the key) and the executor."""
+    from dynexit.config import validate_run_config
+
+    where = str(experiment.path) if experiment.path else f"experiment {experiment.name!r}"
+    for run in experiment.runs:
+        try:
+            validate_run_config(run.config)
+        except (ValueError, TypeError) as err:
+            overrides = f" with {run.overrides}" if run.overrides else ""
+            raise type(err)(f"{where}: run {run.run_id} (variant {run.variant!r}{overrides}): {err}") from None
+    kind = experiment.executor.kind
+    if kind not in EXECUTORS:
+        raise ValueError(f"{where}: executor.kind must be {', '.join(EXECUTORS)}, not {kind!r}")
+    if kind != "local" and experiment.path is None:
+        raise ValueError(f"{where}: {kind} runs need the experiment to come from a spec file")
+
+
 def run_experiment(experiment: Experiment, devices: str = "auto", workers: int | None = None,
                    overrides: list[str] | None = None) -> list[Outcome]:
-    """Runs every run of the experiment that is not done; returns the outcome of each run it tried."""
+    """Runs every run of the experiment that is not done; returns the outcome of each run it tried.
+    Every configuration and the devices are checked first: a bad value writes nothing."""
     import torch
 
+    check_experiment(experiment)
+    kind = experiment.executor.kind
+    groups = (plan_workers(devices, workers, torch.cuda.device_count(), experiment.executor.gpus_per_run)
+              if kind == "local" else [])
     write_experiment_files(experiment)
     todo = [r for r in experiment.runs if run_state(run_dir(experiment, r)) not in (DONE, RUNNING)]
     log.info("%s: %d runs, %d to do", experiment.name, len(experiment.runs), len(todo))
     if not todo:
         aggregate(experiment)
         return []
-    kind = experiment.executor.kind
     if kind in ("slurm", "submitit_local"):
         outcomes = submit(experiment, todo, overrides)
-    elif kind == "local":
-        groups = plan_workers(devices, workers, torch.cuda.device_count(), experiment.executor.gpus_per_run)
-        if len(groups) == 1 or len(todo) == 1:
-            outcomes = []
-            for run in todo:
-                outcomes.append(execute(experiment, run, groups[0]))
-                aggregate(experiment)
-        else:
-            outcomes = _run_pool(experiment, todo, groups, overrides)
+    elif len(groups) == 1 or len(todo) == 1:
+        outcomes = []
+        for run in todo:
+            outcomes.append(execute(experiment, run, groups[0]))
+            aggregate(experiment)
     else:
-        raise ValueError(f"executor.kind must be local, slurm or submitit_local, not {kind!r}")
+        outcomes = _run_pool(experiment, todo, groups, overrides)
     aggregate(experiment)
     return outcomes
 

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import yaml
 from omegaconf import OmegaConf
 
-from dynexit.config import RunConfig, merge, parse_set, resolve_model, to_container
+from dynexit.config import RunConfig, merge, parse_set, to_container, validate_run_config
 from dynexit.yaml_files import read_yaml
 
 
@@ -195,7 +195,7 @@ def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, 
         cfg = merge(cfg, OmegaConf.from_dotlist([f"{k}={_yaml(v)}" for k, v in dotted.items()]), where="grid")
         if cli:
             cfg = merge(cfg, cli, where="--set")
-        resolve_model(cfg.model)
+        validate_run_config(cfg)
     except (ValueError, TypeError) as err:
         line = _line_of(path, str(err))
         raise ValueError(f"{label}: {err}{line}") from None

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynexit.config import check_exit_weights
+
 
 class LossOutput(NamedTuple):
     total: torch.Tensor  # the scalar to minimise
@@ -27,21 +29,6 @@ class LossOutput(NamedTuple):
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum_c target_c * log_softmax(logits)_c (timm's SoftTargetCrossEntropy)."""
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-
-
-def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
-    """The weights in exit order; ValueError naming any exit the model lacks or any exit without a weight."""
-    names = list(exit_names)
-    unknown = [k for k in weights if k not in names]
-    if unknown:
-        raise ValueError(f"train.loss_weights: {', '.join(repr(k) for k in unknown)} "
-                         f"{'is not an exit' if len(unknown) == 1 else 'are not exits'} of this model "
-                         f"(its exits: {', '.join(names)})")
-    missing = [k for k in names if k not in weights]
-    if missing:
-        raise ValueError(f"train.loss_weights: no weight for exit(s) {', '.join(missing)} "
-                         f"(the model's exits: {', '.join(names)}; give 0 to leave one out)")
-    return [float(weights[k]) for k in names]
 
 
 class MultiExitLoss(nn.Module):
