@@ -4,7 +4,11 @@ Each run has a folder ``<results_dir>/runs/<run_id>/``. A run holds an exclusive
 it executes (``fcntl.flock``, released by the OS even on SIGKILL), so "running" means "locked", and a
 second runner never executes a run twice. Finished runs are skipped; interrupted ones resume from their
 last checkpoint (the training loop restores everything); failed ones are marked with their error and
-retried by the next invocation while the other runs go on.
+retried by the next invocation while the other runs go on. A finished run whose ``eval`` settings have
+changed since it was evaluated ("stale") is evaluated again without training.
+
+A run computes with the CPU threads of its configuration (``train.threads``), never a share of the
+machine, so its numbers do not depend on how many workers run beside it.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
+STALE = "stale"  # done, but evaluated with other eval settings than the run's configuration has now
 
 
 def run_dir(experiment: Experiment, run: Run) -> Path:
@@ -64,13 +69,18 @@ def _locked(folder: Path) -> bool:
     return False
 
 
-def run_state(folder: Path) -> str:
-    """done | failed | running | interrupted | pending."""
+def run_state(folder: Path, eval_cfg=None) -> str:
+    """done | failed | running | interrupted | pending; with ``eval_cfg`` (the run's EvalConfig), a done run
+    whose outputs were computed with other eval settings is stale."""
     if not folder.is_dir():
         return PENDING
     if _locked(folder):
         return RUNNING
     state = read_status(folder).get("state")
+    if state == DONE and eval_cfg is not None:
+        from dynexit.pipeline import evaluation_changes
+
+        return STALE if evaluation_changes(folder, eval_cfg) else DONE
     if state in (DONE, FAILED):
         return state
     return INTERRUPTED if state == RUNNING else PENDING
@@ -93,14 +103,18 @@ def run_lock(folder: Path) -> Iterator[bool]:
 
 
 def experiment_status(experiment: Experiment) -> list[dict]:
-    """One row per run: run id, variant, overrides, state, error (if failed)."""
+    """One row per run: run id, variant, overrides, state, error (if failed, or if its re-evaluation
+    failed), and for a stale run the eval settings that changed."""
+    from dynexit.pipeline import evaluation_changes
+
     rows = []
     for run in experiment.runs:
         folder = run_dir(experiment, run)
-        state = run_state(folder)
+        state = run_state(folder, run.config.eval)
         rows.append({"run_id": run.run_id, "variant": run.variant, "state": state,
                      "overrides": run.overrides,
-                     "error": read_status(folder).get("error", "") if state == FAILED else ""})
+                     "error": read_status(folder).get("error", "") if state in (FAILED, STALE) else "",
+                     "eval_changes": evaluation_changes(folder, run.config.eval) if state == STALE else []})
     return rows
 
 
@@ -133,11 +147,11 @@ def plan_workers(devices: str, workers: int | None, cuda_count: int, gpus_per_ru
     return groups[: workers] if workers else groups
 
 
-def worker_environment(group: list[str], cpu_workers: int) -> dict[str, str]:
-    """Environment of a worker process: its GPUs only, or its share of the CPU threads."""
+def worker_environment(group: list[str]) -> dict[str, str]:
+    """Environment of a worker process: its GPUs only (no GPU for a CPU worker). Its runs set their own
+    thread counts (``train.threads``)."""
     if group[0] == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
-        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+        return {"CUDA_VISIBLE_DEVICES": ""}
     return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":")[1] for d in group)}
 
 
@@ -151,7 +165,8 @@ class Outcome:
 
 
 def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
-    """Executes one run in this process (skipping it if it is done or another process runs it)."""
+    """Executes one run in this process (skipping it if it is done or another process runs it); a done
+    run whose eval settings changed is evaluated again, without training."""
     from dynexit.pipeline import run_pipeline
 
     folder = run_dir(experiment, run)
@@ -159,10 +174,8 @@ def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
         if not acquired:
             return Outcome(run.run_id, RUNNING)
         if read_status(folder).get("state") == DONE:
-            return Outcome(run.run_id, DONE)
-        import torch
-
-        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, threads=torch.get_num_threads(),
+            return _reevaluate(run, folder, devices[0])
+        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, threads=run.config.train.threads,
                      variant=run.variant, overrides=run.overrides, error="")
         log.info("run %s (%s %s) on %s", run.run_id, run.variant, run.overrides or "", ",".join(devices))
         try:
@@ -177,18 +190,37 @@ def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
     return Outcome(run.run_id, DONE)
 
 
-def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, queue, results,
-            log_level: int = logging.INFO) -> None:
-    os.environ.update(env)
-    if "OMP_NUM_THREADS" in env:  # torch was imported (unpickling this function) before the variable was set
-        import torch
+def _reevaluate(run: Run, folder: Path, device: str) -> Outcome:
+    """A done run, evaluated again if its eval settings changed (called holding the run's lock). It stays
+    done whatever happens: a failed re-evaluation is recorded as its error and tried again next time,
+    never turned into training from scratch."""
+    from dynexit.pipeline import evaluate_run, evaluation_changes
 
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    changes = evaluation_changes(folder, run.config.eval)
+    if not changes:
+        return Outcome(run.run_id, DONE)
+    log.info("run %s (%s %s): evaluation settings changed (%s); evaluating it again without training",
+             run.run_id, run.variant, run.overrides or "", "; ".join(changes))
+    try:
+        evaluate_run(run.config, folder, device)
+    except Exception as err:  # noqa: BLE001 - recorded; the other runs go on
+        message = f"re-evaluation failed: {type(err).__name__}: {err}"
+        atomic_write_text(folder / "error.txt", traceback.format_exc())
+        write_status(folder, DONE, error=message)
+        log.error("run %s: %s", run.run_id, message)
+        return Outcome(run.run_id, FAILED, message)
+    write_status(folder, DONE, error="", reevaluated=changes)
+    return Outcome(run.run_id, DONE)
+
+
+def _worker(spec_path: str, overrides: list[str], results_dir: str, group: list[str], env: dict, queue,
+            results, log_level: int = logging.INFO) -> None:
+    os.environ.update(env)
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
     logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
     from dynexit.spec import load_spec
 
-    experiment = load_spec(spec_path, overrides)
+    experiment = load_spec(spec_path, overrides, results_dir)
     devices = group if group[0] == "cpu" else [f"cuda:{i}" for i in range(len(group))]
     while True:
         run_id = queue.get()
@@ -209,52 +241,97 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     from dynexit.results import aggregate, write_experiment_files
 
     write_experiment_files(experiment)
-    todo = [r for r in experiment.runs if run_state(run_dir(experiment, r)) not in (DONE, RUNNING)]
-    log.info("%s: %d runs, %d to do", experiment.name, len(experiment.runs), len(todo))
+    states = {r.run_id: run_state(run_dir(experiment, r), r.config.eval) for r in experiment.runs}
+    todo = [r for r in experiment.runs if states[r.run_id] not in (DONE, RUNNING)]
+    stale = sum(states[r.run_id] == STALE for r in todo)
+    log.info("%s: %d runs, %d to do (%d to evaluate again without training)", experiment.name,
+             len(experiment.runs), len(todo), stale)
     if not todo:
         aggregate(experiment)
         return []
+    progress = Progress(len(experiment.runs), len(experiment.runs) - len(todo), len(todo))
     kind = experiment.executor.kind
     if kind in ("slurm", "submitit_local"):
         from dynexit.slurm import submit
 
-        outcomes = submit(experiment, todo, overrides)
+        outcomes = submit(experiment, todo, overrides, progress)
     elif kind == "local":
         groups = plan_workers(devices, workers, torch.cuda.device_count(), experiment.executor.gpus_per_run)
+        _warn_oversubscription(groups, todo)
         if len(groups) == 1 or len(todo) == 1:
             outcomes = []
             for run in todo:
-                outcomes.append(execute(experiment, run, groups[0]))
+                outcomes.append(progress.finished(execute(experiment, run, groups[0])))
                 aggregate(experiment)
         else:
-            outcomes = _run_pool(experiment, todo, groups, overrides)
+            outcomes = _run_pool(experiment, todo, groups, overrides, progress)
     else:
         raise ValueError(f"executor.kind must be local, slurm or submitit_local, not {kind!r}")
     aggregate(experiment)
     return outcomes
 
 
+class Progress:
+    """Logs, as runs finish, how many of the experiment's runs are done, the time spent and the time left
+    (the rate of this invocation's finished runs applied to those still to do)."""
+
+    def __init__(self, total: int, done_before: int, todo: int):
+        self.total, self.done, self.todo, self.finished_now = total, done_before, todo, 0
+        self.failed = 0
+        self.start = time.monotonic()
+
+    def finished(self, outcome: Outcome) -> Outcome:
+        self.finished_now += 1
+        if outcome.state == DONE:
+            self.done += 1
+        elif outcome.state == FAILED:
+            self.failed += 1
+        elapsed = time.monotonic() - self.start
+        left = self.todo - self.finished_now
+        eta = f", about {_clock(elapsed / self.finished_now * left)} left" if left else ""
+        failed = f", {self.failed} failed" if self.failed else ""
+        log.info("progress: %d/%d runs done%s, %s elapsed%s", self.done, self.total, failed, _clock(elapsed), eta)
+        return outcome
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _warn_oversubscription(groups: list[list[str]], todo: list[Run]) -> None:
+    """CPU workers whose runs want more threads than the machine has slow each other down (the numbers
+    stay the same: each run keeps its own thread count)."""
+    cpu_workers = sum(g[0] == "cpu" for g in groups)
+    cores = os.cpu_count() or 1
+    wanted = min(cpu_workers, len(todo)) * max(r.config.train.threads for r in todo)
+    if cpu_workers and wanted > cores:
+        log.warning("%d CPU workers x up to %d threads per run (train.threads) = %d threads on %d cores: the "
+                    "runs will be slower than they could be (their numbers stay the same)", min(cpu_workers, len(todo)),
+                    max(r.config.train.threads for r in todo), wanted, cores)
+
+
 def _run_pool(experiment: Experiment, todo: list[Run], groups: list[list[str]],
-              overrides: list[str] | None) -> list[Outcome]:
+              overrides: list[str] | None, progress: Progress) -> list[Outcome]:
     if experiment.path is None:
         raise ValueError("parallel workers need the experiment to come from a spec file")
     ctx = mp.get_context("spawn")
     queue, results = ctx.Queue(), ctx.Queue()
     for run in todo:
         queue.put(run.run_id)
-    cpu_workers = sum(g[0] == "cpu" for g in groups)
     procs = []
     for group in groups:
         queue.put(None)
-        p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], group,
-                                              worker_environment(group, cpu_workers), queue, results,
+        p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], str(experiment.results_dir),
+                                              group, worker_environment(group), queue, results,
                                               logging.getLogger().getEffectiveLevel()))
         p.start()
         procs.append(p)
     outcomes: list[Outcome] = []
     while len(outcomes) < len(todo):
         try:
-            outcomes.append(results.get(timeout=1.0))
+            outcomes.append(progress.finished(results.get(timeout=1.0)))
         except queue_module.Empty:
             if not any(p.is_alive() for p in procs):
                 break  # every worker died (killed): what is left stays interrupted or pending

@@ -106,6 +106,8 @@ def fake_pipeline(fail_variant=None):
                               "calib_accuracy": [acc, acc], "calib_expected_cost": [0.1, 0.2]})
         curve.to_csv(folder / "curve.csv", index=False)
         (folder / dynexit.pipeline.SUMMARY_FILE).write_text(json.dumps({"acc_final": acc, "params": 7}))
+        record = dynexit.pipeline.evaluation_record(cfg.eval)  # the eval settings of these outputs
+        (folder / dynexit.pipeline.EVAL_FILE).write_text(json.dumps(record))
         return {}
     return run
 
