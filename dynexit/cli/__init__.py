@@ -23,6 +23,8 @@ COMMANDS = (
     "curve",
     "search",
     "report",
+    "compare",
+    "migrate_ids",
 )
 
 EPILOG = """examples:
