@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import multiprocessing as mp
 import queue as queue_module
 import os
@@ -249,14 +250,16 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     if not todo:
         aggregate(experiment)
         return []
-    progress = Progress(len(experiment.runs), len(experiment.runs) - len(todo), len(todo))
+    done_before = len(experiment.runs) - len(todo)
     kind = experiment.executor.kind
     if kind in ("slurm", "submitit_local"):
         from dynexit.slurm import submit
 
-        outcomes = submit(experiment, todo, overrides, progress)
+        parallel = experiment.executor.slurm_array_parallelism if kind == "slurm" else len(todo)
+        outcomes = submit(experiment, todo, overrides, Progress(len(experiment.runs), done_before, len(todo), parallel))
     elif kind == "local":
         groups = plan_workers(devices, workers, torch.cuda.device_count(), experiment.executor.gpus_per_run)
+        progress = Progress(len(experiment.runs), done_before, len(todo), len(groups))
         _warn_oversubscription(groups, todo)
         if len(groups) == 1 or len(todo) == 1:
             outcomes = []
@@ -272,11 +275,15 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
 
 
 class Progress:
-    """Logs, as runs finish, how many of the experiment's runs are done, the time spent and the time left
-    (the rate of this invocation's finished runs applied to those still to do)."""
+    """Logs, as runs finish, how many of the experiment's runs are done, the time spent and the time left.
 
-    def __init__(self, total: int, done_before: int, todo: int):
+    The time left assumes ``parallel`` runs at a time: the runs still to do, in rounds of ``parallel``, at
+    the time a round has taken so far (the first of two workers to finish does not mean one run per that
+    time)."""
+
+    def __init__(self, total: int, done_before: int, todo: int, parallel: int = 1):
         self.total, self.done, self.todo, self.finished_now = total, done_before, todo, 0
+        self.parallel = max(1, min(parallel, todo))
         self.failed = 0
         self.start = time.monotonic()
 
@@ -288,7 +295,8 @@ class Progress:
             self.failed += 1
         elapsed = time.monotonic() - self.start
         left = self.todo - self.finished_now
-        eta = f", about {_clock(elapsed / self.finished_now * left)} left" if left else ""
+        per_round = elapsed / math.ceil(self.finished_now / self.parallel)
+        eta = f", about {_clock(per_round * math.ceil(left / self.parallel))} left" if left else ""
         failed = f", {self.failed} failed" if self.failed else ""
         log.info("progress: %d/%d runs done%s, %s elapsed%s", self.done, self.total, failed, _clock(elapsed), eta)
         return outcome
