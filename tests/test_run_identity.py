@@ -327,3 +327,18 @@ def test_compare_with_a_reference(trained, tmp_path, capsys):
     runs.to_csv(results / "runs.csv", index=False)
     verdicts = [c.verdict for c in compare_results(results, trained).checks]
     assert verdicts == [DIFFERS, MISSING]
+
+
+def test_make_quickstart_trains_into_an_ignored_folder_and_compares_with_the_reference():
+    import re
+    import subprocess
+
+    makefile = (ROOT / "Makefile").read_text()
+    out = re.search(r"^QUICKSTART_OUT \?= (\S+)$", makefile, re.M).group(1)
+    recipe = re.search(r"^quickstart:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    commands = [line.strip().replace("$(QUICKSTART_OUT)", out) for line in recipe.splitlines()]
+    assert commands == [f"$(BIN)/dynexit run experiments/quickstart.yaml --devices cpu --workers 2 --results-dir {out}",
+                        f"$(BIN)/dynexit report {out}",
+                        f"$(BIN)/dynexit compare {out} results/quickstart"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/runs.csv"], cwd=ROOT)
+    assert ignored.returncode == 0, f"{out} is not ignored by git"
