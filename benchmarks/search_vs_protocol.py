@@ -8,7 +8,7 @@ in test accuracy (searched minus protocol, points) over the protocol points insi
 cost range, and the mean difference of the two curves over their shared cost range.
 
     python benchmarks/search_vs_protocol.py [RUN_DIR ...]
-    python benchmarks/search_vs_protocol.py results/quickstart/runs/8a5687119a
+    python benchmarks/search_vs_protocol.py results/quickstart/runs/cedd982074
 """
 from __future__ import annotations
 

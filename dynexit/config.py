@@ -152,11 +152,12 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) (timm), capped at ema_decay
     # Speed and devices.
+    threads: int = 1  # CPU threads of the run (torch); part of its identity: the thread count changes the numbers
     channels_last: bool = True  # NHWC tensors: several times faster depthwise convolutions on CPU
     amp: bool = False  # bfloat16 autocast (CUDA only; ignored with a warning elsewhere)
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only, as torch's SyncBatchNorm)
     freeze_bn: bool = False  # BatchNorm layers normalise with their running statistics and do not update them
-    deterministic: bool = False  # deterministic CUDA kernels (cuDNN, cuBLAS); CPU runs are deterministic anyway
+    deterministic: bool = False  # deterministic CUDA kernels (cuDNN, cuBLAS); CPU runs always use deterministic ones
     # Reporting.
     eval_every: int = 1  # evaluate calibration and test splits every N epochs (and always after the last)
     progress: Optional[bool] = None  # tqdm bar per epoch; None: only on a terminal
@@ -185,7 +186,7 @@ def _number(cfg: TrainConfig, name: str, low: float, high: float = math.inf, low
 
 def validate_train_config(cfg: TrainConfig) -> None:
     """Raises ValueError/TypeError naming the first bad field of ``cfg`` (field names as ``train.<name>``)."""
-    for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
+    for name in ("epochs", "batch_size", "accum_steps", "eval_every", "threads"):
         _positive_int(cfg, name)
     _positive_int(cfg, "eval_batch_size", allow_none=True)
     _number(cfg, "lr", 0.0, low_open=True)

@@ -147,6 +147,26 @@ def _msdnet_checkpoint(root: Path, words: list[str]) -> None:
     torch.save({"epoch": 1, "arch": "msdnet", "state_dict": state, "best_prec1": 0.0}, root / words[2])
 
 
+def _old_run_folders(root: Path) -> None:
+    """For the migrate-ids examples: the committed Fashion-MNIST results with their run folder under a name
+    that is not its current id (results/fashion_mnist), and the same without any record of the run's threads
+    (results/old_copy, read through my_spec.yaml)."""
+    source = ROOT / "results" / "fashion_mnist"
+    for name, keep_threads in (("fashion_mnist", True), ("old_copy", False)):
+        target = root / "results" / name
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint.pt", "tb", ".lock"))
+        (folder,) = [p for p in (target / "runs").iterdir() if p.is_dir()]
+        folder = folder.rename(folder.with_name("0000000000"))
+        if not keep_threads:
+            status = json.loads((folder / "status.json").read_text())
+            status.pop("threads", None)
+            (folder / "status.json").write_text(json.dumps(status))
+            config = (folder / "config.yaml").read_text()
+            (folder / "config.yaml").write_text("".join(line for line in config.splitlines(keepends=True)
+                                                        if not line.strip().startswith("threads:")))
+    shutil.copy(root / "experiments" / "fashion_mnist.yaml", root / "my_spec.yaml")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, one_torch_thread) -> Path:
     """A scratch folder with the specs and stand-ins for every file an example reads."""
@@ -167,8 +187,10 @@ def workdir(tmp_path_factory, one_torch_thread) -> Path:
         if words[1] == "convert-msdnet":
             _msdnet_checkpoint(root, words)
     _official_checkpoints(root)
+    _old_run_folders(root)
     results = write_synthetic_results(root / "results" / "quickstart", seeds=(0,), samples=60)
     shutil.copy(root / "experiments" / "quickstart.yaml", results / "experiment.yaml")  # as 'dynexit run' keeps it
+    shutil.copytree(results, root / "runs" / "quickstart")  # a reproduction, for the compare examples
     return root
 
 

@@ -375,6 +375,25 @@ def test_loss_weight_search_prunes_poor_trials_and_writes_a_spec_fragment(tmp_pa
     assert run.config.train.distill_alpha == pytest.approx(best["distill_alpha"], rel=1e-5)
 
 
+def test_a_loss_weight_study_is_not_resumed_with_another_objective(tmp_path):
+    """Run ids leave eval out, but the objective's curve follows eval.criterion and eval.grid."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(out=tmp_path / "res", epochs=1))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def trainer(cfg, run_dir, device=None, resume=True, on_epoch_end=None):
+        on_epoch_end(epoch=1, model=None, ema=None)
+
+    def scorer(model, cfg, folder):
+        return 50.0
+
+    search_loss_weights(spec, n_trials=1, storage=storage, trainer=trainer, scorer=scorer)
+    with pytest.raises(ValueError, match="other objective_eval"):
+        search_loss_weights(spec, n_trials=2, storage=storage, trainer=trainer, scorer=scorer,
+                            overrides=["eval.criterion=entropy"])
+    assert len(search_loss_weights(spec, n_trials=2, storage=storage, trainer=trainer, scorer=scorer).trials) == 2
+
+
 def test_baseline_trial_keeps_the_base_ratios_and_needs_the_space_to_hold_them():
     names = ("early3", "att", "cnn", "merge")
     cfg = TrainConfig(loss_weights={"early3": 1.0, "att": 0.4, "cnn": 2.0, "merge": 2.0}, distill_alpha=1.0,

@@ -10,11 +10,13 @@ import pytest
 import dynexit.runs.pipeline
 from dynexit.runs.folders import (
     DONE,
+    EVAL_FILE,
     FAILED,
     INTERRUPTED,
     PENDING,
     RUNNING,
     SUMMARY_FILE,
+    evaluation_record,
     experiment_status,
     run_lock,
     run_state,
@@ -156,6 +158,8 @@ def fake_pipeline(fail_variant=None):
                               "calib_accuracy": [acc, acc], "calib_expected_cost": [0.1, 0.2]})
         curve.to_csv(folder / "curve.csv", index=False)
         (folder / SUMMARY_FILE).write_text(json.dumps({"acc_final": acc, "params": 7}))
+        record = evaluation_record(cfg.eval)  # the eval settings of these outputs
+        (folder / EVAL_FILE).write_text(json.dumps(record))
         return {}
     return run
 
@@ -214,3 +218,23 @@ def test_status_command_from_results_folder(tmp_path, monkeypatch, capsys):
     assert main(["status", str(tmp_path / "res")]) == 0
     out = capsys.readouterr().out
     assert "done: 16" in out and "failed: 8" in out and "static exploded" in out
+
+
+def test_progress_counts_runs_and_estimates_the_time_left_in_rounds_of_parallel_runs(monkeypatch, caplog):
+    import logging
+
+    import dynexit.runs.runner
+    from dynexit.runs.execute import Outcome
+    from dynexit.runs.runner import Progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(dynexit.runs.runner.time, "monotonic", lambda: clock[0])
+    progress = Progress(total=14, done_before=0, todo=14, parallel=2)
+    with caplog.at_level(logging.INFO, logger="dynexit.runs.runner"):
+        clock[0] += 300  # the first of two runs side by side: 12 more after the other, 6 rounds of 5 min
+        progress.finished(Outcome("a", DONE))
+        clock[0] += 2
+        progress.finished(Outcome("b", FAILED, "boom"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "progress: 1/14 runs done, 5:00 elapsed, about 35:00 left"
+    assert lines[1] == "progress: 1/14 runs done, 1 failed, 5:02 elapsed, about 30:12 left"

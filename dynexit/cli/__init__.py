@@ -12,11 +12,26 @@ import argparse
 import logging
 import sys
 
-from dynexit.cli import bench, convert, convert_msdnet, costs, curve, models, report, run, search, status, train
+from dynexit.cli import (
+    bench,
+    compare,
+    convert,
+    convert_msdnet,
+    costs,
+    curve,
+    migrate_ids,
+    models,
+    report,
+    run,
+    search,
+    status,
+    train,
+)
 from dynexit.cli.options import SET_RULE, HelpFormatter
 
 # Subcommand modules, in the order ``dynexit --help`` lists them.
-COMMANDS = (models, costs, bench, convert, convert_msdnet, train, run, status, curve, search, report)
+COMMANDS = (models, costs, bench, convert, convert_msdnet, train, run, status, curve, search, report, compare,
+            migrate_ids)
 
 EPILOG = f"""examples:
   dynexit models

@@ -8,9 +8,13 @@ EPILOG = """examples:
   dynexit run experiments/quickstart.yaml --dry-run
   dynexit run experiments/imagenet_ablations.yaml --devices cuda:0,cuda:1 --set train.epochs=50
   dynexit run experiments/quickstart.yaml --devices cpu --workers 2
+  dynexit run experiments/quickstart.yaml --results-dir runs/quickstart
 
 Running the same command again skips finished runs and resumes interrupted ones from their last
-checkpoint. Results: <results_dir>/runs.csv and curves.csv, one folder per run under runs/.
+checkpoint. A run's id covers what determines its weights (model, data, train, seed), not its eval
+section: when only eval settings change, finished runs are evaluated again without training. Each run
+computes with its own train.threads CPU threads, so --workers changes the speed, not the numbers.
+Results: <results_dir>/runs.csv and curves.csv, one folder per run under runs/.
 
 """ + SET_RULE
 
@@ -26,6 +30,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--devices", default="auto", help="auto | cpu | cuda:0,cuda:1,... (default: auto)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel workers (default: one per GPU, or 1 on the CPU)")
+    p.add_argument("--results-dir", metavar="DIR", default=None,
+                   help="write the results here instead of the spec's results_dir")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what is done; run nothing")
     p.set_defaults(func=run)
 
@@ -36,7 +42,7 @@ def run(args) -> int:
     from dynexit.runs.runner import run_experiment
     from dynexit.runs.spec import load_spec
 
-    experiment = load_spec(args.spec, args.set)
+    experiment = load_spec(args.spec, args.set, args.results_dir)
     if args.dry_run:
         print_status(experiment)
         return 0

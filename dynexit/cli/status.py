@@ -14,7 +14,8 @@ EPILOG = """examples:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "status", help="show the state of every run of an experiment",
-        description="Show which runs of an experiment are done, running, failed, interrupted or pending. "
+        description="Show which runs of an experiment are done, stale (done, but evaluated with other eval "
+                    "settings: the next run evaluates them again), running, failed, interrupted or pending. "
                     "Takes the spec, or the results folder (which keeps a copy of the spec).",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("target", help="SPEC.yaml or RESULTS_DIR")
@@ -29,6 +30,8 @@ def print_status(experiment) -> None:
     print(f"{'run':<11} {'state':<12} {'variant':<14} overrides / error")
     for row in rows:
         detail = row["error"] or ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
+        if row["eval_changes"]:
+            detail += f"  [to evaluate again: {'; '.join(row['eval_changes'])}]"
         print(f"{row['run_id']:<11} {row['state']:<12} {row['variant']:<14} {detail}")
     counts = Counter(row["state"] for row in rows)
     print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())))

@@ -6,8 +6,18 @@ import logging
 import os
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
-from dynexit.runs.folders import DONE, FAILED, RUNNING, read_status, run_dir, run_lock, write_status
+from dynexit.runs.folders import (
+    DONE,
+    FAILED,
+    RUNNING,
+    evaluation_changes,
+    read_status,
+    run_dir,
+    run_lock,
+    write_status,
+)
 from dynexit.runs.spec import Experiment, Run
 from dynexit.utils import atomic_write_text
 
@@ -22,7 +32,8 @@ class Outcome:
 
 
 def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
-    """Executes one run in this process (skipping it if it is done or another process runs it)."""
+    """Executes one run in this process (skipping it if it is done or another process runs it); a done
+    run whose eval settings changed is evaluated again, without training."""
     from dynexit.runs.pipeline import run_pipeline
 
     folder = run_dir(experiment, run)
@@ -30,10 +41,8 @@ def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
         if not acquired:
             return Outcome(run.run_id, RUNNING)
         if read_status(folder).get("state") == DONE:
-            return Outcome(run.run_id, DONE)
-        import torch
-
-        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, threads=torch.get_num_threads(),
+            return _reevaluate(run, folder, devices[0])
+        write_status(folder, RUNNING, pid=os.getpid(), devices=devices, threads=run.config.train.threads,
                      variant=run.variant, overrides=run.overrides, error="")
         log.info("run %s (%s %s) on %s", run.run_id, run.variant, run.overrides or "", ",".join(devices))
         try:
@@ -45,4 +54,27 @@ def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
             log.error("run %s failed: %s", run.run_id, message)
             return Outcome(run.run_id, FAILED, message)
         write_status(folder, DONE)
+    return Outcome(run.run_id, DONE)
+
+
+def _reevaluate(run: Run, folder: Path, device: str) -> Outcome:
+    """A done run, evaluated again if its eval settings changed (called holding the run's lock). It stays
+    done whatever happens: a failed re-evaluation is recorded as its error and tried again next time,
+    never turned into training from scratch."""
+    from dynexit.runs.pipeline import evaluate_run
+
+    changes = evaluation_changes(folder, run.config.eval)
+    if not changes:
+        return Outcome(run.run_id, DONE)
+    log.info("run %s (%s %s): evaluation settings changed (%s); evaluating it again without training",
+             run.run_id, run.variant, run.overrides or "", "; ".join(changes))
+    try:
+        evaluate_run(run.config, folder, device)
+    except Exception as err:  # noqa: BLE001 - recorded; the other runs go on
+        message = f"re-evaluation failed: {type(err).__name__}: {err}"
+        atomic_write_text(folder / "error.txt", traceback.format_exc())
+        write_status(folder, DONE, error=message)
+        log.error("run %s: %s", run.run_id, message)
+        return Outcome(run.run_id, FAILED, message)
+    write_status(folder, DONE, error="", reevaluated=changes)
     return Outcome(run.run_id, DONE)

@@ -3,6 +3,11 @@ the budgeted curve and anytime accuracies, and a summary; every file lands in th
 
 Each step skips itself when its output exists (after a crash the run resumes where it stopped); the
 training loop resumes from its last checkpoint by itself.
+
+Evaluation stands apart from training: ``eval.json`` records the ``eval`` settings the run's outputs were
+computed with, and ``evaluate_run`` brings a trained run's outputs up to date with new settings without
+training: the curve, anytime accuracies and summary from the saved logits, the logits themselves again
+from the checkpoint only when a setting they depend on changed (``LOGIT_SETTINGS``).
 """
 from __future__ import annotations
 
@@ -17,27 +22,70 @@ import pandas as pd
 
 from dynexit.config import RunConfig, save_yaml
 from dynexit.curves import accuracy_at_budget
-from dynexit.runs.folders import SUMMARY_FILE
+from dynexit.runs.folders import (
+    EVAL_FILE,
+    LOGIT_SETTINGS,
+    SUMMARY_FILE,
+    evaluation_record,
+    read_evaluation_record,
+)
 from dynexit.utils import atomic_write, atomic_write_text, read_csv_file, read_json_file
 
 log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str]) -> dict:
-    """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary."""
+    """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary.
+
+    It computes with ``cfg.train.threads`` CPU threads, with deterministic algorithms on the CPU."""
+    from dynexit.training.determinism import run_threads
+
     folder = Path(folder)
-    train_seconds = _train(cfg, folder, devices)
-    model = _trained_model(cfg, folder)
-    device = devices[0]
-    calib, test = _logits(cfg, folder, model, device)
+    with run_threads(cfg.train.threads, deterministic_cpu=devices[0] == "cpu"):
+        _train(cfg, folder, devices)
+        return _evaluate(cfg, folder, devices[0])
+
+
+def evaluate_run(cfg: RunConfig, folder: Path, device: str = "cpu") -> dict:
+    """Brings the outputs of the trained run in ``folder`` up to date with ``cfg.eval``, without training:
+    the logits from the checkpoint only when a setting in ``LOGIT_SETTINGS`` changed (or they are missing),
+    then the curve, anytime accuracies and summary. Returns the summary."""
+    from dynexit.training.determinism import run_threads
+
+    folder = Path(folder)
+    with run_threads(cfg.train.threads, deterministic_cpu=device == "cpu"):
+        return _evaluate(cfg, folder, device)
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    atomic_write_text(folder / EVAL_FILE, json.dumps(record, indent=2))
+
+
+# --------------------------------------------------------------------------- steps
+
+def _evaluate(cfg: RunConfig, folder: Path, device: str) -> dict:
+    want = evaluation_record(cfg.eval)
+    record = read_evaluation_record(folder)
+    model = None
+    logit_paths = _logit_paths(folder)
+    if record.get("logits") == want["logits"] and all(p.is_file() for p in logit_paths.values()):
+        calib, test = _load_logits(logit_paths)
+    else:
+        model = _trained_model(cfg, folder)
+        calib, test = _collect_logits(cfg, folder, model, device)
+        record = {"logits": want["logits"]}  # the outputs computed from the old logits are stale now
+        _write_record(folder, record)
     costs = _costs(cfg, folder, model)
     curve, anytime = _curves(cfg, folder, calib, test, costs)
-    summary = summarize(cfg, model, costs, curve, anytime, train_seconds)
+    names = [str(e) for e in costs["exit"]]
+    summary = summarize(cfg, _parameters(cfg, model), names, costs, curve, anytime, _train_seconds(folder))
     atomic_write_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2))
+    save_yaml(cfg, folder / "config.yaml")  # the run's resolved configuration, with the eval it now has
+    _write_record(folder, want)
     return summary
 
 
-def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> float:
+def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> None:
     from dynexit.training import train
 
     if len(devices) > 1:  # several GPUs for one run: torchrun, then evaluate here
@@ -46,37 +94,65 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> float:
                "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder)]
         log.info("launching %s", " ".join(cmd))
         subprocess.run(cmd, check=True, env=os.environ.copy())
-        result_file = folder / "train_result.json"
-        if not result_file.is_file():
-            return float("nan")
-        return float(read_json_file(result_file, "training result").get("wall_time", float("nan")))
-    result = train(cfg, folder, device=devices[0], resume=True)
-    return float(result.wall_time)
+        return
+    train(cfg, folder, device=devices[0], resume=True)
+
+
+def _train_seconds(folder: Path) -> float:
+    """Seconds spent training, summed over resumed sessions (NaN when the run folder does not say)."""
+    from dynexit.training.loop import RESULT_FILE
+
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return float("nan")
+    return float(read_json_file(path, "training result").get("wall_time", float("nan")))
 
 
 def _trained_model(cfg: RunConfig, folder: Path):
     from dynexit.models.checkpoint import load_model
 
-    return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema)
+    path = folder / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run's logits must be collected again (they are "
+                                f"missing, or eval.{' or eval.'.join(LOGIT_SETTINGS)} changed) and that needs "
+                                f"its checkpoint; restore it, or delete {folder} to train the run again")
+    return load_model(path, ema=cfg.eval.use_ema)
 
 
-def _logits(cfg: RunConfig, folder: Path, model, device: str):
+def _logit_paths(folder: Path) -> dict[str, Path]:
+    return {split: folder / f"logits_{split}.npz" for split in ("calib", "test")}
+
+
+def _load_logits(paths: dict[str, Path]):
+    from dynexit.logits import load_logits
+
+    return tuple(load_logits(p) for p in paths.values())
+
+
+def _collect_logits(cfg: RunConfig, folder: Path, model, device: str):
     from dynexit.data import build_datasets, build_loaders
-    from dynexit.logits import collect_logits, load_logits, save_logits
+    from dynexit.logits import collect_logits, save_logits
 
-    paths = {split: folder / f"logits_{split}.npz" for split in ("calib", "test")}
-    if all(p.is_file() for p in paths.values()):
-        return tuple(load_logits(p) for p in paths.values())
     splits = build_datasets(cfg.data, folder)
     loaders = build_loaders(splits, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                             seed=cfg.seed)
     model.to(device)  # load_model gives a CPU model; the batches go to ``device``
     out = []
-    for split, path in paths.items():
+    for split, path in _logit_paths(folder).items():
         logits, targets = collect_logits(model, loaders[split], device=device)
         save_logits(path, logits, targets)
         out.append((logits, targets))
     return tuple(out)
+
+
+def _parameters(cfg: RunConfig, model) -> int:
+    """The model's parameter count; without a loaded model, that of its architecture built afresh."""
+    if model is None:
+        from dynexit.config import resolve_model
+        from dynexit.models import build_model
+
+        model = build_model(resolve_model(cfg.model))
+    return int(sum(p.numel() for p in model.parameters()))
 
 
 def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
@@ -85,6 +161,8 @@ def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
     path = folder / "costs.csv"
     if path.is_file():
         return read_csv_file(path, "costs file")
+    if model is None:
+        model = _trained_model(cfg, folder)
     costs = exit_costs(model.cpu(), input_size=cfg.data.image_size)
     atomic_write(path, lambda tmp: costs.to_csv(tmp, index=False))
     return costs
@@ -110,12 +188,10 @@ def _curves(cfg: RunConfig, folder: Path, calib, test, costs: pd.DataFrame):
     return curve, anytime
 
 
-def summarize(cfg: RunConfig, model, costs: pd.DataFrame, curve: pd.DataFrame, anytime: pd.DataFrame,
-              train_seconds: float) -> dict:
+def summarize(cfg: RunConfig, params: int, names: list[str], costs: pd.DataFrame, curve: pd.DataFrame,
+              anytime: pd.DataFrame, train_seconds: float) -> dict:
     """The run's row of runs.csv: per-exit test accuracy and cost, parameters, time, curve summaries."""
-    names = list(model.exit_names)
-    row: dict = {"params": int(sum(p.numel() for p in model.parameters())), "train_seconds": train_seconds,
-                 "num_exits": len(names)}
+    row: dict = {"params": int(params), "train_seconds": train_seconds, "num_exits": len(names)}
     for k, name in enumerate(names):
         row[f"acc_{name}"] = float(anytime["accuracy"].iloc[k])
         row[f"gmacs_{name}"] = float(costs["gmacs"].iloc[k])
@@ -127,4 +203,3 @@ def summarize(cfg: RunConfig, model, costs: pd.DataFrame, curve: pd.DataFrame, a
     for budget in cfg.eval.budgets:
         row[f"acc_at_{budget:g}"] = accuracy_at_budget(curve["test_expected_cost"], curve["test_accuracy"], budget)
     return row
-

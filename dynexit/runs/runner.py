@@ -3,18 +3,24 @@
 Each run has a folder ``<results_dir>/runs/<run_id>/`` (:mod:`dynexit.runs.folders`); a run locks it while
 it executes, so a second runner never executes a run twice. Finished runs are skipped; interrupted ones
 resume from their last checkpoint (the training loop restores everything); failed ones are marked with
-their error and retried by the next invocation while the other runs go on.
+their error and retried by the next invocation while the other runs go on. A finished run whose ``eval``
+settings have changed since it was evaluated ("stale") is evaluated again without training.
+
+A run computes with the CPU threads of its configuration (``train.threads``), never a share of the
+machine, so its numbers do not depend on how many workers run beside it.
 """
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue as queue_module
+import time
 
 from dynexit.runs.aggregate import aggregate, write_experiment_files
 from dynexit.runs.execute import Outcome, execute
-from dynexit.runs.folders import DONE, RUNNING, run_dir, run_state
+from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, run_dir, run_state
 from dynexit.runs.slurm import submit
 from dynexit.runs.spec import Experiment, Run, load_spec
 
@@ -50,24 +56,20 @@ def plan_workers(devices: str, workers: int | None, cuda_count: int, gpus_per_ru
     return groups[: workers] if workers else groups
 
 
-def worker_environment(group: list[str], cpu_workers: int) -> dict[str, str]:
-    """Environment of a worker process: its GPUs only, or its share of the CPU threads."""
+def worker_environment(group: list[str]) -> dict[str, str]:
+    """Environment of a worker process: its GPUs only (no GPU for a CPU worker). Its runs set their own
+    thread counts (``train.threads``)."""
     if group[0] == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
-        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+        return {"CUDA_VISIBLE_DEVICES": ""}
     return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":")[1] for d in group)}
 
 
-def _worker(spec_path: str, overrides: list[str], group: list[str], env: dict, queue, results,
-            log_level: int = logging.INFO) -> None:
+def _worker(spec_path: str, overrides: list[str], results_dir: str, group: list[str], env: dict, queue,
+            results, log_level: int = logging.INFO) -> None:
     os.environ.update(env)
-    if "OMP_NUM_THREADS" in env:  # torch was imported (unpickling this function) before the variable was set
-        import torch
-
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
     logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
-    experiment = load_spec(spec_path, overrides)
+    experiment = load_spec(spec_path, overrides, results_dir)
     devices = group if group[0] == "cpu" else [f"cuda:{i}" for i in range(len(group))]
     while True:
         run_id = queue.get()
@@ -111,45 +113,98 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     groups = (plan_workers(devices, workers, torch.cuda.device_count(), experiment.executor.gpus_per_run)
               if kind == "local" else [])
     write_experiment_files(experiment)
-    todo = [r for r in experiment.runs if run_state(run_dir(experiment, r)) not in (DONE, RUNNING)]
-    log.info("%s: %d runs, %d to do", experiment.name, len(experiment.runs), len(todo))
+    states = {r.run_id: run_state(run_dir(experiment, r), r.config.eval) for r in experiment.runs}
+    todo = [r for r in experiment.runs if states[r.run_id] not in (DONE, RUNNING)]
+    stale = sum(states[r.run_id] == STALE for r in todo)
+    log.info("%s: %d runs, %d to do (%d to evaluate again without training)", experiment.name,
+             len(experiment.runs), len(todo), stale)
     if not todo:
         aggregate(experiment)
         return []
+    done_before = len(experiment.runs) - len(todo)
     if kind in ("slurm", "submitit_local"):
-        outcomes = submit(experiment, todo, overrides)
-    elif len(groups) == 1 or len(todo) == 1:
-        outcomes = []
-        for run in todo:
-            outcomes.append(execute(experiment, run, groups[0]))
-            aggregate(experiment)
+        parallel = experiment.executor.slurm_array_parallelism if kind == "slurm" else len(todo)
+        outcomes = submit(experiment, todo, overrides, Progress(len(experiment.runs), done_before, len(todo), parallel))
     else:
-        outcomes = _run_pool(experiment, todo, groups, overrides)
+        progress = Progress(len(experiment.runs), done_before, len(todo), len(groups))
+        _warn_oversubscription(groups, todo)
+        if len(groups) == 1 or len(todo) == 1:
+            outcomes = []
+            for run in todo:
+                outcomes.append(progress.finished(execute(experiment, run, groups[0])))
+                aggregate(experiment)
+        else:
+            outcomes = _run_pool(experiment, todo, groups, overrides, progress)
     aggregate(experiment)
     return outcomes
 
 
+class Progress:
+    """Logs, as runs finish, how many of the experiment's runs are done, the time spent and the time left.
+
+    The time left assumes ``parallel`` runs at a time: the runs still to do, in rounds of ``parallel``, at
+    the time a round has taken so far (the first of two workers to finish does not mean one run per that
+    time)."""
+
+    def __init__(self, total: int, done_before: int, todo: int, parallel: int = 1):
+        self.total, self.done, self.todo, self.finished_now = total, done_before, todo, 0
+        self.parallel = max(1, min(parallel, todo))
+        self.failed = 0
+        self.start = time.monotonic()
+
+    def finished(self, outcome: Outcome) -> Outcome:
+        self.finished_now += 1
+        if outcome.state == DONE:
+            self.done += 1
+        elif outcome.state == FAILED:
+            self.failed += 1
+        elapsed = time.monotonic() - self.start
+        left = self.todo - self.finished_now
+        per_round = elapsed / math.ceil(self.finished_now / self.parallel)
+        eta = f", about {_clock(per_round * math.ceil(left / self.parallel))} left" if left else ""
+        failed = f", {self.failed} failed" if self.failed else ""
+        log.info("progress: %d/%d runs done%s, %s elapsed%s", self.done, self.total, failed, _clock(elapsed), eta)
+        return outcome
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _warn_oversubscription(groups: list[list[str]], todo: list[Run]) -> None:
+    """CPU workers whose runs want more threads than the machine has slow each other down (the numbers
+    stay the same: each run keeps its own thread count)."""
+    cpu_workers = sum(g[0] == "cpu" for g in groups)
+    cores = os.cpu_count() or 1
+    wanted = min(cpu_workers, len(todo)) * max(r.config.train.threads for r in todo)
+    if cpu_workers and wanted > cores:
+        log.warning("%d CPU workers x up to %d threads per run (train.threads) = %d threads on %d cores: the "
+                    "runs will be slower than they could be (their numbers stay the same)", min(cpu_workers, len(todo)),
+                    max(r.config.train.threads for r in todo), wanted, cores)
+
+
 def _run_pool(experiment: Experiment, todo: list[Run], groups: list[list[str]],
-              overrides: list[str] | None) -> list[Outcome]:
+              overrides: list[str] | None, progress: Progress) -> list[Outcome]:
     if experiment.path is None:
         raise ValueError("parallel workers need the experiment to come from a spec file")
     ctx = mp.get_context("spawn")
     queue, results = ctx.Queue(), ctx.Queue()
     for run in todo:
         queue.put(run.run_id)
-    cpu_workers = sum(g[0] == "cpu" for g in groups)
     procs = []
     for group in groups:
         queue.put(None)
-        p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], group,
-                                              worker_environment(group, cpu_workers), queue, results,
+        p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], str(experiment.results_dir),
+                                              group, worker_environment(group), queue, results,
                                               logging.getLogger().getEffectiveLevel()))
         p.start()
         procs.append(p)
     outcomes: list[Outcome] = []
     while len(outcomes) < len(todo):
         try:
-            outcomes.append(results.get(timeout=1.0))
+            outcomes.append(progress.finished(results.get(timeout=1.0)))
         except queue_module.Empty:
             if not any(p.is_alive() for p in procs):
                 break  # every worker died (killed): what is left stays interrupted or pending

@@ -11,11 +11,12 @@ from dynexit.runs.spec import Experiment, Run, load_spec
 log = logging.getLogger(__name__)
 
 
-def _job(spec_path: str, overrides: list[str], run_id: str):
-    """What one job runs: the run, then the experiment's aggregate files."""
+def _job(spec_path: str, overrides: list[str], results_dir: str, run_id: str):
+    """What one job runs: the run (with its own thread count, ``train.threads``), then the experiment's
+    aggregate files."""
     import torch
 
-    experiment = load_spec(spec_path, overrides)
+    experiment = load_spec(spec_path, overrides, results_dir)
     n = torch.cuda.device_count()
     devices = [f"cuda:{i}" for i in range(min(n, experiment.executor.gpus_per_run))] if n else ["cpu"]
     outcome = execute(experiment, experiment.run(run_id), devices)
@@ -23,7 +24,9 @@ def _job(spec_path: str, overrides: list[str], run_id: str):
     return outcome
 
 
-def submit(experiment: Experiment, runs: list[Run], overrides: list[str] | None):
+def submit(experiment: Experiment, runs: list[Run], overrides: list[str] | None, progress=None):
+    """Submits one job per run and waits for them; ``progress`` (a ``dynexit.runs.runner.Progress``) hears of
+    each outcome as its job is collected."""
     import submitit
 
     if experiment.path is None:
@@ -40,6 +43,11 @@ def submit(experiment: Experiment, runs: list[Run], overrides: list[str] | None)
         if ex.slurm_account:
             params["slurm_account"] = ex.slurm_account
     executor.update_parameters(**params)
-    jobs = [executor.submit(_job, str(experiment.path), overrides or [], run.run_id) for run in runs]
+    jobs = [executor.submit(_job, str(experiment.path), overrides or [], str(experiment.results_dir), run.run_id)
+            for run in runs]
     log.info("submitted %d jobs (%s): %s", len(jobs), cluster, ", ".join(str(j.job_id) for j in jobs[:8]))
-    return [job.result() for job in jobs]
+    outcomes = []
+    for job in jobs:
+        outcome = job.result()
+        outcomes.append(progress.finished(outcome) if progress is not None else outcome)
+    return outcomes

@@ -19,7 +19,8 @@ A spec (YAML)::
 
 Runs = variants x grid x zip groups x seeds. Every run is validated against the typed RunConfig before
 anything runs: an unknown key, a wrong type or an impossible value is an error naming the file, the key
-path and, where the YAML gives it, the line. A run's id is a short hash of its resolved configuration.
+path and, where the YAML gives it, the line. A run's id is a short hash of what determines its trained
+weights: its resolved configuration without the ``eval`` section.
 """
 from __future__ import annotations
 
@@ -91,19 +92,32 @@ class Experiment:
         raise KeyError(f"no run {run_id} in experiment {self.name}")
 
 
+# The sections of a run configuration that determine its trained weights: a run's identity. The ``eval``
+# section is left out: changing how a finished run is evaluated re-evaluates it, it does not retrain it.
+IDENTITY_SECTIONS = ("model", "data", "train", "seed")
+
+
 def run_id(cfg: RunConfig) -> str:
-    """A short, stable hash of a resolved run configuration."""
-    text = json.dumps(to_container(cfg), sort_keys=True, separators=(",", ":"))
+    """A short, stable hash of what determines a run's trained weights: its resolved configuration
+    without the ``eval`` section (``IDENTITY_SECTIONS``)."""
+    tree = to_container(cfg)
+    identity = {key: tree[key] for key in IDENTITY_SECTIONS}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Reads, validates and expands a spec file; ``overrides`` (``key=value``) apply to every run."""
+def load_spec(path: str | Path, overrides: list[str] | None = None,
+              results_dir: str | Path | None = None) -> Experiment:
+    """Reads, validates and expands a spec file; ``overrides`` (``key=value``) apply to every run;
+    ``results_dir`` replaces the spec's own."""
     path = Path(path)
     raw = read_yaml(path, "spec file")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a spec is a mapping with at least 'name' and 'base'")
-    return expand(raw, path, overrides)
+    experiment = expand(raw, path, overrides)
+    if results_dir is not None:
+        experiment.results_dir = Path(results_dir)
+    return experiment
 
 
 def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None) -> Experiment:
@@ -136,7 +150,9 @@ def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] |
                 cfg = build_run_config(spec.base, dotted, cli, label, path)
                 rid = run_id(cfg)
                 if rid in seen:
-                    raise ValueError(f"{where}: runs {seen[rid]} and {label} have the same configuration")
+                    raise ValueError(f"{where}: runs {seen[rid]} and {label} have the same configuration, "
+                                     f"apart from the eval section at most (not part of a run's identity: a "
+                                     f"run is trained once and its folder holds one evaluation)")
                 seen[rid] = label
                 runs.append(Run(rid, variant, dotted, cfg))
     results_dir = Path(spec.results_dir) if spec.results_dir else Path("results") / spec.name
@@ -217,8 +233,9 @@ def _yaml(value: Any) -> str:
 
 
 def _line_of(path: Path | None, message: str) -> str:
-    """' (line N)' of the offending key (named as ``key 'a.b.c'`` in ``message``) in the YAML file."""
-    match = re.search(r"key '([^']+)'", message)
+    """' (line N)' of the offending key (named as ``key 'a.b.c'``, or ``section.name`` as the value
+    checks name it, in ``message``) in the YAML file."""
+    match = re.search(r"key '([^']+)'", message) or re.search(r"\b((?:model|data|train|eval)\.\w+)", message)
     if path is None or match is None:
         return ""
     try:

@@ -196,8 +196,10 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
     name = study_name or f"loss-weights-{experiment.name}"
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    # a study holds the trials of one base configuration, cost range and search space (checked on resume)
+    # a study holds the trials of one base configuration, cost range, objective and search space (checked on
+    # resume); the run id leaves eval out, and the objective's curve follows eval.criterion and eval.grid
     attrs = {"kind": "loss_weights", "base_run_id": run_id(base_cfg),
+             "objective_eval": {"criterion": base_cfg.eval.criterion, "grid": base_cfg.eval.grid},
              "exit_names": list(names), "costs": [float(c) for c in costs], "cost_range": list(cost_range),
              "space": {"weight": list(space.weight), "distill_alpha": list(space.distill_alpha),
                        "distill_temperature": list(space.distill_temperature)}}

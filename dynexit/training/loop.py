@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dynexit.config import RunConfig, resolve_model, save_yaml, to_container, uses_mixup, validate_train_config
+from dynexit.training.determinism import run_threads
 from dynexit.training.distributed import DistContext, setup
 from dynexit.training.loss import MultiExitLoss
 from dynexit.training.metrics import METRICS_FILE, ExitMetrics, MetricsLog, autocast, evaluate, prepare_images
@@ -76,7 +77,8 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     without it an existing checkpoint is a FileExistsError. A checkpoint or config.yaml of a different
     configuration is a ValueError naming the keys that differ. Nothing is written before the
     configuration, the model, the loss weights and the data have been checked.
-    ``device``: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available. Under torchrun
+    ``device``: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available. Training computes with
+    ``train.threads`` CPU threads (deterministic algorithms on the CPU), restored on return. Under torchrun
     (``WORLD_SIZE`` > 1), or when the caller has initialised torch.distributed, every process calls this.
     A non-finite loss raises FloatingPointError naming the epoch and step; the last checkpoint is kept.
     ``on_epoch_end(epoch=, model=, ema=, metrics=)``, if given, is called on every process after each
@@ -88,7 +90,8 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     validate_train_config(cfg.train)
     ctx = setup(device)
     try:
-        return _Session(cfg, Path(run_dir), ctx, resume, on_epoch_end).run()
+        with run_threads(cfg.train.threads, deterministic_cpu=ctx.device.type == "cpu"):
+            return _Session(cfg, Path(run_dir), ctx, resume, on_epoch_end).run()
     finally:
         ctx.close()
 
@@ -356,7 +359,7 @@ def _summary(row: dict[str, float], exit_names: tuple[str, ...]) -> str:
 
 
 def _deterministic_kernels() -> None:
-    """Deterministic CUDA kernels (CPU kernels are deterministic already)."""
+    """Deterministic CUDA kernels (CPU runs get deterministic algorithms from ``run_threads``)."""
     import os
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
