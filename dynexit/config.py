@@ -292,9 +292,6 @@ def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) 
     return [float(weights[k]) for k in names]
 
 
-EVAL_GRIDS = ("official", "msdnet")
-
-
 def validate_run_config(cfg: RunConfig) -> None:
     """Every check of a run's values that needs no data and no built model: the architecture (preset and
     overrides), data, train (with the loss weights against the model's exits) and eval sections. Raises
@@ -310,10 +307,10 @@ def validate_run_config(cfg: RunConfig) -> None:
 
 
 def validate_eval_config(cfg: EvalConfig) -> None:
-    from dynexit.policies import CRITERIA
+    from dynexit.policies import CRITERIA, GRIDS
 
-    if cfg.grid not in EVAL_GRIDS:
-        raise ValueError(f"eval.grid must be one of {', '.join(EVAL_GRIDS)}, got {cfg.grid!r}")
+    if cfg.grid not in GRIDS:
+        raise ValueError(f"eval.grid must be one of {', '.join(GRIDS)}, got {cfg.grid!r}")
     if cfg.criterion not in CRITERIA:
         raise ValueError(f"eval.criterion must be one of {', '.join(CRITERIA)}, got {cfg.criterion!r}")
     for budget in cfg.budgets:
