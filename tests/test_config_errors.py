@@ -73,3 +73,34 @@ def test_key_lines_follow_nested_and_dotted_keys(tmp_path):
     assert key_in_message("key 'model.x2z': Value 'maybe' is not a valid bool") == "model.x2z"
     assert key_in_message("model field 'num_latents' must be a multiple of 8") == "model.num_latents"
     assert key_in_message("data.name: unknown data set 'x'") == "data.name"
+
+
+def test_a_malformed_preset_fails_at_import_with_its_name(monkeypatch):
+    import sys
+    import types
+    from pathlib import Path
+
+    import dynexit.models.presets as presets
+
+    source = Path(presets.__file__).read_text()
+    loop = "for _name, _values in PRESETS.items():"
+    assert source.count(loop) == 1
+    for broken, words in (({"num_latents": 12}, "multiple of 8"), ({"num_heads": [1, 2]}, "list of 4 ints"),
+                          ({"num_latent": 16}, "unknown field(s) num_latent")):
+        module = types.ModuleType("presets_copy")
+        monkeypatch.setitem(sys.modules, "presets_copy", module)  # dataclasses look their module up
+        edited = source.replace(loop, f"PRESETS['broken_preset'] = {broken!r}\n{loop}")
+        with pytest.raises(ValueError, match="model preset 'broken_preset'") as info:
+            exec(compile(edited, presets.__file__, "exec"), module.__dict__)
+        assert words in str(info.value)
+
+
+def test_every_preset_builds_a_valid_configuration():
+    from dynexit.models import BRANCHY_PRESETS, MSDNET_PRESETS, PRESETS, branchy_config, msdnet_config, preset_config
+
+    for name in PRESETS:
+        assert preset_config(name).num_latents == PRESETS[name]["num_latents"]
+    for name in BRANCHY_PRESETS:
+        assert branchy_config(name).backbone == BRANCHY_PRESETS[name]["backbone"]
+    for name in MSDNET_PRESETS:
+        assert msdnet_config(name).nBlocks == MSDNET_PRESETS[name]["nBlocks"]
