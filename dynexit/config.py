@@ -297,8 +297,13 @@ def validate_run_config(cfg: RunConfig) -> None:
     overrides), data, train (with the loss weights against the model's exits) and eval sections. Raises
     ValueError/TypeError naming the first bad key."""
     from dynexit.models.perceiver import model_class
+    from dynexit.yaml_files import key_in_message
 
-    exit_names = model_class(resolve_model(cfg.model)).exit_names
+    try:
+        exit_names = model_class(resolve_model(cfg.model)).exit_names
+    except (ValueError, TypeError) as err:  # the model families speak of their own fields: name the key
+        key = key_in_message(str(err))
+        raise type(err)(f"{key}: {err}" if key and key not in str(err) else str(err)) from None
     validate_data_config(cfg.data)
     validate_train_config(cfg.train)
     if len(exit_names) > 1:  # one exit: plain cross-entropy, the weights are not used
@@ -356,7 +361,7 @@ def parse_set(items: list[str] | None) -> Any:
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Reads a run configuration YAML file (plus ``--set`` overrides) into a validated RunConfig."""
-    from dynexit.yaml_files import read_yaml
+    from dynexit.yaml_files import key_in_message, line_note, read_yaml
 
     path = Path(path)
     raw = read_yaml(path, "config file")
@@ -365,11 +370,30 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a run configuration is a mapping of sections "
                          f"({', '.join(f.name for f in dataclasses.fields(RunConfig))}), got {type(raw).__name__}")
-    cfg = merge(RunConfig, raw, where=str(path))
+    try:
+        cfg = merge(RunConfig, raw, where=str(path))
+    except ValueError as err:
+        raise ValueError(f"{err}{line_note(path, str(err))}") from None
     if overrides:
         cfg = merge(cfg, parse_set(overrides), where="--set")
-    validate_run_config(cfg)  # errors now, before anything runs
+    try:
+        validate_run_config(cfg)  # errors now, before anything runs
+    except (ValueError, TypeError) as err:
+        key = key_in_message(str(err))
+        given = set(_dotted_keys(OmegaConf.to_container(parse_set(overrides)))) if overrides else set()
+        if key is not None and key in given:
+            raise type(err)(f"--set: {err}") from None
+        raise type(err)(f"{path}: {err}{line_note(path, str(err))}") from None
     return cfg
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dynexit.models.perceiver import MultiExitModel
-from dynexit.policies import check_criterion, confidence, exit_scores, find_thresholds
+from dynexit.policies import ExitPolicy, check_criterion, confidence, exit_scores, find_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,27 @@ def _temperatures(temperature: Any, num_exits: int) -> list[float | None]:
     return [float(t) for t in arr]
 
 
+def check_policy_fits(policy: ExitPolicy, model: MultiExitModel) -> None:
+    """A policy fits a model with as many exits, named alike (or numbered 0..K-1, as curves of unnamed
+    logits are); else a ValueError naming both."""
+    numbered = tuple(str(k) for k in range(model.num_exits))
+    if policy.exit_names not in (tuple(model.exit_names), numbered):
+        raise ValueError(f"the policy's exits ({', '.join(policy.exit_names)}) are not the model's "
+                         f"({', '.join(model.exit_names)})")
+
+
 # -------------------------------------------------------------------------------------- early exit
 
-def early_exit(model: MultiExitModel, x: torch.Tensor, thresholds: Sequence[float] | np.ndarray | torch.Tensor,
-               criterion: str = "max_softmax", temperature: float | Sequence[float] | None = None
+def early_exit(model: MultiExitModel, x: torch.Tensor,
+               thresholds: ExitPolicy | Sequence[float] | np.ndarray | torch.Tensor,
+               criterion: str | None = None, temperature: float | Sequence[float] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Classifies ``x`` with early exit; returns ``(predictions, exits)``, int64 tensors with one entry
     per sample (exit indices in the model's exit order).
 
+    ``thresholds``: an :class:`dynexit.policies.ExitPolicy` (which carries its criterion and temperatures;
+    then ``criterion`` and ``temperature`` must not be given), or one threshold per exit (or per exit but the
+    last) with ``criterion`` (default ``max_softmax``) and ``temperature``.
     A sample leaves at the first exit k whose confidence (``criterion``, see :func:`dynexit.policies.scores`) is
     >= ``thresholds[k]``; the last exit takes everyone left. Segment k runs only for the samples still
     undecided. Runs in eval mode (restored after) under ``torch.inference_mode``.
@@ -73,6 +86,13 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, thresholds: Sequence[floa
         raise TypeError(f"early_exit needs a model made by dynexit.create_model, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a batch of images (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+    if isinstance(thresholds, ExitPolicy):
+        if criterion is not None or temperature is not None:
+            raise ValueError("early_exit: an ExitPolicy carries its criterion and temperatures; do not pass "
+                             "criterion= or temperature= with it")
+        check_policy_fits(thresholds, model)
+        thresholds, criterion, temperature = thresholds.thresholds, thresholds.criterion, thresholds.temperatures
+    criterion = "max_softmax" if criterion is None else criterion
     check_criterion(criterion)
     num_exits = model.num_exits
     limits = _thresholds(thresholds, num_exits)
@@ -266,8 +286,25 @@ def operating_point(model: MultiExitModel, images: torch.Tensor, shares: Sequenc
         raise ValueError(f"need one share and one cost per exit ({model.num_exits}), got {len(shares)} shares "
                          f"and {len(costs)} costs")
     thresholds = thresholds_for_shares(model, images, shares, criterion, batch_size)
+    policy = ExitPolicy(tuple(model.exit_names), criterion, tuple(float(t) for t in thresholds))
+    return _time_policy(model, images, policy, costs, batch_size, repeats, warmup, shares)
+
+
+def policy_point(model: MultiExitModel, images: torch.Tensor, policy: ExitPolicy, costs: Sequence[float],
+                 batch_size: int, repeats: int = 10, warmup: int = 2) -> OperatingPoint:
+    """Times early exit with ``policy`` (e.g. a curve's operating point, :meth:`ExitPolicy.from_curve`) on
+    ``images`` in batches of ``batch_size``, against the full model on the same batches; ``target_shares``
+    is empty (the policy fixes thresholds, not shares) and ``shares`` are those measured on these images."""
+    check_policy_fits(policy, model)
+    if len(costs) != model.num_exits:
+        raise ValueError(f"need one cost per exit ({model.num_exits}), got {len(costs)}")
+    return _time_policy(model, images, policy, costs, batch_size, repeats, warmup, ())
+
+
+def _time_policy(model: MultiExitModel, images: torch.Tensor, policy: ExitPolicy, costs: Sequence[float],
+                 batch_size: int, repeats: int, warmup: int, shares: Sequence[float]) -> OperatingPoint:
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-    exits = torch.cat([early_exit(model, b, thresholds, criterion)[1] for b in batches]).cpu()
+    exits = torch.cat([early_exit(model, b, policy)[1] for b in batches]).cpu()
     measured = torch.bincount(exits, minlength=model.num_exits).double() / len(exits)
     expected = float(sum(s * c for s, c in zip(measured.tolist(), costs)))
     was_training = model.training
@@ -275,10 +312,10 @@ def operating_point(model: MultiExitModel, images: torch.Tensor, shares: Sequenc
     try:
         timings = time_calls({
             "full": lambda: [model(b) for b in batches],
-            "early": lambda: [early_exit(model, b, thresholds, criterion) for b in batches],
+            "early": lambda: [early_exit(model, b, policy) for b in batches],
         }, repeats, warmup, images.device)
     finally:
         model.train(was_training)
-    return OperatingPoint(tuple(float(s) for s in shares), tuple(float(t) for t in thresholds),
+    return OperatingPoint(tuple(float(s) for s in shares), policy.thresholds,
                           tuple(measured.tolist()), expected, timings["full"], timings["early"],
                           tuple(float(c) for c in costs))

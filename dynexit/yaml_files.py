@@ -3,6 +3,7 @@ mapping is an error naming the key and both lines, where plain YAML would silent
 (a duplicated variant would vanish from an experiment)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,63 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
         raise ValueError(f"{path}: cannot parse YAML: {err}") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
+
+
+# ------------------------------------------------------------------------- where a key is in a file
+
+_KEY_PATTERNS = (
+    (re.compile(r"key '([\w.]+)'"), "{}"),  # OmegaConf's merge errors (dynexit.config.merge)
+    (re.compile(r"model field '(\w+)'"), "model.{}"),  # the model families' own checks
+    (re.compile(r"unknown (?:\w+ )?model\b"), "model.name"),
+    (re.compile(r"^([a-z_]+(?:\.\w+)+)\b"), "{}"),  # the config checks: "train.lr must be ..."
+)
+
+
+def key_in_message(message: str) -> str | None:
+    """The dotted configuration key an error message is about (``train.lr``), or None."""
+    for pattern, form in _KEY_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return form.format(*match.groups())
+    return None
+
+
+def key_lines(path: str | Path, dotted: str) -> list[int]:
+    """The lines (1-based, in file order) where the YAML file ``path`` sets the key ``dotted`` (``a.b.c``),
+    at any depth (a spec's ``base``, a variant, a grid), whether written nested (``a: {b: {c: 1}}``) or
+    with dotted keys (``a.b.c: 1``, ``a: {b.c: 1}``). An unreadable file gives no lines."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    lines: list[int] = []
+    _collect(node, dotted, lines)
+    return sorted(set(lines))
+
+
+def _collect(node: Any, dotted: str, lines: list[int], anchored: str | None = None) -> None:
+    """Adds to ``lines`` where ``dotted`` is set below ``node``; ``anchored``: the rest of a key whose
+    first parts were the keys just above (it must continue right here)."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _collect(item, dotted, lines)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value in node.value:
+        key = str(getattr(key_node, "value", ""))
+        for want in filter(None, (anchored, dotted)):
+            if key == want:
+                lines.append(key_node.start_mark.line + 1)
+            elif want.startswith(key + "."):
+                _collect(value, dotted, lines, anchored=want[len(key) + 1:])
+        _collect(value, dotted, lines)
+
+
+def line_note(path: str | Path | None, message: str) -> str:
+    """`` (line N)`` (or ``lines``) where the file ``path`` sets the key ``message`` is about; "" when unknown."""
+    key = key_in_message(message)
+    lines = key_lines(path, key) if path is not None and key else []
+    if not lines:
+        return ""
+    return f" (line {lines[0]})" if len(lines) == 1 else f" (lines {', '.join(map(str, lines))})"

@@ -184,6 +184,8 @@ def workdir(tmp_path_factory, one_torch_thread) -> Path:
             elif flag == "--costs" and value.endswith(".csv"):
                 (root / value).parent.mkdir(parents=True, exist_ok=True)
                 pd.DataFrame({"exit": EXITS, "gmacs": [0.46, 1.06, 1.23, 1.30]}).to_csv(root / value, index=False)
+            elif flag in ("--policy", "--curve"):
+                _policy_file(root / value, words[2], flag)
         if words[1] == "convert-msdnet":
             _msdnet_checkpoint(root, words)
     _official_checkpoints(root)
@@ -192,6 +194,23 @@ def workdir(tmp_path_factory, one_torch_thread) -> Path:
     shutil.copy(root / "experiments" / "quickstart.yaml", results / "experiment.yaml")  # as 'dynexit run' keeps it
     shutil.copytree(results, root / "runs" / "quickstart")  # a reproduction, for the compare examples
     return root
+
+
+def _policy_file(path: Path, model_name: str, flag: str) -> None:
+    """An exit policy (--policy) or a one-point curve (--curve) for the exits of ``model_name``."""
+    import pandas as pd
+
+    from dynexit.models import create_model
+    from dynexit.policies import ALWAYS, ExitPolicy
+
+    names = create_model(model_name).exit_names
+    thresholds = [0.5] * (len(names) - 1) + [float(ALWAYS)]
+    if flag == "--policy":
+        ExitPolicy(tuple(names), "max_softmax", tuple(thresholds)).save(path)
+    else:
+        row = {"point": 0, **{f"threshold_{n}": t for n, t in zip(names, thresholds)}, "criterion": "max_softmax",
+               "calib_accuracy": 50.0, "calib_expected_cost": 0.01}
+        pd.DataFrame([row]).to_csv(path, index=False)
 
 
 def _argv(example: str, root: Path) -> list[str]:

@@ -42,6 +42,7 @@ def test_curve_cli_reproduces_reference(tmp_path, logits_files, reference, capsy
     assert "33 points" in printed and str(out) in printed
     curve = pd.read_csv(out)
     expected = (["point"] + [f"target_share_{k}" for k in range(4)] + [f"threshold_{k}" for k in range(4)]
+                + ["criterion"] + [f"temperature_{k}" for k in range(4)]
                 + ["calib_accuracy", "calib_expected_cost", "test_accuracy", "test_expected_cost"]
                 + [f"calib_share_{k}" for k in range(4)] + [f"test_share_{k}" for k in range(4)])
     assert list(curve.columns) == expected

@@ -11,6 +11,8 @@ EPILOG = """examples:
   dynexit bench reg800m_perceiver_t128 --threads 2
   dynexit bench resnet50_0375_perceiver_t128 --batch-size 64 --input-size 96 --shares 0.5,0,0,0.5 --repeats 5
   dynexit bench tiny_perceiver_t16 --set model.z2x=false
+  dynexit bench tiny_perceiver_t16 --policy policy.json
+  dynexit bench tiny_perceiver_t16 --curve curve.csv --budget 0.02
 
 Latency to reach exit k: the median time of running segments 0..k on one random batch (the work of a
 sample leaving at exit k), after warm-up, under torch.inference_mode in eval mode; all exits are timed
@@ -23,6 +25,12 @@ that these shares leave at each exit; early exit (with compaction of the samples
 then timed against the full model on the same batches. Expected gain = full cost / expected cost
 (sum of measured shares x per-exit GMACs); measured gain = full-model time / early-exit time.
 Default shares: half at the first exit and the rest at the last, and equal shares at every exit.
+
+--policy (a JSON file of dynexit.policies.ExitPolicy) or --curve with --budget or --point (a curve CSV of
+'dynexit curve', 'dynexit search thresholds' or a run's curve.csv; --budget takes the row of highest
+calibration accuracy whose calibration expected cost is within it) time early exit at that policy's own
+thresholds, criterion and temperatures instead (plus any --shares given); its exits must be the model's.
+The shares printed are those measured on the benchmark images.
 
 Unless --default-malloc is given, glibc's malloc is told to keep freed memory for reuse
 (dynexit.inference.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
@@ -49,6 +57,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shares", action="append", metavar="S1,S2,...",
                    help="target share of images leaving at each exit (repeatable; see below)")
     add_criterion(p)
+    p.add_argument("--policy", metavar="POLICY.json", help="time early exit with this exit policy (see below)")
+    p.add_argument("--curve", metavar="CURVE.csv", help="time early exit at one row of this curve (with --budget "
+                   "or --point)")
+    p.add_argument("--budget", type=float, metavar="B", help="with --curve: the row of highest calibration "
+                   "accuracy whose calibration expected cost is <= B")
+    p.add_argument("--point", type=int, metavar="I", help="with --curve: the row of this point")
+    p.add_argument("--run-id", metavar="ID", help="with --curve of an experiment's curves.csv: the run")
     add_device(p, default="cpu")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc as it is (default: keep freed memory for reuse, see below)")
@@ -75,6 +90,23 @@ def parse_shares(items: list[str] | None, num_exits: int) -> list[tuple[float, .
     return settings
 
 
+def read_policy(args):
+    """The policy of --policy, or of --curve with --budget or --point; None when neither is given."""
+    from dynexit.policies import ExitPolicy
+
+    if args.policy and args.curve:
+        raise ValueError("give --policy or --curve, not both")
+    if args.curve is None and (args.budget is not None or args.point is not None or args.run_id is not None):
+        raise ValueError("--budget, --point and --run-id choose a row of --curve; give --curve too")
+    if args.policy:
+        return ExitPolicy.load(args.policy)
+    if args.curve:
+        if (args.budget is None) == (args.point is None):
+            raise ValueError("--curve needs exactly one of --budget and --point")
+        return ExitPolicy.from_curve(args.curve, budget=args.budget, point=args.point, run_id=args.run_id)
+    return None
+
+
 def _shares(values) -> str:
     return ",".join(f"{v:.2f}" for v in values)
 
@@ -83,7 +115,7 @@ def run(args) -> int:
     import torch
 
     from dynexit.costs import UNIT, count_costs
-    from dynexit.inference import exit_latencies, operating_point, reuse_freed_memory
+    from dynexit.inference import check_policy_fits, exit_latencies, operating_point, policy_point, reuse_freed_memory
 
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
@@ -97,10 +129,15 @@ def run(args) -> int:
     malloc = "default"
     if not args.default_malloc:
         malloc = "tuned" if reuse_freed_memory() else "default (tuning unavailable)"
+    policy = read_policy(args)
     model = build_model(args, "bench").eval()
     size = model.config.input_size
+    if policy is not None:
+        check_policy_fits(policy, model)
     costs = count_costs(model)
-    shares_list = parse_shares(args.shares, model.num_exits) if model.num_exits > 1 else []
+    shares_list = []
+    if model.num_exits > 1 and (policy is None or args.shares):
+        shares_list = parse_shares(args.shares, model.num_exits)
     device = torch.device(args.device)
     model.to(device)
     gen = torch.Generator().manual_seed(0)
@@ -118,9 +155,23 @@ def run(args) -> int:
         print(f"  {k:>2} {name:<10} {costs.gmacs[k]:>8.4f} {costs.gmacs[k] / costs.gmacs[-1]:>10.3f} "
               f"{t.median * 1e3:>9.2f} {t.spread:>7.2f} {t.median * 1e3 / full_ms:>13.3f}")
 
-    if shares_list:
+    if shares_list or policy is not None:
         n = args.images or max(args.batch_size, 16)
         images = torch.randn(n, 3, size, size, generator=gen).to(device)
+    if policy is not None:
+        source = args.policy or f"{args.curve}, " + (f"budget {args.budget:g}" if args.budget is not None
+                                                    else f"point {args.point}")
+        temps = "none" if policy.temperatures is None else ",".join(f"{t:.3f}" for t in policy.temperatures)
+        point = policy_point(model, images, policy, costs.gmacs, args.batch_size, args.repeats, args.warmup)
+        print(f"\npolicy ({source}): criterion {policy.criterion}, temperatures {temps}, thresholds "
+              + ",".join(f"{t:.6g}" for t in policy.thresholds))
+        print(f"  {n} images in batches of {args.batch_size}")
+        print(f"  {'measured shares':<24} {'exp. GMACs':>10} {'exp. gain':>9} {'full ms':>9} {'early ms':>9} "
+              f"{'gain':>6} {'gain/exp.':>9}")
+        print(f"  {_shares(point.shares):<24} {point.expected_gmacs:>10.4f} {point.expected_gain:>8.3f}x "
+              f"{point.full.median * 1e3:>9.2f} {point.early.median * 1e3:>9.2f} {point.measured_gain:>5.3f}x "
+              f"{point.efficiency:>9.3f}")
+    if shares_list:
         print(f"\noperating points: {n} images in batches of {args.batch_size}; thresholds set on these images "
               f"({args.criterion}) for the target shares")
         print(f"  {'target shares':<24} {'measured shares':<24} {'exp. GMACs':>10} {'exp. gain':>9} "

@@ -28,6 +28,7 @@ from torch import nn
 
 from dynexit.models.backbones import BACKBONES
 from dynexit.models.perceiver import CNNExit, MultiExitModel, State, _backbone
+from dynexit.models.presets import check_preset
 
 STAGES = 4  # every staged backbone has four stages; the last is followed by the backbone's head
 
@@ -145,3 +146,7 @@ class BranchyNet(MultiExitModel):
 
     def init_state(self, images: torch.Tensor) -> State:
         return State(images, images.new_zeros(images.shape[0], 0, 0), ())
+
+
+for _name, _values in BRANCHY_PRESETS.items():  # typed presets: a malformed one fails at import, named
+    check_preset(_name, _values, BranchyConfig)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dynexit.models.perceiver import MultiExitModel
+from dynexit.models.presets import check_preset
 
 VARIANTS = ("cifar", "imagenet")
 STEPMODES = ("even", "lin_grow")
@@ -374,3 +375,7 @@ def msdnet_config(name: str, **overrides: Any) -> MSDNetConfig:
     if unknown:
         raise ValueError(f"unknown override(s) {', '.join(unknown)} for {name}; valid: {', '.join(OVERRIDES)}")
     return MSDNetConfig(**{**MSDNET_PRESETS[name], **overrides})
+
+
+for _name, _values in MSDNET_PRESETS.items():  # typed presets: a malformed one fails at import, named
+    check_preset(_name, _values, MSDNetConfig)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -65,6 +66,33 @@ PRESETS["tiny_perceiver_t16"] = {"backbone": "resnet_tiny", "num_latents": 16, *
 PRESETS["small_perceiver_t32"] = {"backbone": "resnet_small", "num_latents": 32, **_SMALL}
 
 
+def check_preset(name: str, values: dict[str, Any], config_class: type, construct: bool = True) -> None:
+    """Checks a preset of ``config_class`` (a dataclass) when its module is imported: known fields only, and
+    (``construct``) a valid configuration; a malformed preset is a ValueError naming it."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"model preset {name!r}: unknown field(s) {', '.join(unknown)}; "
+                         f"{config_class.__name__} has {', '.join(sorted(known))}")
+    if construct:
+        try:
+            config_class(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"model preset {name!r}: {err}") from None
+
+
+def _check_perceiver_preset(name: str, values: dict[str, Any]) -> None:
+    """A Dyn-Perceiver preset's fields, types and values, checked without torch (the command line imports
+    this module to answer --help at once); its backbone's name is checked when the preset is built."""
+    check_preset(name, values, PerceiverConfig, construct=False)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(PerceiverConfig)}
+    try:
+        _check_fields(SimpleNamespace(**{**defaults, **values}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model preset {name!r}: {err}") from None
+
+
 def list_models() -> list[str]:
     """Names of every preset, sorted."""
     return sorted(PRESETS)
@@ -93,6 +121,13 @@ def validate(cfg: PerceiverConfig) -> None:
 
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"model field 'backbone': unknown {cfg.backbone!r}; valid: {', '.join(sorted(BACKBONES))}")
+    _check_fields(cfg)
+
+
+def _check_fields(cfg: Any) -> None:
+    """Every check of :func:`validate` but the backbone's name (which needs torch to list the backbones)."""
+    if not isinstance(cfg.backbone, str):
+        raise TypeError(f"model field 'backbone' must be str, got {cfg.backbone!r}")
     for name in ("num_classes", "input_size", "num_latents", "widening", "token_grid"):
         _check_type(name, getattr(cfg, name), int)
         if getattr(cfg, name) < 1:
@@ -116,3 +151,7 @@ def validate(cfg: PerceiverConfig) -> None:
     if cfg.num_latents % 8:
         raise ValueError(f"model field 'num_latents' must be a multiple of 8 (tokens halve per stage), "
                          f"got {cfg.num_latents}")
+
+
+for _name, _values in PRESETS.items():  # typed presets: a malformed one fails at import, named
+    _check_perceiver_preset(_name, _values)

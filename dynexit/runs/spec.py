@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from dynexit.config import RunConfig, merge, parse_set, to_container, validate_run_config
-from dynexit.yaml_files import read_yaml
+from dynexit.yaml_files import line_note, read_yaml
 
 
 @dataclass
@@ -213,7 +212,7 @@ def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, 
             cfg = merge(cfg, cli, where="--set")
         validate_run_config(cfg)
     except (ValueError, TypeError) as err:
-        line = _line_of(path, str(err))
+        line = line_note(path, str(err))
         raise ValueError(f"{label}: {err}{line}") from None
     return cfg
 
@@ -230,33 +229,3 @@ def _values(values: Any, key: str, where: str) -> list[Any]:
 
 def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _line_of(path: Path | None, message: str) -> str:
-    """' (line N)' of the offending key (named as ``key 'a.b.c'``, or ``section.name`` as the value
-    checks name it, in ``message``) in the YAML file."""
-    match = re.search(r"key '([^']+)'", message) or re.search(r"\b((?:model|data|train|eval)\.\w+)", message)
-    if path is None or match is None:
-        return ""
-    try:
-        node = yaml.compose(path.read_text())
-    except yaml.YAMLError:
-        return ""
-    line = _find_key(node, match.group(1).split(".")[-1])
-    return f" (line {line})" if line is not None else ""
-
-
-def _find_key(node: Any, key: str) -> int | None:
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            if getattr(k, "value", None) == key or (isinstance(k.value, str) and k.value.endswith("." + key)):
-                return k.start_mark.line + 1
-            found = _find_key(v, key)
-            if found is not None:
-                return found
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            found = _find_key(item, key)
-            if found is not None:
-                return found
-    return None

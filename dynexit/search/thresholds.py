@@ -45,6 +45,7 @@ from dynexit.policies import (
     curve_from_scores,
     evaluate_thresholds,
     fit_temperatures,
+    policy_columns,
     resolve_grid,
     scores,
 )
@@ -144,6 +145,7 @@ def curve_of_thresholds(problem: ThresholdProblem, thresholds: Sequence[np.ndarr
         row: dict[str, float | int] = {"point": point}
         row.update({f"target_share_{n}": float(v) for n, v in zip(problem.exit_names, calib.shares)})
         row.update({f"threshold_{n}": float(v) for n, v in zip(problem.exit_names, t)})
+        row.update(policy_columns(problem.criterion, problem.temperatures, problem.exit_names))
         row.update(calib_accuracy=calib.accuracy, calib_expected_cost=calib.expected_cost,
                    test_accuracy=test.accuracy, test_expected_cost=test.expected_cost)
         row.update({f"calib_share_{n}": float(v) for n, v in zip(problem.exit_names, calib.shares)})
@@ -154,6 +156,7 @@ def curve_of_thresholds(problem: ThresholdProblem, thresholds: Sequence[np.ndarr
 
 def _curve_columns(names: Sequence[str]) -> list[str]:
     return (["point"] + [f"target_share_{n}" for n in names] + [f"threshold_{n}" for n in names]
+            + ["criterion"] + [f"temperature_{n}" for n in names]
             + ["calib_accuracy", "calib_expected_cost", "test_accuracy", "test_expected_cost"]
             + [f"calib_share_{n}" for n in names] + [f"test_share_{n}" for n in names])
 
@@ -161,7 +164,7 @@ def _curve_columns(names: Sequence[str]) -> list[str]:
 def protocol_curve(problem: ThresholdProblem, grid="official") -> pd.DataFrame:
     """The budgeted protocol's curve on the same scores (:func:`dynexit.policies.curve_from_scores`)."""
     return curve_from_scores(problem.calib_conf, problem.calib_correct, problem.test_conf, problem.test_correct,
-                             problem.costs, grid, problem.exit_names)
+                             problem.costs, grid, problem.exit_names, problem.criterion, problem.temperatures)
 
 
 def protocol_budgets(problem: ThresholdProblem, grid="official") -> list[float]:
