@@ -94,6 +94,20 @@ SYNTHETIC = {  # variant: (exit costs in GMACs, logit strengths per exit, params
 }
 
 
+def _synthetic_metrics(run: int, names, epochs: int = 3) -> pd.DataFrame:
+    """metrics.csv of run number ``run``: train_acc_<exit> = 10 * epoch + run + k, train_loss_<exit> =
+    1 / epoch + k, test_acc_<exit> = 50 + run + k evaluated at the last epoch only (blank before)."""
+    rows = []
+    for epoch in range(1, epochs + 1):
+        row = {"epoch": epoch, "train_loss": float(len(names)) / epoch}
+        for k, name in enumerate(names):
+            row[f"train_loss_{name}"] = 1.0 / epoch + k
+            row[f"train_acc_{name}"] = 10.0 * epoch + run + k
+            row[f"test_acc_{name}"] = 50.0 + run + k if epoch == epochs else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classes: int = 10,
                             exit_names: bool = False, budgets=(0.003, 0.0045, 0.0058)) -> Path:
     """A results folder like the quickstart's: the variants of SYNTHETIC over ``seeds``, run folders
@@ -138,6 +152,7 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
             (folder / "summary.json").write_text(json.dumps(summary))
             (folder / "config.yaml").write_text(yaml.safe_dump({"eval": {"criterion": "max_softmax"}, "seed": seed}))
             (folder / "status.json").write_text(json.dumps({"state": "done"}))
+            _synthetic_metrics(len(runs), names).to_csv(folder / "metrics.csv", index=False)
             runs.append({"run_id": rid, "variant": variant, "model.name": "tiny_perceiver_t16",
                          "data.name": "digits", "seed": seed,
                          "model.static": True if variant == "static" else None, **summary})
@@ -456,3 +471,43 @@ def test_a_failing_report_changes_no_file(tmp_path, capsys):
         analysis.write_report(folder, tmp_path / "elsewhere" / "report")
     assert not (tmp_path / "elsewhere").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_training_curves_are_seed_means_of_metrics_files(tmp_path):
+    from dynexit.analysis.training_curves import plot_training_curves, training_bands, training_history
+
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0, 1))
+    results = analysis.load_results(folder)
+    bands = training_bands(training_history(results), results).set_index(
+        ["config", "exit", "metric", "epoch"]).sort_index()
+    numbers = {rid: i for i, rid in enumerate(f"{v}-{s}" for v in SYNTHETIC for s in (0, 1))}  # written in order
+    for config in results.configs:
+        rids = list(results.runs.loc[results.runs["config"] == config, "run_id"])
+        for k, name in enumerate(results.run_exits(rids[0])):
+            runs = [numbers[r] for r in rids]
+            for epoch in (1, 2, 3):
+                row = bands.loc[(config, name, "train_accuracy", epoch)]
+                assert row["mean"] == pytest.approx(10 * epoch + np.mean(runs) + k)
+                assert (row["min"], row["max"]) == (10 * epoch + min(runs) + k, 10 * epoch + max(runs) + k)
+                assert bands.loc[(config, name, "train_loss", epoch), "mean"] == pytest.approx(1 / epoch + k)
+            # evaluated at the last epoch only: one point
+            assert bands.loc[(config, name, "accuracy")].index.tolist() == [3]
+            assert bands.loc[(config, name, "accuracy", 3), "mean"] == pytest.approx(50 + np.mean(runs) + k)
+            assert bands.loc[(config, name, "accuracy", 3), "seeds"] == 2
+    fig = plot_training_curves(results)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 3 * len(results.exit_names)
+
+    out = write_report_files(folder)
+    plotted = pd.read_csv(out / "training_curves.csv")
+    full = plotted[(plotted["config"] == "full") & (plotted["exit"] == "merge") & (plotted["metric"] == "train_loss")]
+    np.testing.assert_allclose(full["mean"], [1 + 3, 1 / 2 + 3, 1 / 3 + 3])
+    assert (out / "training_curves.png").is_file()
+
+    for rid in results.runs["run_id"]:  # without metrics files: no figure, no error
+        (results.run_folder(rid) / "metrics.csv").unlink()
+    assert "training curves" not in analysis.write_report(folder, tmp_path / "bare", formats=("png",))
+
+
+def write_report_files(folder: Path) -> Path:
+    analysis.write_report(folder, folder / "report", formats=("png",))
+    return folder / "report"

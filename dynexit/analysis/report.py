@@ -16,6 +16,7 @@ from dynexit.analysis.figures import (
 )
 from dynexit.analysis.results import Results, load_results
 from dynexit.analysis.tables import ablation_table, curve_band, run_metrics, to_latex, to_markdown
+from dynexit.analysis.training_curves import plot_training_curves, training_bands, training_history
 from dynexit.utils import atomic_write, atomic_write_text, staged_folder
 
 log = logging.getLogger(__name__)
@@ -93,4 +94,12 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
             log.info("%s: nothing to plot (no multi-exit run with the files it needs)", item)
             continue
         written[item] = save_figure(fig, out / name, formats) + [csv(name, data)]
+
+    bands = training_bands(training_history(results), results)
+    fig = plot_training_curves(results, bands)
+    if fig is None:
+        log.info("training curves: nothing to plot (no run folder has a metrics.csv)")
+    else:
+        written["training curves"] = save_figure(fig, out / "training_curves", formats) + [
+            csv("training_curves", bands)]
     return written
