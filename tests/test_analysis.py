@@ -438,7 +438,7 @@ def test_report_is_byte_stable_whatever_the_row_order(tmp_path):
     formats = ("png", "pdf", "svg")
     analysis.write_report(folder, formats=formats)
     first = _files(folder / "report")
-    assert len(first) == 4 * 3 + 8 and all(first.values())  # 4 figures in 3 formats, 8 tables
+    assert len(first) == 5 * 3 + 9 and all(first.values())  # 5 figures in 3 formats, 9 tables
     for name in ("runs.csv", "curves.csv"):
         rows = pd.read_csv(folder / name)
         rows.iloc[::-1].to_csv(folder / name, index=False)
