@@ -2,8 +2,11 @@
 interpolation, area under the curve, mean/std over seeds and differences to the full model against
 hand-computed values; the figure, table and files on a realistic folder (and on results/quickstart
 when it exists)."""
+import base64
 import json
 import math
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -438,7 +441,7 @@ def test_report_is_byte_stable_whatever_the_row_order(tmp_path):
     formats = ("png", "pdf", "svg")
     analysis.write_report(folder, formats=formats)
     first = _files(folder / "report")
-    assert len(first) == 5 * 3 + 9 and all(first.values())  # 5 figures in 3 formats, 9 tables
+    assert len(first) == 5 * 3 + 9 + 1 and all(first.values())  # 5 figures in 3 formats, 9 tables, the page
     for name in ("runs.csv", "curves.csv"):
         rows = pd.read_csv(folder / name)
         rows.iloc[::-1].to_csv(folder / name, index=False)
@@ -511,3 +514,68 @@ def test_training_curves_are_seed_means_of_metrics_files(tmp_path):
 def write_report_files(folder: Path) -> Path:
     analysis.write_report(folder, folder / "report", formats=("png",))
     return folder / "report"
+
+
+class _PageParser(HTMLParser):
+    """Checks nesting (every opened element closed in order, void elements aside) and collects what a
+    self-contained page must not reference."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.errors, self.refs, self.tags, self.cells = [], [], [], [], []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for key, value in attrs:
+            if key in ("src", "href", "srcset", "data", "action", "poster"):
+                self.refs.append((tag, key, value or ""))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        self._in_cell = tag in ("td", "th")
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+        self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+
+
+def test_report_page_is_self_contained_and_holds_the_table(tmp_path):
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0, 1), samples=80)
+    written = analysis.write_report(folder, formats=("pdf",))  # the page embeds PNGs whatever the formats
+    page = folder / "report" / "report.html"
+    assert written["page"] == [page]
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    parser = _PageParser()
+    parser.feed(text)
+    parser.close()
+    assert parser.errors == [] and parser.stack == []
+    images = [v for tag, key, v in parser.refs if tag == "img"]
+    assert len(images) == 5 and all(v.startswith("data:image/png;base64,") for v in images)
+    for value in images:  # each a real PNG
+        assert base64.b64decode(value.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(v.startswith(("data:", "#")) for _, _, v in parser.refs), parser.refs
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert re.search(r"https?://", text) is None
+
+    # the ablation table's numbers, as the Markdown table shows them, and every run
+    table = analysis.format_ablation(analysis.ablation_table(analysis.load_results(folder)))
+    for value in table.to_numpy().ravel():
+        if value:
+            assert str(value) in parser.cells, value
+    runs = pd.read_csv(folder / "runs.csv")
+    for rid, acc in zip(runs["run_id"], runs["acc_final"]):
+        assert rid in parser.cells and f"{acc:.2f}" in parser.cells
+    assert yaml.safe_dump({"name": "synthetic"}).strip() in text  # the spec
+    assert "torch" in parser.cells and "matplotlib" in parser.cells
+    analysis.write_report(folder, formats=("pdf",))
+    assert page.read_text(encoding="utf-8") == text  # byte-stable
