@@ -571,7 +571,7 @@ def test_report_page_is_self_contained_and_holds_the_table(tmp_path):
     table = analysis.format_ablation(analysis.ablation_table(analysis.load_results(folder)))
     for value in table.to_numpy().ravel():
         if value:
-            assert str(value) in parser.cells, value
+            assert str(value).replace(" ± ", "\u2009±\u2009") in parser.cells, value
     runs = pd.read_csv(folder / "runs.csv")
     for rid, acc in zip(runs["run_id"], runs["acc_final"]):
         assert rid in parser.cells and f"{acc:.2f}" in parser.cells
