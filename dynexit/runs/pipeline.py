@@ -23,10 +23,11 @@ from dynexit.utils import atomic_write, atomic_write_text, read_csv_file, read_j
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str]) -> dict:
-    """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary."""
+def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = None) -> dict:
+    """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary. ``name``:
+    the run's readable name in TensorBoard (``experiment/variant_seedK``)."""
     folder = Path(folder)
-    train_seconds = _train(cfg, folder, devices)
+    train_seconds = _train(cfg, folder, devices, name)
     model = _trained_model(cfg, folder)
     device = devices[0]
     calib, test = _logits(cfg, folder, model, device)
@@ -37,7 +38,7 @@ def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str]) -> dict:
     return summary
 
 
-def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> float:
+def _train(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = None) -> float:
     from dynexit.training import train
 
     if len(devices) > 1:  # several GPUs for one run: torchrun, then evaluate here
@@ -50,7 +51,7 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> float:
         if not result_file.is_file():
             return float("nan")
         return float(read_json_file(result_file, "training result").get("wall_time", float("nan")))
-    result = train(cfg, folder, device=devices[0], resume=True)
+    result = train(cfg, folder, device=devices[0], resume=True, run_name=name)
     return float(result.wall_time)
 
 
