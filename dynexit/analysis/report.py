@@ -129,7 +129,33 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
         written["training curves"] = figure("training curves", "training_curves", fig,
                                             CAPTIONS["training curves"]) + [csv("training_curves", bands)]
 
+    _render_searches(results, out, formats, page, written, csv)
+
     atomic_write_text(out / REPORT_FILE, render_html(results, format_ablation(table), table.attrs.get("notes", []),
                                                      page))
     written["page"] = [out / REPORT_FILE]
     return written
+
+
+def _render_searches(results: Results, out: Path, formats: Sequence[str], page: list[PageFigure],
+                     written: dict[str, list[Path]], csv) -> None:
+    """The searches a results folder holds: the loss-weight study (drawn from its trials.csv) and the
+    figures threshold searches wrote under ``search/`` (``*.figure.png``, shown on the page as they are)."""
+    from dynexit.analysis.search_figures import HISTORY, loss_weight_figures
+    from dynexit.utils import read_csv_file
+
+    trials_path = results.path / "search" / "loss_weights" / "trials.csv"
+    if trials_path.is_file():
+        for name, (fig, data) in loss_weight_figures(read_csv_file(trials_path, "loss-weight trials")).items():
+            item = "loss-weight search: " + ("objective over trials" if name == HISTORY else "parameter importances")
+            caption = (f"From {trials_path.relative_to(results.path)}: " +
+                       ("objective of each complete trial (mean calibration budgeted accuracy, %) and the best so "
+                        "far." if name == HISTORY else "fANOVA importance of each searched parameter (seed 0)."))
+            page.append(PageFigure(item[0].upper() + item[1:], caption, figure_png(fig)))
+            written[item] = save_figure(fig, out / f"search_loss_weights_{name}", formats) + [
+                csv(f"search_loss_weights_{name}", data)]
+    for png in sorted((results.path / "search").glob("**/*.figure.png")):
+        where = png.relative_to(results.path)
+        page.append(PageFigure(f"Threshold search: {where.with_suffix('').with_suffix('').as_posix()}",
+                               f"{where}: the searched curve against the protocol's (test split), as the search "
+                               "wrote it.", png.read_bytes()))

@@ -1,8 +1,8 @@
 """Figures of the searches: a threshold search's curve against the protocol's (and its Pareto front), and a
 loss-weight study's objective over trials (best so far) and parameter importances.
 
-The loss-weight figures use Optuna's matplotlib visualisations on an in-memory study rebuilt from
-``trials.csv`` (complete trials, with the search space's distributions), so the study database is not needed.
+The loss-weight figures are drawn from ``trials.csv`` alone; the importances are Optuna's (fANOVA) on an
+in-memory study rebuilt from it (complete trials, the search space's distributions): no study database needed.
 Each figure comes with the plotted numbers as a table (written as CSV next to it).
 """
 from __future__ import annotations
@@ -72,8 +72,8 @@ def plot_threshold_search(points: pd.DataFrame, title: str = "threshold search")
 # --------------------------------------------------------------------------------- loss weights
 
 def study_from_trials(trials: pd.DataFrame):
-    """An in-memory Optuna study of the complete trials of a loss-weight ``trials.csv`` (parameters with
-    the search space's distributions, the objective as value)."""
+    """An in-memory Optuna study of the complete trials of a loss-weight ``trials.csv`` (the parameters
+    that vary, with the search space's distributions; the objective as value)."""
     import optuna
 
     from dynexit.search.loss_weights import LossWeightSpace
@@ -90,6 +90,7 @@ def study_from_trials(trials: pd.DataFrame):
                                                                                   log=True)
     study = optuna.create_study(direction="maximize", study_name="loss-weights (from trials.csv)")
     done = trials[(trials["state"] == "COMPLETE") & trials["objective"].notna()].sort_values("number")
+    names = [n for n in names if done[n].nunique() > 1]  # the last exit's weight stays 1: not searched
     for row in done.to_dict("records"):
         # values outside a range (the baseline's fixed weights may be) widen it: the table is the truth
         params = {n: float(row[n]) for n in names}
@@ -115,37 +116,52 @@ def optimization_history(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def loss_weight_figures(trials: pd.DataFrame) -> dict[str, tuple]:
-    """``{name: (figure, data)}``: the objective over complete trials with the best so far, and (with at
-    least MIN_IMPORTANCE_TRIALS complete trials) the parameters' fANOVA importances (seed 0)."""
-    import optuna
-    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+    """``{name: (figure, data)}``: the objective of each complete trial (by its trial number, pruned ones
+    as crosses at their last reported value) with the best so far, and (with at least
+    MIN_IMPORTANCE_TRIALS complete trials) the parameters' fANOVA importances (Optuna, seed 0).
 
-    study = study_from_trials(trials)
+    Drawn here rather than with Optuna's matplotlib plots: a study rebuilt from the table renumbers its
+    trials, and those plots' legends cover narrow axes."""
+    import optuna
+
+    from dynexit.analysis.figures import _figure
+
     history = optimization_history(trials)
     out = {}
     if history.empty:
         log.info("loss-weight search: no complete trial, no figure")
         return out
+    fig = _figure(7.0, 3.8)
+    ax = fig.add_subplot()
+    pruned = trials[trials["state"] == "PRUNED"]
+    if "last_reported" in trials and not pruned.empty:
+        ax.plot(pruned["number"], pruned["last_reported"], "x", color="0.6", label="pruned (last reported)")
+    ax.plot(history["number"], history["objective"], "o", color="tab:blue", label="complete trial")
+    ax.step(history["number"], history["best_so_far"], "-", where="post", color="tab:red", label="best so far")
+    ax.set(xlabel="trial", ylabel="objective: calibration\nbudgeted accuracy (%)",
+           title=f"loss-weight search: objective over {len(trials)} trials ({len(history)} complete)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    out[HISTORY] = (fig, history)
+    if len(history) < MIN_IMPORTANCE_TRIALS:
+        log.info("loss-weight search: %d complete trial(s), fewer than %d: no parameter importances",
+                 len(history), MIN_IMPORTANCE_TRIALS)
+        return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = plot_optimization_history(study, target_name="objective (calibration budgeted accuracy, %)")
-        ax.set_title(f"loss-weight search: objective over {len(history)} complete trials")
-        out[HISTORY] = (ax.figure, history)
-        if len(history) < MIN_IMPORTANCE_TRIALS:
-            log.info("loss-weight search: %d complete trial(s), fewer than %d: no parameter importances",
-                     len(history), MIN_IMPORTANCE_TRIALS)
-            return out
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-        ax = plot_param_importances(study, evaluator=evaluator)
-        ax.set_title(f"loss-weight search: parameter importances (fANOVA, {len(history)} complete trials)")
-        out[IMPORTANCES] = (ax.figure, pd.DataFrame({"parameter": list(importances),
-                                                     "importance": list(importances.values())}))
+        importances = optuna.importance.get_param_importances(study_from_trials(trials), evaluator=evaluator)
+    data = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
+    fig = _figure(7.0, 0.45 * len(data) + 1.2)
+    ax = fig.add_subplot()
+    shown = data.iloc[::-1]
+    ax.barh(shown["parameter"], shown["importance"], color="tab:blue")
+    for y, value in enumerate(shown["importance"]):
+        ax.text(value, y, f" {value:.2f}", va="center", fontsize="small")
+    ax.set(xlabel="importance (fANOVA, sums to 1)", xlim=(0, max(1e-9, float(data["importance"].max())) * 1.15),
+           title=f"loss-weight search: parameter importances ({len(history)} complete trials)")
+    ax.grid(alpha=0.3, axis="x")
+    out[IMPORTANCES] = (fig, data)
     return out
 
 
-def close(fig) -> None:
-    """Frees a figure Optuna drew with pyplot."""
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)

@@ -44,6 +44,10 @@ def run(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
+    if not getattr(args, "verbose", False):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line for a search's figures
     from dynexit.analysis import write_report
 
     results_dir = Path(args.results_dir)

@@ -210,7 +210,7 @@ def write_loss_weight_figures(trials, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     from dynexit.analysis import save_figure
-    from dynexit.analysis.search_figures import close, loss_weight_figures
+    from dynexit.analysis.search_figures import loss_weight_figures
     from dynexit.utils import atomic_write_text
 
     written = []
@@ -218,7 +218,6 @@ def write_loss_weight_figures(trials, folder: Path) -> list[Path]:
         written += save_figure(fig, Path(folder) / name, ("png",))
         atomic_write_text(Path(folder) / f"{name}.csv", data.to_csv(index=False))
         written.append(Path(folder) / f"{name}.csv")
-        close(fig)
     return written
 
 
