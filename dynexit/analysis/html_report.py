@@ -105,7 +105,9 @@ def _devices(results: Results, run_id: str) -> str:
         return ""
     devices = ", ".join(str(d) for d in status.get("devices") or [])
     threads = status.get("threads")
-    return f"{devices} ({threads} threads)" if devices and threads else devices
+    if devices and threads:
+        return f"{devices} ({threads} thread{'' if threads == 1 else 's'})"
+    return devices
 
 
 def environment() -> pd.DataFrame:
