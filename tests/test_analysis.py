@@ -2,8 +2,11 @@
 interpolation, area under the curve, mean/std over seeds and differences to the full model against
 hand-computed values; the figure, table and files on a realistic folder (and on results/quickstart
 when it exists)."""
+import base64
 import json
 import math
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,20 @@ SYNTHETIC = {  # variant: (exit costs in GMACs, logit strengths per exit, params
 }
 
 
+def _synthetic_metrics(run: int, names, epochs: int = 3) -> pd.DataFrame:
+    """metrics.csv of run number ``run``: train_acc_<exit> = 10 * epoch + run + k, train_loss_<exit> =
+    1 / epoch + k, test_acc_<exit> = 50 + run + k evaluated at the last epoch only (blank before)."""
+    rows = []
+    for epoch in range(1, epochs + 1):
+        row = {"epoch": epoch, "train_loss": float(len(names)) / epoch}
+        for k, name in enumerate(names):
+            row[f"train_loss_{name}"] = 1.0 / epoch + k
+            row[f"train_acc_{name}"] = 10.0 * epoch + run + k
+            row[f"test_acc_{name}"] = 50.0 + run + k if epoch == epochs else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classes: int = 10,
                             exit_names: bool = False, budgets=(0.003, 0.0045, 0.0058)) -> Path:
     """A results folder like the quickstart's: the variants of SYNTHETIC over ``seeds``, run folders
@@ -138,6 +155,7 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
             (folder / "summary.json").write_text(json.dumps(summary))
             (folder / "config.yaml").write_text(yaml.safe_dump({"eval": {"criterion": "max_softmax"}, "seed": seed}))
             (folder / "status.json").write_text(json.dumps({"state": "done"}))
+            _synthetic_metrics(len(runs), names).to_csv(folder / "metrics.csv", index=False)
             runs.append({"run_id": rid, "variant": variant, "model.name": "tiny_perceiver_t16",
                          "data.name": "digits", "seed": seed,
                          "model.static": True if variant == "static" else None, **summary})
@@ -423,7 +441,7 @@ def test_report_is_byte_stable_whatever_the_row_order(tmp_path):
     formats = ("png", "pdf", "svg")
     analysis.write_report(folder, formats=formats)
     first = _files(folder / "report")
-    assert len(first) == 4 * 3 + 8 and all(first.values())  # 4 figures in 3 formats, 8 tables
+    assert len(first) == 5 * 3 + 9 + 1 and all(first.values())  # 5 figures in 3 formats, 9 tables, the page
     for name in ("runs.csv", "curves.csv"):
         rows = pd.read_csv(folder / name)
         rows.iloc[::-1].to_csv(folder / name, index=False)
@@ -456,3 +474,108 @@ def test_a_failing_report_changes_no_file(tmp_path, capsys):
         analysis.write_report(folder, tmp_path / "elsewhere" / "report")
     assert not (tmp_path / "elsewhere").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_training_curves_are_seed_means_of_metrics_files(tmp_path):
+    from dynexit.analysis.training_curves import plot_training_curves, training_bands, training_history
+
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0, 1))
+    results = analysis.load_results(folder)
+    bands = training_bands(training_history(results), results).set_index(
+        ["config", "exit", "metric", "epoch"]).sort_index()
+    numbers = {rid: i for i, rid in enumerate(f"{v}-{s}" for v in SYNTHETIC for s in (0, 1))}  # written in order
+    for config in results.configs:
+        rids = list(results.runs.loc[results.runs["config"] == config, "run_id"])
+        for k, name in enumerate(results.run_exits(rids[0])):
+            runs = [numbers[r] for r in rids]
+            for epoch in (1, 2, 3):
+                row = bands.loc[(config, name, "train_accuracy", epoch)]
+                assert row["mean"] == pytest.approx(10 * epoch + np.mean(runs) + k)
+                assert (row["min"], row["max"]) == (10 * epoch + min(runs) + k, 10 * epoch + max(runs) + k)
+                assert bands.loc[(config, name, "train_loss", epoch), "mean"] == pytest.approx(1 / epoch + k)
+            # evaluated at the last epoch only: one point
+            assert bands.loc[(config, name, "accuracy")].index.tolist() == [3]
+            assert bands.loc[(config, name, "accuracy", 3), "mean"] == pytest.approx(50 + np.mean(runs) + k)
+            assert bands.loc[(config, name, "accuracy", 3), "seeds"] == 2
+    fig = plot_training_curves(results)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 3 * len(results.exit_names)
+
+    out = write_report_files(folder)
+    plotted = pd.read_csv(out / "training_curves.csv")
+    full = plotted[(plotted["config"] == "full") & (plotted["exit"] == "merge") & (plotted["metric"] == "train_loss")]
+    np.testing.assert_allclose(full["mean"], [1 + 3, 1 / 2 + 3, 1 / 3 + 3])
+    assert (out / "training_curves.png").is_file()
+
+    for rid in results.runs["run_id"]:  # without metrics files: no figure, no error
+        (results.run_folder(rid) / "metrics.csv").unlink()
+    assert "training curves" not in analysis.write_report(folder, tmp_path / "bare", formats=("png",))
+
+
+def write_report_files(folder: Path) -> Path:
+    analysis.write_report(folder, folder / "report", formats=("png",))
+    return folder / "report"
+
+
+class _PageParser(HTMLParser):
+    """Checks nesting (every opened element closed in order, void elements aside) and collects what a
+    self-contained page must not reference."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.errors, self.refs, self.tags, self.cells = [], [], [], [], []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for key, value in attrs:
+            if key in ("src", "href", "srcset", "data", "action", "poster"):
+                self.refs.append((tag, key, value or ""))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        self._in_cell = tag in ("td", "th")
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+        self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+
+
+def test_report_page_is_self_contained_and_holds_the_table(tmp_path):
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0, 1), samples=80)
+    written = analysis.write_report(folder, formats=("pdf",))  # the page embeds PNGs whatever the formats
+    page = folder / "report" / "report.html"
+    assert written["page"] == [page]
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    parser = _PageParser()
+    parser.feed(text)
+    parser.close()
+    assert parser.errors == [] and parser.stack == []
+    images = [v for tag, key, v in parser.refs if tag == "img"]
+    assert len(images) == 5 and all(v.startswith("data:image/png;base64,") for v in images)
+    for value in images:  # each a real PNG
+        assert base64.b64decode(value.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(v.startswith(("data:", "#")) for _, _, v in parser.refs), parser.refs
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert re.search(r"https?://", text) is None
+
+    # the ablation table's numbers, as the Markdown table shows them, and every run
+    table = analysis.format_ablation(analysis.ablation_table(analysis.load_results(folder)))
+    for value in table.to_numpy().ravel():
+        if value:
+            assert str(value).replace(" ± ", "\u2009±\u2009") in parser.cells, value
+    runs = pd.read_csv(folder / "runs.csv")
+    for rid, acc in zip(runs["run_id"], runs["acc_final"]):
+        assert rid in parser.cells and f"{acc:.2f}" in parser.cells
+    assert yaml.safe_dump({"name": "synthetic"}).strip() in text  # the spec
+    assert "torch" in parser.cells and "matplotlib" in parser.cells
+    analysis.write_report(folder, formats=("pdf",))
+    assert page.read_text(encoding="utf-8") == text  # byte-stable

@@ -280,6 +280,27 @@ def test_threshold_command_writes_the_curve_format_and_resumes(reference, tmp_pa
     trials = pd.read_csv(tmp_path / "curve.trials.csv")
     assert len(trials) == 60 and all(sorted(g) == list(range(30)) for _, g in trials.groupby("study")["number"])
     assert (trials.dropna(subset=["point"])["budget"].tolist() == [0.75, 0.85])
+    # The figure's points: the searched curve and the official protocol's, on the test split.
+    assert (tmp_path / "curve.figure.png").read_bytes()[:4] == b"\x89PNG"
+    points = pd.read_csv(tmp_path / "curve.figure.csv")
+    searched = points[points["series"] == "searched"]
+    curve = pd.read_csv(tmp_path / "curve.csv").sort_values("test_expected_cost")
+    np.testing.assert_allclose(searched[["cost", "accuracy"]], curve[["test_expected_cost", "test_accuracy"]])
+    protocol = pd.read_csv(tmp_path / "protocol.csv").sort_values("test_expected_cost", kind="stable")
+    np.testing.assert_allclose(points.loc[points["series"] == "protocol (official)", ["cost", "accuracy"]],
+                               protocol[["test_expected_cost", "test_accuracy"]])
+    # --pareto: every complete trial and the front, on the calibration split
+    pareto = ["search", "thresholds", *common, "--pareto", "--trials", "40", "--population", "10",
+              "--out", str(tmp_path / "front.csv")]
+    assert cli_main(pareto) == 0
+    points = pd.read_csv(tmp_path / "front.figure.csv")
+    trials = pd.read_csv(tmp_path / "front.trials.csv")
+    tried = points[points["series"] == "trials"]
+    assert len(tried) == (trials["state"] == "COMPLETE").sum() == 40
+    np.testing.assert_allclose(tried["accuracy"], trials.loc[trials["state"] == "COMPLETE", "calib_accuracy"])
+    front = pd.read_csv(tmp_path / "front.csv").sort_values("calib_expected_cost", kind="stable")
+    np.testing.assert_allclose(points.loc[points["series"] == "Pareto front", ["cost", "accuracy"]],
+                               front[["calib_expected_cost", "calib_accuracy"]])
     # Errors: one line naming the culprit.
     assert cli_main(["search", "thresholds", *common, "--budgets", "cheap", "--out", str(tmp_path / "x.csv")]) == 1
     assert "--budgets 'cheap'" in capsys.readouterr().err
@@ -437,3 +458,31 @@ def test_loss_weight_search_trains_on_digits_and_scores_the_calibration_curve(tm
     again = search_loss_weights(spec, n_trials=2, storage=storage, seed=0, device="cpu")
     assert again.trials["number"].tolist() == [0, 1] and again.best == result.best
     assert sorted(p.stat().st_mtime_ns for p in result.study_dir.glob("runs/*/checkpoint.pt")) == stamps
+
+
+def test_loss_weight_figures_from_trials_csv(tmp_path, caplog):
+    import logging
+
+    from dynexit.cli.search import write_loss_weight_figures
+
+    trials = pd.read_csv(Path(__file__).resolve().parents[1] / "results/quickstart/search/loss_weights/trials.csv")
+    written = write_loss_weight_figures(trials, tmp_path)
+    assert {p.name for p in written} == {"optimization_history.png", "optimization_history.csv",
+                                         "param_importances.png", "param_importances.csv"}
+    history = pd.read_csv(tmp_path / "optimization_history.csv")
+    done = trials[trials["state"] == "COMPLETE"]
+    assert history["number"].tolist() == done["number"].tolist()
+    np.testing.assert_allclose(history["objective"], done["objective"])
+    np.testing.assert_allclose(history["best_so_far"], done["objective"].cummax())
+    importances = pd.read_csv(tmp_path / "param_importances.csv")
+    params = [c for c in trials.columns if c.startswith("weight_")] + ["distill_alpha", "distill_temperature"]
+    assert sorted(importances["parameter"]) == sorted(p for p in params if p != "weight_merge")  # merge stays 1
+    assert importances["importance"].sum() == pytest.approx(1.0)
+    again = write_loss_weight_figures(trials, tmp_path / "again")
+    assert [p.read_bytes() for p in written] == [p.read_bytes() for p in again]  # byte-stable
+
+    few = trials[trials["number"] < 3]  # three complete trials: no importances, a note
+    with caplog.at_level(logging.INFO, logger="dynexit.analysis.search_figures"):
+        written = write_loss_weight_figures(few, tmp_path / "few")
+    assert {p.name for p in written} == {"optimization_history.png", "optimization_history.csv"}
+    assert "fewer than 4: no parameter importances" in caplog.text

@@ -150,7 +150,7 @@ def test_plan_workers():
 
 def fake_pipeline(fail_variant=None):
     """Writes what the real pipeline writes, from the configuration alone."""
-    def run(cfg, folder, devices):
+    def run(cfg, folder, devices, name=None):
         if cfg.model.static and fail_variant == "static":
             raise RuntimeError("static exploded")
         acc = 50.0 + cfg.seed + (10 if cfg.model.x2z is not False else 0)
@@ -186,6 +186,14 @@ def test_runs_aggregate_skip_and_retry(tmp_path, monkeypatch):
     runs = pd.read_csv(tmp_path / "res" / "runs.csv")
     assert len(runs) == 24 and runs["run_id"].is_unique
     assert run_experiment(load_spec(spec), devices="cpu") == []
+    # TensorBoard: one link per run, named by variant, the grid keys it sets and seed, to its tb folder
+    links = sorted((tmp_path / "res" / "tb").iterdir())
+    assert len(links) == 24 and all(link.is_symlink() for link in links)
+    by_name = {link.name: link for link in links}
+    name = "no_x2z_eval.batch_size=64_model.num_latents=16_train.batch_size=32_seed1"
+    row = runs[(runs["variant"] == "no_x2z") & (runs["seed"] == 1) & (runs["train.batch_size"] == 32)
+               & (runs["model.num_latents"] == 16)]
+    assert by_name[name].resolve() == (tmp_path / "res" / "runs" / row["run_id"].item() / "tb").resolve()
 
 
 def test_run_states(tmp_path):

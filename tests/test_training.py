@@ -410,3 +410,29 @@ def test_digits_at_32px_reaches_the_accuracy_targets(tmp_path):
         logits = model(images)
     for name, y in zip(EXITS, logits):
         assert (y.argmax(1) == labels).double().mean().item() * 100 == pytest.approx(accs[name])
+
+
+def test_tensorboard_has_the_run_name_id_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run = tmp_path / "abc123"
+    cfg = small_config("train.epochs=2", "train.tensorboard=true", "train.eval_every=2")
+    result = train(cfg, run, device="cpu", run_name="demo/full_seed0")
+    events = EventAccumulator(str(run / "tb"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "test/acc_merge" in tags["scalars"]
+    text = events.Tensors("run/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text == "demo/full_seed0 (run id abc123)"
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    params = {k: (v.string_value or v.number_value or v.bool_value) for k, v in start.hparams.items()}
+    assert params["model.name"] == "tiny_perceiver_t16" and params["train.epochs"] == 2
+    assert params["train.lr"] == pytest.approx(2e-3) and params["data.train_subset"] == 96
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert {"test/acc_merge", "train/loss"} <= metrics
+    # the metrics point at logged scalars whose last value is the final result
+    assert events.Scalars("test/acc_merge")[-1].value == pytest.approx(result.metrics["test_acc_merge"], rel=1e-6)

@@ -5,7 +5,8 @@ exit behaviour, the run folders' logits). A *configuration* is a variant plus ev
 varies within it (except the seed); its runs differ only by seed, and every number shown for it is a
 mean with a standard deviation over those seeds. Modules: ``results`` (loading), ``tables`` (ablation
 table, per-run metrics, mean curves), ``behaviour`` (exit shares, exit accuracy, confidence),
-``figures`` and ``report``; the curve maths is :mod:`dynexit.curves`. Costs are GMACs, accuracies percent.
+``figures``, ``training_curves`` (per-exit metrics against epoch), ``search_figures``, ``html_report``
+(the self-contained page) and ``report``; the curve maths is :mod:`dynexit.curves`. Costs are GMACs, accuracies percent.
 """
 from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
 from dynexit.analysis.figures import (
@@ -39,12 +40,13 @@ from dynexit.analysis.tables import (
                                       to_latex,
                                       to_markdown,
 )
+from dynexit.analysis.training_curves import plot_training_curves, training_bands, training_history
 
 __all__ = [
     "ACC_LABEL", "COST_LABEL", "DEFAULT_RESULTS", "PUBLISHED", "REFERENCE_VARIANT", "RESULTS_ENV", "Results",
     "ablation_table", "budget_column", "common_cost_range", "config_colors",
     "confidence_histograms", "cost_range", "curve_band", "default_budgets", "exit_accuracy", "exit_shares",
     "find_results_dir", "format_ablation", "load_results", "plot_budgeted_curves",
-    "plot_confidence_histograms", "plot_exit_accuracy", "plot_exit_shares", "run_metrics", "save_figure",
-    "to_latex", "to_markdown", "write_report",
+    "plot_confidence_histograms", "plot_exit_accuracy", "plot_exit_shares", "plot_training_curves", "run_metrics",
+    "save_figure", "to_latex", "to_markdown", "training_bands", "training_history", "write_report",
 ]

@@ -14,8 +14,17 @@ from dynexit.analysis.figures import (
     plot_exit_accuracy,
     plot_exit_shares,
 )
+from dynexit.analysis.html_report import REPORT_FILE, PageFigure, figure_png, render_html
 from dynexit.analysis.results import Results, load_results
-from dynexit.analysis.tables import ablation_table, curve_band, run_metrics, to_latex, to_markdown
+from dynexit.analysis.tables import (
+    ablation_table,
+    curve_band,
+    format_ablation,
+    run_metrics,
+    to_latex,
+    to_markdown,
+)
+from dynexit.analysis.training_curves import plot_training_curves, training_bands, training_history
 from dynexit.utils import atomic_write, atomic_write_text, staged_folder
 
 log = logging.getLogger(__name__)
@@ -24,6 +33,18 @@ log = logging.getLogger(__name__)
 # No creation date in a figure, and fixed SVG ids (random by default): the same figure, the same bytes.
 _STABLE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
 _SVG_SALT = "dynexit"
+
+
+CAPTIONS = {
+    "budgeted curves": "Test accuracy against expected cost per image: one line per configuration (mean over "
+                       "seeds, band ± std), each exit alone as hollow markers, static backbones as squares.",
+    "exit shares": "Share of test samples leaving at each exit, per operating point of the budgeted curve.",
+    "exit accuracy": "Accuracy of the test samples leaving at each exit, per operating point; dashed: overall.",
+    "confidence histograms": "Max softmax probability of each exit on the test split, correct and wrong samples "
+                             "stacked.",
+    "training curves": "Per-exit evaluated accuracy (at evaluated epochs), running training accuracy and training "
+                       "loss against epoch: mean over seeds, band from the lowest to the highest seed.",
+}
 
 
 def save_figure(fig, path: str | Path, formats: Sequence[str] = ("png", "pdf"), dpi: int = 150) -> list[Path]:
@@ -77,8 +98,14 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
     written["per-run metrics"] = [csv("run_metrics", run_metrics(results, table.attrs["budgets"],
                                                                  table.attrs["auc_range"]))]
 
+    page: list[PageFigure] = []
+
+    def figure(item: str, name: str, fig, caption: str) -> list[Path]:
+        page.append(PageFigure(item[0].upper() + item[1:], caption, figure_png(fig)))
+        return save_figure(fig, out / name, formats)
+
     fig = plot_budgeted_curves(results, published=published)
-    written["budgeted curves"] = save_figure(fig, out / "budgeted_curves", formats)
+    written["budgeted curves"] = figure("budgeted curves", "budgeted_curves", fig, CAPTIONS["budgeted curves"])
     written["budgeted curves"].append(csv("curve_bands", curve_band(results)))
 
     shares = exit_shares(results)
@@ -92,5 +119,43 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
         if fig is None:
             log.info("%s: nothing to plot (no multi-exit run with the files it needs)", item)
             continue
-        written[item] = save_figure(fig, out / name, formats) + [csv(name, data)]
+        written[item] = figure(item, name, fig, CAPTIONS[item]) + [csv(name, data)]
+
+    bands = training_bands(training_history(results), results)
+    fig = plot_training_curves(results, bands)
+    if fig is None:
+        log.info("training curves: nothing to plot (no run folder has a metrics.csv)")
+    else:
+        written["training curves"] = figure("training curves", "training_curves", fig,
+                                            CAPTIONS["training curves"]) + [csv("training_curves", bands)]
+
+    _render_searches(results, out, formats, page, written, csv)
+
+    atomic_write_text(out / REPORT_FILE, render_html(results, format_ablation(table), table.attrs.get("notes", []),
+                                                     page))
+    written["page"] = [out / REPORT_FILE]
     return written
+
+
+def _render_searches(results: Results, out: Path, formats: Sequence[str], page: list[PageFigure],
+                     written: dict[str, list[Path]], csv) -> None:
+    """The searches a results folder holds: the loss-weight study (drawn from its trials.csv) and the
+    figures threshold searches wrote under ``search/`` (``*.figure.png``, shown on the page as they are)."""
+    from dynexit.analysis.search_figures import HISTORY, loss_weight_figures
+    from dynexit.utils import read_csv_file
+
+    trials_path = results.path / "search" / "loss_weights" / "trials.csv"
+    if trials_path.is_file():
+        for name, (fig, data) in loss_weight_figures(read_csv_file(trials_path, "loss-weight trials")).items():
+            item = "loss-weight search: " + ("objective over trials" if name == HISTORY else "parameter importances")
+            caption = (f"From {trials_path.relative_to(results.path)}: " +
+                       ("objective of each complete trial (mean calibration budgeted accuracy, %) and the best so "
+                        "far." if name == HISTORY else "fANOVA importance of each searched parameter (seed 0)."))
+            page.append(PageFigure(item[0].upper() + item[1:], caption, figure_png(fig)))
+            written[item] = save_figure(fig, out / f"search_loss_weights_{name}", formats) + [
+                csv(f"search_loss_weights_{name}", data)]
+    for png in sorted((results.path / "search").glob("**/*.figure.png")):
+        where = png.relative_to(results.path)
+        page.append(PageFigure(f"Threshold search: {where.with_suffix('').with_suffix('').as_posix()}",
+                               f"{where}: the searched curve against the protocol's (test split), as the search "
+                               "wrote it.", png.read_bytes()))

@@ -9,9 +9,11 @@ EPILOG = """examples:
   dynexit report results/quickstart
   dynexit report results/quickstart --out paper/figures --formats pdf --budgets 0.012,0.013,0.015
 
-Writes into RESULTS_DIR/report/ (or --out): budgeted_curves, exit_shares, exit_accuracy and confidence
-figures (PNG and PDF), the ablation table (ablation.csv, ablation.md, ablation.tex), and the data behind
-each figure as CSV. Accuracy at a budget is interpolated along each curve and left blank outside it."""
+Writes into RESULTS_DIR/report/ (or --out): budgeted_curves, exit_shares, exit_accuracy, confidence and
+training_curves figures (PNG and PDF), the loss-weight search's figures when RESULTS_DIR/search/loss_weights
+holds a trials.csv, the ablation table (ablation.csv, ablation.md, ablation.tex), the data behind each
+figure as CSV, and report.html: one self-contained page with the spec, the table, every figure, the runs
+and the package versions. Accuracy at a budget is interpolated along each curve and left blank outside it."""
 
 
 def add_parser(subparsers) -> None:
@@ -44,6 +46,10 @@ def run(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
+    if not getattr(args, "verbose", False):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line for a search's figures
     from dynexit.analysis import write_report
 
     results_dir = Path(args.results_dir)

@@ -43,9 +43,11 @@ of that protocol grid's points. --pareto: one NSGA-II study, its Pareto front of
 against cost. --trials counts finished trials per study (default 200 per budget, 3000 for --pareto).
 
 Writes CURVE.csv (the columns of 'dynexit curve'; target_share_<exit> holds the calibration shares the
-searched thresholds give) and CURVE.trials.csv (every trial: parameters, thresholds, calibration
-accuracy and cost, and the curve point it became, if any). The study lives in --storage (default:
-search.db next to CURVE.csv); running the command again resumes or, when done, only rewrites the files."""
+searched thresholds give), CURVE.trials.csv (every trial: parameters, thresholds, calibration
+accuracy and cost, and the curve point it became, if any) and CURVE.figure.png (the searched curve
+against the protocol's, and the Pareto front with --pareto; its points in CURVE.figure.csv).
+The study lives in --storage (default: search.db next to CURVE.csv); running the command again
+resumes or, when done, only rewrites the files."""
 
 LOSS_EPILOG = """examples:
   dynexit search loss-weights experiments/quickstart.yaml --trials 20
@@ -57,9 +59,10 @@ Each trial trains the spec's base configuration with its own loss weights (every
 last stays 1), distillation weight and temperature, in <study folder>/runs/<run id>; the objective is
 the mean calibration budgeted accuracy over --cost-range GMACs (default: first to last exit's cost),
 scored after every epoch so that a median pruner stops poor trials. Outputs in the study folder
-(default <results_dir>/search/loss_weights): study.db, trials.csv and best_weights.yaml, a spec fragment
-(under 'variants') for 'dynexit run'. With --storage naming a shared database, run the same command on
-each machine to share the study.
+(default <results_dir>/search/loss_weights): study.db, trials.csv, best_weights.yaml (a spec fragment
+under 'variants' for 'dynexit run'), optimization_history.png (objective over trials, best so far) and
+param_importances.png (fANOVA, from 4 complete trials on), each with its data as CSV.
+With --storage naming a shared database, run the same command on each machine to share the study.
 
 """ + SET_RULE
 
@@ -172,12 +175,50 @@ def run_thresholds(args) -> int:
         print(f"  {row.point:>5} {row.calib_expected_cost:>10.4g} {row.calib_accuracy:>11.2f} "
               f"{row.test_expected_cost:>10.4g} {row.test_accuracy:>10.2f}")
     grid = GRIDS[0] if num_exits == 4 else GRIDS[1]  # the official grid is defined for 4 exits
-    cmp = compare_with_protocol(result.curve, protocol_curve(problem, grid)).attrs
+    protocol = protocol_curve(problem, grid)
+    cmp = compare_with_protocol(result.curve, protocol).attrs
+    figure = _threshold_figure(out, result, protocol, grid, args.pareto)
     print(f"\nagainst the {grid} protocol at its points' test costs ({cmp['points_in_range']} in range): "
           f"mean {cmp['mean_difference']:+.2f}, min {cmp['min_difference']:+.2f} points; "
           f"over the shared cost range {cmp['area_difference']:+.2f} points")
-    print(f"\nwrote {out} and {trials_path}")
+    print(f"\nwrote {out}, {trials_path} and {figure} (data: {figure.with_suffix('.csv')})")
     return 0
+
+
+def _threshold_figure(out: Path, result, protocol, grid: str, pareto: bool) -> Path:
+    """CURVE.figure.png: the searched curve against the protocol's (and the Pareto front), its points in
+    CURVE.figure.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dynexit.analysis import save_figure
+    from dynexit.analysis.search_figures import plot_threshold_search, threshold_search_points
+    from dynexit.utils import atomic_write_text
+
+    points = threshold_search_points(result.curve, protocol, grid, result.trials, pareto)
+    path = out.with_name(out.stem + ".figure.png")
+    kind = "Pareto front" if pareto else "budget studies"
+    save_figure(plot_threshold_search(points, f"threshold search ({kind}) against the {grid} protocol"), path,
+                ("png",))
+    atomic_write_text(path.with_suffix(".csv"), points.to_csv(index=False))
+    return path
+
+
+def write_loss_weight_figures(trials, folder: Path) -> list[Path]:
+    """optimization_history and (with enough complete trials) param_importances, PNG and CSV, in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dynexit.analysis import save_figure
+    from dynexit.analysis.search_figures import loss_weight_figures
+    from dynexit.utils import atomic_write_text
+
+    written = []
+    for name, (fig, data) in loss_weight_figures(trials).items():
+        written += save_figure(fig, Path(folder) / name, ("png",))
+        atomic_write_text(Path(folder) / f"{name}.csv", data.to_csv(index=False))
+        written.append(Path(folder) / f"{name}.csv")
+    return written
 
 
 def run_loss_weights(args) -> int:
@@ -215,5 +256,6 @@ def run_loss_weights(args) -> int:
     if result.best is not None:
         print(f"\nbest: trial {result.best_number}, objective {result.best_value:.3f}; "
               f"spec fragment in {Path(study_dir) / 'best_weights.yaml'}")
-    print(f"wrote {Path(study_dir) / 'trials.csv'}")
+    figures = write_loss_weight_figures(table, Path(study_dir))
+    print(f"wrote {Path(study_dir) / 'trials.csv'}" + (f" and {', '.join(str(p) for p in figures)}" if figures else ""))
     return 0

@@ -34,15 +34,16 @@ from dynexit.utils import atomic_write, atomic_write_text, read_csv_file, read_j
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str]) -> dict:
-    """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary.
+def run_pipeline(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = None) -> dict:
+    """Executes the run described by ``cfg`` in ``folder`` on ``devices``; returns the summary. ``name``:
+    the run's readable name in TensorBoard (``experiment/variant_seedK``).
 
     It computes with ``cfg.train.threads`` CPU threads, with deterministic algorithms on the CPU."""
     from dynexit.training.determinism import run_threads
 
     folder = Path(folder)
     with run_threads(cfg.train.threads, deterministic_cpu=devices[0] == "cpu"):
-        _train(cfg, folder, devices)
+        _train(cfg, folder, devices, name)
         return _evaluate(cfg, folder, devices[0])
 
 
@@ -85,7 +86,7 @@ def _evaluate(cfg: RunConfig, folder: Path, device: str) -> dict:
     return summary
 
 
-def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> None:
+def _train(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = None) -> None:
     from dynexit.training import train
 
     if len(devices) > 1:  # several GPUs for one run: torchrun, then evaluate here
@@ -95,7 +96,7 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str]) -> None:
         log.info("launching %s", " ".join(cmd))
         subprocess.run(cmd, check=True, env=os.environ.copy())
         return
-    train(cfg, folder, device=devices[0], resume=True)
+    train(cfg, folder, device=devices[0], resume=True, run_name=name)
 
 
 def _train_seconds(folder: Path) -> float:

@@ -69,7 +69,7 @@ class TrainResult:
 
 
 def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, resume: bool = True, *,
-          on_epoch_end: Optional[Callable[..., Any]] = None) -> TrainResult:
+          on_epoch_end: Optional[Callable[..., Any]] = None, run_name: Optional[str] = None) -> TrainResult:
     """Trains the model of ``cfg`` (a ``dynexit.config.RunConfig``) into ``run_dir``.
 
     With ``resume`` (the default) a run folder holding a checkpoint of the same configuration continues
@@ -84,6 +84,8 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     ``on_epoch_end(epoch=, model=, ema=, metrics=)``, if given, is called on every process after each
     epoch's checkpoint (``ema``: the EMA model or None; ``metrics``: the epoch's row of metrics.csv), on a
     forked RNG so that it leaves training unchanged; an exception from it ends training (e.g. pruning).
+    ``run_name`` (e.g. ``quickstart/full_seed0``) is written into TensorBoard as the ``run`` text with the
+    run folder's name (the run id); the HParams tab gets the flattened configuration and final metrics.
     """
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"train() needs a dynexit.config.RunConfig, got {type(cfg).__name__}")
@@ -91,7 +93,7 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     ctx = setup(device)
     try:
         with run_threads(cfg.train.threads, deterministic_cpu=ctx.device.type == "cpu"):
-            return _Session(cfg, Path(run_dir), ctx, resume, on_epoch_end).run()
+            return _Session(cfg, Path(run_dir), ctx, resume, on_epoch_end, run_name).run()
     finally:
         ctx.close()
 
@@ -105,8 +107,10 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 class _Session:
     """One call of ``train``: setup, the epochs, the files."""
 
-    def __init__(self, cfg, run_dir: Path, ctx: DistContext, resume: bool, on_epoch_end: Optional[Callable]):
+    def __init__(self, cfg, run_dir: Path, ctx: DistContext, resume: bool, on_epoch_end: Optional[Callable],
+                 run_name: Optional[str] = None):
         self.cfg, self.tc, self.run_dir, self.ctx, self.resume = cfg, cfg.train, run_dir, ctx, resume
+        self.run_name = run_name
         self.on_epoch_end = on_epoch_end
         self.ckpt_path = run_dir / CHECKPOINT_FILE
         self.checkpoint_epoch = 0
@@ -230,7 +234,7 @@ class _Session:
 
     def _epochs(self, start_epoch: int, step: int, wall_time: float) -> TrainResult:
         tc, ctx = self.tc, self.ctx
-        history = MetricsLog(self.run_dir, ctx.is_main, tc.tensorboard, start_epoch)
+        history = MetricsLog(self.run_dir, ctx.is_main, tc.tensorboard, start_epoch, run_name=self.run_name)
         history.truncate(start_epoch)
         row: dict[str, float] = {}
         try:
@@ -255,6 +259,7 @@ class _Session:
                     with torch.random.fork_rng(devices=self._cuda_indices()):
                         self.on_epoch_end(epoch=epoch, model=self.model, metrics=dict(row),
                                           ema=self.ema.module if self.ema is not None else None)
+            history.add_hparams(self.config, row)
         finally:
             history.close()
         return self._finish(tc.epochs, step, wall_time, row, start_epoch)

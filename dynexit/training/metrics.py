@@ -24,6 +24,8 @@ from dynexit.utils import atomic_write, read_csv_file
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
+TB_FOLDER = "tb"  # TensorBoard's event files, in the run folder
+RUN_TAG = "run"  # TensorBoard text: the run's readable name and its id
 
 
 class ExitMetrics:
@@ -103,7 +105,8 @@ class MetricsLog:
     resumed checkpoint's epoch (written before a crash that came ahead of the checkpoint).
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_epoch: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_epoch: int = 0,
+                 run_name: Optional[str] = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
         self.writer = None
@@ -111,7 +114,11 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events a crashed session logged after the checkpoint it resumes from.
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+            self.writer = SummaryWriter(str(Path(run_dir) / TB_FOLDER),
+                                        purge_step=start_epoch + 1 if start_epoch else None)
+            if not start_epoch:  # once per run: the readable name and the run id
+                text = f"{run_name} (run id {Path(run_dir).name})" if run_name else f"run id {Path(run_dir).name}"
+                self.writer.add_text(RUN_TAG, text, 0)
 
     def rows(self) -> pd.DataFrame:
         return read_csv_file(self.path, "metrics file") if self.path.is_file() else pd.DataFrame()
@@ -137,6 +144,20 @@ class MetricsLog:
                     self.writer.add_scalar(_tb_tag(key), value, epoch)
             self.writer.flush()
 
+    def add_hparams(self, config: dict, final: dict[str, float]) -> None:
+        """The run's flattened configuration (``model.name``, ``train.lr``, ...) and its final metrics in
+        TensorBoard's HParams tab; the metrics point at the scalar tags already logged."""
+        if self.writer is None or not final:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        params = {key: _hparam_value(value) for key, value in flatten(config).items()}
+        metrics = {_tb_tag(key): float(value) for key, value in final.items()
+                   if key not in ("epoch", "step", "lr", "epoch_time") and value == value}
+        for summary in hparams(params, metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -148,3 +169,22 @@ def _tb_tag(key: str) -> str:
         if key.startswith(split + "_"):
             return f"{split}/{key[len(split) + 1:]}"
     return f"train/{key}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"model": {"name": "x"}}`` -> ``{"model.name": "x"}``."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _hparam_value(value):
+    """What the HParams tab can show: numbers, booleans and strings (lists and None as text)."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return "none" if value is None else str(value)
