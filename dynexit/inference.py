@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynexit.models.interface import check_multi_exit_model
 from dynexit.models.perceiver import MultiExitModel
 from dynexit.policies import check_criterion, confidence, exit_scores, find_thresholds
 
@@ -69,12 +70,11 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, thresholds: Sequence[floa
     >= ``thresholds[k]``; the last exit takes everyone left. Segment k runs only for the samples still
     undecided. Runs in eval mode (restored after) under ``torch.inference_mode``.
     """
-    if not isinstance(model, MultiExitModel):
-        raise TypeError(f"early_exit needs a model made by dynexit.create_model, got {type(model).__name__}")
+    check_multi_exit_model(model, need_segments=True, purpose="early_exit")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a batch of images (B, C, H, W), got {getattr(x, 'shape', type(x))}")
     check_criterion(criterion)
-    num_exits = model.num_exits
+    num_exits = len(model.exit_names)
     limits = _thresholds(thresholds, num_exits)
     temps = _temperatures(temperature, num_exits)
     n = x.shape[0]
@@ -190,6 +190,7 @@ def measure_latency(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3,
 
 def run_to_exit(model: MultiExitModel, x: torch.Tensor, k: int) -> torch.Tensor:
     """Logits of exit ``k`` of every sample, running segments 0..k (the work of reaching exit k)."""
+    check_multi_exit_model(model, need_segments=True, purpose="running segments")
     s = model.init_state(x)
     for j in range(k + 1):
         s = model.run_segment(j, s)
@@ -202,11 +203,11 @@ def exit_latencies(model: MultiExitModel, x: torch.Tensor, repeats: int = 20, wa
     was_training = model.training
     model.eval()
     try:
-        fns = {str(k): (lambda k=k: run_to_exit(model, x, k)) for k in range(model.num_exits)}
+        fns = {str(k): (lambda k=k: run_to_exit(model, x, k)) for k in range(len(model.exit_names))}
         timings = time_calls(fns, repeats, warmup, x.device)
     finally:
         model.train(was_training)
-    return [timings[str(k)] for k in range(model.num_exits)]
+    return [timings[str(k)] for k in range(len(model.exit_names))]
 
 
 # -------------------------------------------------------------------------------- operating points
@@ -262,13 +263,13 @@ def operating_point(model: MultiExitModel, images: torch.Tensor, shares: Sequenc
     """Times early exit on ``images`` (in batches of ``batch_size``) at the thresholds that send
     ``shares`` of them out at each exit (:func:`thresholds_for_shares`), against the full model on the
     same batches; ``costs`` are the cumulative per-exit costs (GMACs) for the expected figures."""
-    if len(shares) != model.num_exits or len(costs) != model.num_exits:
-        raise ValueError(f"need one share and one cost per exit ({model.num_exits}), got {len(shares)} shares "
+    if len(shares) != len(model.exit_names) or len(costs) != len(model.exit_names):
+        raise ValueError(f"need one share and one cost per exit ({len(model.exit_names)}), got {len(shares)} shares "
                          f"and {len(costs)} costs")
     thresholds = thresholds_for_shares(model, images, shares, criterion, batch_size)
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     exits = torch.cat([early_exit(model, b, thresholds, criterion)[1] for b in batches]).cpu()
-    measured = torch.bincount(exits, minlength=model.num_exits).double() / len(exits)
+    measured = torch.bincount(exits, minlength=len(model.exit_names)).double() / len(exits)
     expected = float(sum(s * c for s, c in zip(measured.tolist(), costs)))
     was_training = model.training
     model.eval()

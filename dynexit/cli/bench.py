@@ -97,10 +97,15 @@ def run(args) -> int:
     malloc = "default"
     if not args.default_malloc:
         malloc = "tuned" if reuse_freed_memory() else "default (tuning unavailable)"
+    from dynexit.models.interface import model_setting
+
     model = build_model(args, "bench").eval()
-    size = model.config.input_size
-    costs = count_costs(model)
-    shares_list = parse_shares(args.shares, model.num_exits) if model.num_exits > 1 else []
+    size = model_setting(model, "input_size")
+    if size is None:
+        raise ValueError(f"{args.name} does not say its input size: give --input-size")
+    costs = count_costs(model, size)
+    exits = len(model.exit_names)
+    shares_list = parse_shares(args.shares, exits) if exits > 1 else []
     device = torch.device(args.device)
     model.to(device)
     gen = torch.Generator().manual_seed(0)
