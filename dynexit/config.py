@@ -381,12 +381,16 @@ class RunConfig:
 
 
 def exit_loss_weights(exit_names: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
-    """The loss weights a model with ``exit_names`` trains with: ``weights``, except that the default
-    (Dyn-Perceiver's exits) means 1.0 for every exit of a model whose exits are others (MSDNet, branchy,
-    a factory's model)."""
-    if dict(weights) == DEFAULT_LOSS_WEIGHTS and set(exit_names) != set(DEFAULT_LOSS_WEIGHTS):
+    """The loss weights a model with ``exit_names`` trains with. ``train.loss_weights`` starts from the
+    default for Dyn-Perceiver's exits, and a spec's weights are merged into it; for a model with other exits
+    (MSDNet, branchy, a factory's model) the default entries of exits it lacks are dropped, and the default
+    alone means 1.0 for every exit."""
+    names = set(exit_names)
+    given = {k: v for k, v in weights.items()
+             if k in names or k not in DEFAULT_LOSS_WEIGHTS or v != DEFAULT_LOSS_WEIGHTS[k]}
+    if not given and names != set(DEFAULT_LOSS_WEIGHTS):
         return dict.fromkeys(exit_names, 1.0)
-    return dict(weights)
+    return given if names != set(DEFAULT_LOSS_WEIGHTS) else dict(weights)
 
 
 def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
@@ -408,15 +412,23 @@ EVAL_GRIDS = ("official", "msdnet")
 
 
 def validate_run_config(cfg: RunConfig) -> None:
-    """Every check of a run's values that needs no data and no built model: the architecture (preset and
-    overrides), data, train (with the loss weights against the model's exits) and eval sections. Raises
-    ValueError/TypeError naming the first bad key."""
+    """Every check of a run's values that needs no data: the model (preset and overrides, or factory; a
+    model other than a Dyn-Perceiver is built to learn its exits), data, train (with the loss weights against
+    the model's exits) and eval sections (the grid against the number of exits). Raises ValueError/TypeError
+    naming the first bad key."""
     exit_names = _checked_model(cfg.model)
     validate_data_config(cfg.data)
     validate_train_config(cfg.train)
     if len(exit_names) > 1:  # one exit: plain cross-entropy, the weights are not used
         check_exit_weights(exit_names, exit_loss_weights(exit_names, cfg.train.loss_weights))
     validate_eval_config(cfg.eval)
+    if len(exit_names) > 1:
+        from dynexit.policies import resolve_grid
+
+        try:
+            resolve_grid(cfg.eval.grid, len(exit_names))
+        except ValueError as err:
+            raise ValueError(f"eval.grid: {err} (the model has {len(exit_names)} exits)") from None
 
 
 def _checked_model(cfg: Any) -> tuple[str, ...]:
