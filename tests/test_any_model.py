@@ -267,3 +267,15 @@ def test_any_module_with_segments_works_without_the_base_class():
     assert isinstance(model, dynexit.models.SegmentedMultiExitModule)
     costs = count_costs(model)
     assert costs.input_size == 16 and len(costs.gmacs) == 3
+
+
+def test_bench_times_the_readme_model_and_refuses_a_forward_only_one(user_modules, capsys):
+    assert main(["bench", "tiny_exits:make_model", "--input-size", "16", "--repeats", "1", "--warmup", "0",
+                 "--images", "8", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_exits:make_model at 16x16" in out
+    for name in ("low", "mid", "high"):
+        assert re.search(rf"^\s+\d\s+{name}\s", out, flags=re.M)
+    assert main(["bench", "forward_only:make", "--repeats", "1", "--warmup", "0"]) != 0
+    assert "dynexit bench needs a model that runs exit by exit, but TwoHeads has no init_state" in \
+        capsys.readouterr().err

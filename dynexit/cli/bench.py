@@ -97,9 +97,10 @@ def run(args) -> int:
     malloc = "default"
     if not args.default_malloc:
         malloc = "tuned" if reuse_freed_memory() else "default (tuning unavailable)"
-    from dynexit.models.interface import model_setting
+    from dynexit.models.interface import check_multi_exit_model, model_setting
 
     model = build_model(args, "bench").eval()
+    check_multi_exit_model(model, need_segments=True, purpose="dynexit bench")
     size = model_setting(model, "input_size")
     if size is None:
         raise ValueError(f"{args.name} does not say its input size: give --input-size")
