@@ -159,6 +159,10 @@ def test_a_spec_with_the_readme_factory_runs_end_to_end(user_modules, tmp_path):
     test_logits, _ = load_logits(folder / "logits_test.npz")
     accuracy = (test_logits.argmax(-1) == load_logits(folder / "logits_test.npz")[1]).mean(axis=1) * 100
     assert np.allclose(accuracy, [row["acc_low"], row["acc_mid"], row["acc_high"]])
+    # The report takes it like any other experiment.
+    assert main(["report", str(tmp_path / "results"), "--formats", "png", "--no-published"]) == 0
+    written = {p.name for p in (tmp_path / "results").rglob("*") if p.is_file()}
+    assert any(name.endswith(".png") for name in written), written
 
 
 def test_a_forward_only_model_needs_given_costs_and_says_what_it_lacks(user_modules, tmp_path):
