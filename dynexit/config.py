@@ -529,4 +529,4 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     """Writes a config as YAML, atomically."""
     from dynexit.utils import atomic_write_text
 
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))  # unused new model keys left out

@@ -247,11 +247,17 @@ def test_model_sections_of_every_family_are_checked_at_load(user_modules, tmp_pa
     assert cfg.model.options == {"width": 2}
 
 
-def test_the_new_model_keys_stay_out_of_a_perceiver_configs_identity():
+def test_the_new_model_keys_stay_out_of_a_perceiver_configs_identity(tmp_path):
+    from dynexit.config import save_yaml
+
     tree = to_container(RunConfig())
     assert not {"factory", "costs", "options"} & set(tree["model"])
-    tree = to_container(merge(RunConfig, {"model": {"name": "msdnet_small", "nBlocks": 3}}))
-    assert tree["model"]["options"] == {"nBlocks": 3}
+    save_yaml(RunConfig(), tmp_path / "perceiver.yaml")
+    assert "options" not in (tmp_path / "perceiver.yaml").read_text()
+    cfg = merge(RunConfig, {"model": {"name": "msdnet_small", "nBlocks": 3}, "eval": {"grid": "msdnet"}})
+    assert to_container(cfg)["model"]["options"] == {"nBlocks": 3}
+    save_yaml(cfg, tmp_path / "msdnet.yaml")  # a run folder's config.yaml loads back to the same config
+    assert to_container(load_run_config(tmp_path / "msdnet.yaml")) == to_container(cfg)
 
 
 def test_default_loss_weights_are_one_per_exit_for_other_models():
