@@ -139,6 +139,7 @@ def test_a_spec_with_the_readme_factory_runs_end_to_end(user_modules, tmp_path):
     assert len(runs) == 1
     row = runs.iloc[0]
     assert row["num_exits"] == 3
+    assert row["model.name"] == "tiny_exits:make_model"
     for name in ("low", "mid", "high"):
         assert 0 <= row[f"acc_{name}"] <= 100
     assert row["acc_final"] == row["acc_high"]
