@@ -521,7 +521,10 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     cfg = merge(RunConfig, raw, where=str(path))
     if overrides:
         cfg = merge(cfg, parse_set(overrides), where="--set")
-    validate_run_config(cfg)  # errors now, before anything runs
+    try:
+        validate_run_config(cfg)  # errors now, before anything runs
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from None
     return cfg
 
 

@@ -235,7 +235,7 @@ def test_model_sections_of_every_family_are_checked_at_load(user_modules, tmp_pa
                            ({"name": "tiny_perceiver_t16", "nBlocks": 3}, "model.nBlocks: not a setting of tiny"),
                            ({"name": "no_such_preset"}, "model.name: unknown preset 'no_such_preset'"),
                            ({"factory": "no_such_module_xyz:f"}, "model.factory: .*cannot import")]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=f"run.yaml: {message}"):
             load_run_config(write_config(tmp_path, model))
     with pytest.raises(ValueError, match="train.loss_weights: 'early3' is not an exit"):
         load_run_config(write_config(tmp_path, {"factory": "tiny_exits:make_model"},
@@ -290,3 +290,22 @@ def test_bench_times_the_readme_model_and_refuses_a_forward_only_one(user_module
     assert main(["bench", "forward_only:make", "--repeats", "1", "--warmup", "0"]) != 0
     assert "dynexit bench needs a model that runs exit by exit, but TwoHeads has no init_state" in \
         capsys.readouterr().err
+
+
+def test_a_spec_with_a_bad_model_section_names_the_variant_and_key_and_writes_nothing(user_modules, tmp_path):
+    from dynexit.runs.spec import load_spec
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: bad
+        results_dir: {tmp_path / 'results'}
+        base:
+          model: {{name: tiny_perceiver_t16, num_classes: 10}}
+          eval: {{grid: msdnet}}
+        variants:
+          good: {{model.factory: "tiny_exits:make_model"}}
+          wrong: {{model.name: msdnet_small, model.growth: 3}}
+        """))
+    with pytest.raises(ValueError, match="wrong.*model.growth: not a setting of msdnet_small"):
+        load_spec(spec)
+    assert not (tmp_path / "results").exists()
