@@ -122,10 +122,6 @@ def build_from_factory(name: str, **kwargs: Any) -> torch.nn.Module:
     return model
 
 
-def num_exits(model: Any) -> int:
-    return len(model.exit_names)
-
-
 def model_setting(model: Any, name: str) -> Any:
     """A setting such as ``input_size`` or ``num_classes`` of ``model``: from its configuration
     (``model.config.<name>``), else its own attribute, else its factory's keyword argument; None if unknown."""
