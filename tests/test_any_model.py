@@ -160,6 +160,12 @@ def test_a_spec_with_the_readme_factory_runs_end_to_end(user_modules, tmp_path):
     test_logits, _ = load_logits(folder / "logits_test.npz")
     accuracy = (test_logits.argmax(-1) == load_logits(folder / "logits_test.npz")[1]).mean(axis=1) * 100
     assert np.allclose(accuracy, [row["acc_low"], row["acc_mid"], row["acc_high"]])
+    # The threshold search takes its saved logits and costs like any other run's.
+    assert main(["search", "thresholds", "--calib", str(folder / "logits_calib.npz"), "--test",
+                 str(folder / "logits_test.npz"), "--costs", str(folder / "costs.csv"), "--budgets",
+                 f"{row['gmacs_mid']:.6f}", "--trials", "5", "--out", str(tmp_path / "search.csv")]) == 0
+    searched = pd.read_csv(tmp_path / "search.csv")
+    assert len(searched) == 1 and 0 <= searched["test_accuracy"].iloc[0] <= 100
     # The report takes it like any other experiment.
     assert main(["report", str(tmp_path / "results"), "--formats", "png", "--no-published"]) == 0
     written = {p.name for p in (tmp_path / "results").rglob("*") if p.is_file()}
