@@ -29,23 +29,126 @@ def _model_config_fields():
     fields = [("name", str, field(default="tiny_perceiver_t16"))]
     for f in dataclasses.fields(PerceiverConfig):
         fields.append((f.name, Optional[hints[f.name]], field(default=None)))
+    fields += [("factory", Optional[str], field(default=None)),
+               ("costs", Optional[list[float]], field(default=None)),
+               ("options", Optional[dict[str, Any]], field(default=None))]
     return fields
 
 
-# A preset name plus any architecture field to override; None keeps the preset's value.
+# The model section. ``name``: a preset of any family (Dyn-Perceiver, MSDNet, branchy; see ``dynexit models``)
+# with overrides of its configuration; or ``factory: "package.module:function"``, called with the section's
+# other keys as keyword arguments (``name`` is then unused). Dyn-Perceiver's fields are typed here; any other
+# key (another family's knob, a factory's argument) is gathered into ``options`` when a file or ``--set`` is
+# merged and checked by the model's own configuration. ``costs``: per-exit GMACs given by the user, for a model
+# without segments (see dynexit.models.interface); None: counted by fvcore.
 ModelConfig = dataclasses.make_dataclass("ModelConfig", _model_config_fields())
-ModelConfig.__doc__ = "A preset ``name`` and overrides of any PerceiverConfig field (None: the preset's value)."
+ModelConfig.__doc__ = ("A preset ``name`` of any family or a ``factory`` (``module:function``), with overrides or "
+                       "keyword arguments (None: the preset's value); ``costs``: user-given per-exit GMACs.")
+MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+# Keys added to the model section after the first committed results; left out of a config's plain form (and so
+# of run ids) while unused, so the runs of existing specs keep their ids.
+NEW_MODEL_KEYS = ("factory", "costs", "options")
+FAMILIES = ("perceiver", "msdnet", "branchy", "factory")
+
+
+def model_family(cfg: Any) -> str:
+    """Which family the model section ``cfg`` builds: perceiver, msdnet, branchy or factory."""
+    from dynexit.models.branchy import BRANCHY_PRESETS
+    from dynexit.models.msdnet import MSDNET_PRESETS
+    from dynexit.models.presets import PRESETS
+
+    if cfg.factory is not None:
+        return "factory"
+    if cfg.name in PRESETS:
+        return "perceiver"
+    if cfg.name in MSDNET_PRESETS:
+        return "msdnet"
+    if cfg.name in BRANCHY_PRESETS:
+        return "branchy"
+    known = sorted([*PRESETS, *MSDNET_PRESETS, *BRANCHY_PRESETS])
+    raise ValueError(f"model.name: unknown preset {cfg.name!r}; valid presets: {', '.join(known)}; or give "
+                     f"model.factory: 'package.module:function'")
 
 
 def model_overrides(cfg: Any) -> dict[str, Any]:
-    """The fields of a ModelConfig that override the preset."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if f.name != "name" and getattr(cfg, f.name) is not None}
+    """The keys of a ModelConfig that override its preset (or are its factory's keyword arguments)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name not in ("name", *NEW_MODEL_KEYS) and getattr(cfg, f.name) is not None}
+    return {**fields, **(cfg.options or {})}
 
 
 def resolve_model(cfg: Any) -> PerceiverConfig:
-    """The full architecture of a ModelConfig (its preset with its overrides)."""
-    return preset_config(cfg.name, **model_overrides(cfg))
+    """The full architecture of a Dyn-Perceiver ModelConfig (its preset with its overrides)."""
+    family = model_family(cfg)
+    if family != "perceiver":
+        raise ValueError(f"model: {cfg.factory or cfg.name!r} is not a Dyn-Perceiver preset ({family}); "
+                         f"build it with build_configured_model")
+    return _family_config(cfg)
+
+
+def _family_config(cfg: Any) -> Any:
+    """The configuration of a preset model section; errors name the key as ``model.<key>``."""
+    from dynexit.models.branchy import BRANCHY_OVERRIDES, branchy_config
+    from dynexit.models.msdnet import OVERRIDES as MSDNET_OVERRIDES
+    from dynexit.models.msdnet import msdnet_config
+    from dynexit.models.presets import OVERRIDES
+
+    family = model_family(cfg)
+    build, valid = {"perceiver": (preset_config, OVERRIDES), "msdnet": (msdnet_config, MSDNET_OVERRIDES),
+                    "branchy": (branchy_config, BRANCHY_OVERRIDES)}[family]
+    overrides = model_overrides(cfg)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"model.{unknown[0]}: not a setting of {cfg.name} ({family}); its settings: "
+                         f"{', '.join(valid)}")
+    return build(cfg.name, **overrides)
+
+
+def build_configured_model(cfg: Any):
+    """The model a model section describes (a preset of any family, or a factory's model)."""
+    from dynexit.models import MSDNet, build_model
+    from dynexit.models.branchy import BranchyNet
+    from dynexit.models.interface import build_from_factory
+
+    family = model_family(cfg)
+    if family == "factory":
+        try:
+            return build_from_factory(cfg.factory, **model_overrides(cfg))
+        except ValueError as err:
+            raise ValueError(f"model.factory: {err}") from None
+    config = _family_config(cfg)
+    return {"perceiver": build_model, "msdnet": MSDNet, "branchy": BranchyNet}[family](config)
+
+
+def model_exit_names(cfg: Any) -> tuple[str, ...]:
+    """The exit names of the model a model section describes (a Dyn-Perceiver's without building it)."""
+    if model_family(cfg) == "perceiver":
+        from dynexit.models.perceiver import model_class
+
+        return tuple(model_class(resolve_model(cfg)).exit_names)
+    return tuple(build_configured_model(cfg).exit_names)
+
+
+def _fold_model_options(source: Any) -> Any:
+    """``source`` with the keys of its model section that are not ModelConfig fields moved into
+    ``model.options`` (another family's knobs, a factory's keyword arguments)."""
+    if OmegaConf.is_config(source):
+        if not OmegaConf.is_dict(source):
+            return source
+        tree = OmegaConf.to_container(source, resolve=False)
+    elif isinstance(source, Mapping):
+        tree = dict(source)
+    else:
+        return source
+    model = tree.get("model")
+    if not isinstance(model, Mapping):
+        return source
+    extra = {k: v for k, v in model.items() if k not in MODEL_FIELDS}
+    if not extra:
+        return source
+    folded = {k: v for k, v in model.items() if k in MODEL_FIELDS}
+    folded["options"] = {**(folded.get("options") or {}), **extra}
+    return {**tree, "model": folded}
 
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
@@ -277,6 +380,19 @@ class RunConfig:
     seed: int = 0
 
 
+def exit_loss_weights(exit_names: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
+    """The loss weights a model with ``exit_names`` trains with. ``train.loss_weights`` starts from the
+    default for Dyn-Perceiver's exits, and a spec's weights are merged into it; for a model with other exits
+    (MSDNet, branchy, a factory's model) the default entries of exits it lacks are dropped, and the default
+    alone means 1.0 for every exit."""
+    names = set(exit_names)
+    given = {k: v for k, v in weights.items()
+             if k in names or k not in DEFAULT_LOSS_WEIGHTS or v != DEFAULT_LOSS_WEIGHTS[k]}
+    if not given and names != set(DEFAULT_LOSS_WEIGHTS):
+        return dict.fromkeys(exit_names, 1.0)
+    return given if names != set(DEFAULT_LOSS_WEIGHTS) else dict(weights)
+
+
 def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
     """The weights in exit order; ValueError naming any exit the model lacks or any exit without a weight."""
     names = list(exit_names)
@@ -293,22 +409,50 @@ def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) 
 
 
 def validate_run_config(cfg: RunConfig) -> None:
-    """Every check of a run's values that needs no data and no built model: the architecture (preset and
-    overrides), data, train (with the loss weights against the model's exits) and eval sections. Raises
-    ValueError/TypeError naming the first bad key."""
-    from dynexit.models.perceiver import model_class
+    """Every check of a run's values that needs no data: the model (preset and overrides, or factory; a
+    model other than a Dyn-Perceiver is built to learn its exits), data, train (with the loss weights against
+    the model's exits) and eval sections (the grid against the number of exits). Raises ValueError/TypeError
+    naming the first bad key."""
     from dynexit.yaml_files import key_in_message
 
     try:
-        exit_names = model_class(resolve_model(cfg.model)).exit_names
+        exit_names = _checked_model(cfg.model)
     except (ValueError, TypeError) as err:  # the model families speak of their own fields: name the key
         key = key_in_message(str(err))
         raise type(err)(f"{key}: {err}" if key and key not in str(err) else str(err)) from None
     validate_data_config(cfg.data)
     validate_train_config(cfg.train)
     if len(exit_names) > 1:  # one exit: plain cross-entropy, the weights are not used
-        check_exit_weights(exit_names, cfg.train.loss_weights)
+        check_exit_weights(exit_names, exit_loss_weights(exit_names, cfg.train.loss_weights))
     validate_eval_config(cfg.eval)
+    if len(exit_names) > 1:
+        from dynexit.policies import resolve_grid
+
+        try:
+            resolve_grid(cfg.eval.grid, len(exit_names))
+        except ValueError as err:
+            raise ValueError(f"eval.grid: {err} (the model has {len(exit_names)} exits)") from None
+
+
+def _checked_model(cfg: Any) -> tuple[str, ...]:
+    """The exit names of the model section ``cfg``, after checking that it builds and that its costs can be
+    known (counted through its segments, or given in ``model.costs``)."""
+    from dynexit.models.interface import has_segments
+
+    if model_family(cfg) == "perceiver" and cfg.costs is None:
+        return model_exit_names(cfg)
+    model = build_configured_model(cfg)
+    names = tuple(model.exit_names)
+    if cfg.costs is not None:
+        costs = list(cfg.costs)
+        if len(costs) != len(names) or not all(math.isfinite(c) and c > 0 for c in costs) or any(
+                b <= a for a, b in zip(costs, costs[1:])):
+            raise ValueError(f"model.costs must be {len(names)} positive GMACs, one per exit ({', '.join(names)}), "
+                             f"increasing, got {costs!r}")
+    elif not has_segments(model):
+        raise ValueError(f"model.costs: {type(model).__name__} has no init_state/run_segment, so dynexit cannot "
+                         f"count its per-exit costs; give them as model.costs: [GMACs of {', '.join(names)}]")
+    return names
 
 
 def validate_eval_config(cfg: EvalConfig) -> None:
@@ -326,8 +470,15 @@ def validate_eval_config(cfg: EvalConfig) -> None:
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
-    """A plain dict of a dataclass config (for YAML, hashing, CSV columns)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """A plain dict of a dataclass config (for YAML, hashing, CSV columns); the model section's
+    ``NEW_MODEL_KEYS`` only when set."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    model = tree.get("model") if isinstance(tree, dict) else None
+    if isinstance(model, dict) and MODEL_FIELDS.issuperset(model):
+        for key in NEW_MODEL_KEYS:
+            if model.get(key, 0) is None:
+                del model[key]
+    return tree
 
 
 def merge(schema: Any, *sources: Any, where: str = "config") -> Any:
@@ -337,7 +488,7 @@ def merge(schema: Any, *sources: Any, where: str = "config") -> Any:
     """
     base = OmegaConf.structured(schema)
     try:
-        merged = OmegaConf.merge(base, *sources)
+        merged = OmegaConf.merge(base, *(_fold_model_options(source) for source in sources))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(f"{where}: {_describe(err)}") from None
@@ -400,4 +551,4 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     """Writes a config as YAML, atomically."""
     from dynexit.utils import atomic_write_text
 
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))  # unused new model keys left out

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from dynexit.models.interface import check_multi_exit_model, model_setting
 from dynexit.models.perceiver import MultiExitModel
 from dynexit.utils import atomic_write_text
 
@@ -216,15 +217,18 @@ def _flop_counter(segment: _Segment) -> FlopCountAnalysis:
 
 
 def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCosts:
-    """Counts the per-image cost of every exit of ``model`` (see the module docstring).
+    """Counts the per-image cost of every exit of ``model`` (see the module docstring): any model with
+    segments (:mod:`dynexit.models.interface`); TypeError naming what a model without them lacks.
 
     ``input_size`` defaults to the model's configured one. The model is counted in eval mode (its mode
     is restored after) on one random image, without touching the global random state. Raises
     ValueError if fvcore meets an op it cannot count that is not in :data:`NOT_COUNTED`.
     """
-    if not isinstance(model, MultiExitModel):
-        raise TypeError(f"count_costs needs a model made by dynexit.create_model, got {type(model).__name__}")
-    size = model.config.input_size if input_size is None else input_size
+    exit_names = check_multi_exit_model(model, need_segments=True, purpose="counting per-exit costs")
+    size = model_setting(model, "input_size") if input_size is None else input_size
+    if size is None:
+        raise ValueError(f"{type(model).__name__} does not say its input size (no config.input_size or "
+                         f"input_size): give input_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"input_size must be a positive int, got {size!r}")
     first = next(model.parameters())
@@ -240,7 +244,7 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
     try:
         with torch.no_grad():
             s = model.init_state(images)
-            for k in range(model.num_exits):
+            for k in range(len(exit_names)):
                 segment = _Segment(model, k, s)
                 counter = _flop_counter(segment)
                 segment_macs.append(int(counter.total()))
@@ -263,7 +267,7 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
     for name, p in model.named_parameters():
         c = component_of(name) or "other"
         component_params[c] = component_params.get(c, 0) + p.numel()
-    costs = ExitCosts(tuple(model.exit_names), tuple(segment_macs), tuple(params), component_macs,
+    costs = ExitCosts(exit_names, tuple(segment_macs), tuple(params), component_macs,
                       component_params, size)
     log.debug("costs at %d px: %s GMACs", size, ", ".join(f"{g:.4f}" for g in costs.gmacs))
     return costs

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynexit.models.interface import check_multi_exit_model
 from dynexit.models.perceiver import MultiExitModel
 from dynexit.policies import ExitPolicy, check_criterion, confidence, exit_scores, find_thresholds
 
@@ -60,7 +61,7 @@ def _temperatures(temperature: Any, num_exits: int) -> list[float | None]:
 def check_policy_fits(policy: ExitPolicy, model: MultiExitModel) -> None:
     """A policy fits a model with as many exits, named alike (or numbered 0..K-1, as curves of unnamed
     logits are); else a ValueError naming both."""
-    numbered = tuple(str(k) for k in range(model.num_exits))
+    numbered = tuple(str(k) for k in range(len(model.exit_names)))
     if policy.exit_names not in (tuple(model.exit_names), numbered):
         raise ValueError(f"the policy's exits ({', '.join(policy.exit_names)}) are not the model's "
                          f"({', '.join(model.exit_names)})")
@@ -82,8 +83,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor,
     >= ``thresholds[k]``; the last exit takes everyone left. Segment k runs only for the samples still
     undecided. Runs in eval mode (restored after) under ``torch.inference_mode``.
     """
-    if not isinstance(model, MultiExitModel):
-        raise TypeError(f"early_exit needs a model made by dynexit.create_model, got {type(model).__name__}")
+    check_multi_exit_model(model, need_segments=True, purpose="early_exit")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a batch of images (B, C, H, W), got {getattr(x, 'shape', type(x))}")
     if isinstance(thresholds, ExitPolicy):
@@ -94,7 +94,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor,
         thresholds, criterion, temperature = thresholds.thresholds, thresholds.criterion, thresholds.temperatures
     criterion = "max_softmax" if criterion is None else criterion
     check_criterion(criterion)
-    num_exits = model.num_exits
+    num_exits = len(model.exit_names)
     limits = _thresholds(thresholds, num_exits)
     temps = _temperatures(temperature, num_exits)
     n = x.shape[0]
@@ -210,6 +210,7 @@ def measure_latency(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3,
 
 def run_to_exit(model: MultiExitModel, x: torch.Tensor, k: int) -> torch.Tensor:
     """Logits of exit ``k`` of every sample, running segments 0..k (the work of reaching exit k)."""
+    check_multi_exit_model(model, need_segments=True, purpose="running segments")
     s = model.init_state(x)
     for j in range(k + 1):
         s = model.run_segment(j, s)
@@ -222,11 +223,11 @@ def exit_latencies(model: MultiExitModel, x: torch.Tensor, repeats: int = 20, wa
     was_training = model.training
     model.eval()
     try:
-        fns = {str(k): (lambda k=k: run_to_exit(model, x, k)) for k in range(model.num_exits)}
+        fns = {str(k): (lambda k=k: run_to_exit(model, x, k)) for k in range(len(model.exit_names))}
         timings = time_calls(fns, repeats, warmup, x.device)
     finally:
         model.train(was_training)
-    return [timings[str(k)] for k in range(model.num_exits)]
+    return [timings[str(k)] for k in range(len(model.exit_names))]
 
 
 # -------------------------------------------------------------------------------- operating points
@@ -282,8 +283,8 @@ def operating_point(model: MultiExitModel, images: torch.Tensor, shares: Sequenc
     """Times early exit on ``images`` (in batches of ``batch_size``) at the thresholds that send
     ``shares`` of them out at each exit (:func:`thresholds_for_shares`), against the full model on the
     same batches; ``costs`` are the cumulative per-exit costs (GMACs) for the expected figures."""
-    if len(shares) != model.num_exits or len(costs) != model.num_exits:
-        raise ValueError(f"need one share and one cost per exit ({model.num_exits}), got {len(shares)} shares "
+    if len(shares) != len(model.exit_names) or len(costs) != len(model.exit_names):
+        raise ValueError(f"need one share and one cost per exit ({len(model.exit_names)}), got {len(shares)} shares "
                          f"and {len(costs)} costs")
     thresholds = thresholds_for_shares(model, images, shares, criterion, batch_size)
     policy = ExitPolicy(tuple(model.exit_names), criterion, tuple(float(t) for t in thresholds))
@@ -296,8 +297,8 @@ def policy_point(model: MultiExitModel, images: torch.Tensor, policy: ExitPolicy
     ``images`` in batches of ``batch_size``, against the full model on the same batches; ``target_shares``
     is empty (the policy fixes thresholds, not shares) and ``shares`` are those measured on these images."""
     check_policy_fits(policy, model)
-    if len(costs) != model.num_exits:
-        raise ValueError(f"need one cost per exit ({model.num_exits}), got {len(costs)}")
+    if len(costs) != len(model.exit_names):
+        raise ValueError(f"need one cost per exit ({len(model.exit_names)}), got {len(costs)}")
     return _time_policy(model, images, policy, costs, batch_size, repeats, warmup, ())
 
 
@@ -305,7 +306,7 @@ def _time_policy(model: MultiExitModel, images: torch.Tensor, policy: ExitPolicy
                  batch_size: int, repeats: int, warmup: int, shares: Sequence[float]) -> OperatingPoint:
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     exits = torch.cat([early_exit(model, b, policy)[1] for b in batches]).cpu()
-    measured = torch.bincount(exits, minlength=model.num_exits).double() / len(exits)
+    measured = torch.bincount(exits, minlength=len(model.exit_names)).double() / len(exits)
     expected = float(sum(s * c for s, c in zip(measured.tolist(), costs)))
     was_training = model.training
     model.eval()

@@ -9,7 +9,8 @@ from dynexit.config import load_run_config, resolve_model
 from dynexit.runs.spec import load_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-SPECS = ["quickstart.yaml", "fashion_mnist.yaml", "imagenet_official.yaml", "imagenet_ablations.yaml"]
+SPECS = ["quickstart.yaml", "fashion_mnist.yaml", "imagenet_official.yaml", "imagenet_ablations.yaml",
+         "msdnet_cifar100.yaml", "compare.yaml"]
 COMMITTED = ("quickstart.yaml", "fashion_mnist.yaml")  # their results are in results/: nothing pending
 ABLATIONS = {"full": {}, "no_x2z": {"x2z": False}, "no_z2x": {"z2x": False}, "no_dwc": {"dwc": False},
              "no_isc": {"isc": False}, "no_last_ca": {"last_ca": False}, "static": {"static": True}}
@@ -57,7 +58,7 @@ def test_shipped_run_configs_load(name):
 
 def test_msdnet_cifar_spec_trains_with_the_reference_recipe():
     """The train section of experiments/msdnet_cifar100.yaml is MSDNet's CIFAR recipe. (Its dry run needs
-    the msdnet_cifar_anytime model: add the spec to SPECS once that model exists.)"""
+    the msdnet_cifar_anytime model: it is in SPECS.)"""
     import yaml
 
     from dynexit.config import TrainConfig, merge, milestone_epochs, validate_train_config
@@ -73,3 +74,36 @@ def test_msdnet_cifar_spec_trains_with_the_reference_recipe():
     assert [learning_rate(train, epoch * steps, steps) for epoch in (0, 149, 150, 224, 225, 299)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-12)
     assert spec["base"]["data"]["calib_size"] == 5000 and spec["base"]["eval"]["grid"] == "msdnet"
+
+
+def test_compare_spec_pits_four_families_at_similar_costs_with_budgets_inside_every_curve():
+    """experiments/compare.yaml: Dyn-Perceiver, MSDNet, branchy and the static backbone, 2 seeds each, the full
+    Fashion-MNIST training set with 5,000 calibration images, one recipe; full costs within 2x of each other
+    and every budget between a multi-exit model's first-exit and full cost."""
+    from dynexit.config import build_configured_model, exit_loss_weights
+    from dynexit.costs import count_costs
+
+    experiment = load_spec(EXPERIMENTS / "compare.yaml")
+    by_variant: dict[str, list] = {}
+    for run in experiment.runs:
+        by_variant.setdefault(run.variant, []).append(run.config)
+    assert {v: sorted(c.seed for c in cfgs) for v, cfgs in by_variant.items()} == {
+        "perceiver": [0, 1], "msdnet": [0, 1], "branchy": [0, 1], "static": [0, 1]}
+    full_costs, budgets = {}, None
+    for variant, (cfg, _) in by_variant.items():
+        assert (cfg.data.name, cfg.data.calib_size, cfg.data.train_subset, cfg.data.image_size) == (
+            "fashion_mnist", 5000, None, 28)
+        assert (cfg.train.threads, cfg.train.epochs) == (1, 30)
+        model = build_configured_model(cfg.model)
+        gmacs = count_costs(model, cfg.data.image_size).gmacs
+        full_costs[variant] = gmacs[-1]
+        budgets = cfg.eval.budgets
+        assert len(budgets) == 3
+        if len(gmacs) > 1:
+            assert all(gmacs[0] < b < gmacs[-1] + 1e-12 for b in budgets), (variant, gmacs)
+        weights = exit_loss_weights(model.exit_names, cfg.train.loss_weights)
+        if variant in ("msdnet", "branchy"):
+            assert weights == dict.fromkeys(model.exit_names, 1.0)
+    assert max(full_costs.values()) / min(full_costs.values()) < 2
+    # the same backbone; the branchy model's last head differs a little from the static classifier's
+    assert full_costs["static"] == pytest.approx(full_costs["branchy"], rel=0.01)

@@ -129,15 +129,21 @@ def run(args) -> int:
     malloc = "default"
     if not args.default_malloc:
         malloc = "tuned" if reuse_freed_memory() else "default (tuning unavailable)"
+    from dynexit.models.interface import check_multi_exit_model, model_setting
+
     policy = read_policy(args)
     model = build_model(args, "bench").eval()
-    size = model.config.input_size
+    check_multi_exit_model(model, need_segments=True, purpose="dynexit bench")
+    size = model_setting(model, "input_size")
+    if size is None:
+        raise ValueError(f"{args.name} does not say its input size: give --input-size")
     if policy is not None:
         check_policy_fits(policy, model)
-    costs = count_costs(model)
+    costs = count_costs(model, size)
+    exits = len(model.exit_names)
     shares_list = []
-    if model.num_exits > 1 and (policy is None or args.shares):
-        shares_list = parse_shares(args.shares, model.num_exits)
+    if exits > 1 and (policy is None or args.shares):
+        shares_list = parse_shares(args.shares, exits)
     device = torch.device(args.device)
     model.to(device)
     gen = torch.Generator().manual_seed(0)

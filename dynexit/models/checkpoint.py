@@ -2,8 +2,11 @@
 
 A dynexit checkpoint is a dict with ``model`` (state dict), ``model_config`` (the model's configuration
 as a dict), ``model_kind`` (which architecture that configuration is for: ``perceiver``, the default for
-files that name none, ``msdnet`` or ``branchy``) and, when it comes from training, ``ema`` and the training state.
-``load_model`` rebuilds the model from the file alone.
+files that name none, ``msdnet``, ``branchy``, or ``factory`` for a model made by a ``module:function`` factory, whose
+``model_config`` holds ``factory`` and its keyword arguments ``kwargs``) and, when it comes from training,
+``ema`` and the training state.
+``load_model`` rebuilds the model from the file alone (a factory's module is imported again, so it must be
+importable where the file is loaded).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 
 from dynexit.models import BranchyConfig, BranchyNet, MSDNet, MSDNetConfig, MultiExitModel, PerceiverConfig, build_model
+from dynexit.models.interface import build_from_factory
 from dynexit.utils import UnsafeFileError, atomic_write, load_torch_file
 
 # model_kind -> (configuration class, builder)
@@ -21,17 +25,35 @@ ARCHITECTURES = {"perceiver": (PerceiverConfig, build_model), "msdnet": (MSDNetC
                  "branchy": (BranchyConfig, BranchyNet)}
 
 
+FACTORY_KIND = "factory"
+
+
 def model_kind(model: MultiExitModel) -> str:
-    """The ``model_kind`` that rebuilds ``model`` (Dyn-Perceiver and its static backbone: ``perceiver``)."""
+    """The ``model_kind`` that rebuilds ``model`` (Dyn-Perceiver and its static backbone: ``perceiver``; a
+    model made by a ``module:function`` factory: ``factory``). TypeError for a model dynexit cannot rebuild."""
+    if getattr(model, "dynexit_factory", None) is not None:
+        return FACTORY_KIND
     for kind, (_, build) in ARCHITECTURES.items():
         if isinstance(build, type) and isinstance(model, build):
             return kind
-    return "perceiver"
+    if isinstance(getattr(model, "config", None), PerceiverConfig):
+        return "perceiver"
+    raise TypeError(f"cannot save a {type(model).__name__} as a dynexit checkpoint: it was made neither from a "
+                    f"preset nor by a 'module:function' factory through dynexit.create_model, so nothing "
+                    f"says how to rebuild it")
+
+
+def model_config(model: MultiExitModel) -> dict[str, Any]:
+    """What rebuilds ``model``'s architecture: its configuration, or its factory and keyword arguments."""
+    factory = getattr(model, "dynexit_factory", None)
+    if factory is not None:
+        return {"factory": factory["factory"], "kwargs": dict(factory["kwargs"])}
+    return dataclasses.asdict(model.config)
 
 
 def save_model(path: str | Path, model: MultiExitModel, **extra: Any) -> None:
     """Writes the weights and the architecture of ``model`` atomically."""
-    payload = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+    payload = {"model": model.state_dict(), "model_config": model_config(model),
                "model_kind": model_kind(model), **extra}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -70,10 +92,18 @@ def load_model(path: str | Path, ema: bool = False) -> MultiExitModel:
     """The model stored in a dynexit checkpoint (its EMA weights with ``ema=True``), in eval mode."""
     checkpoint = read(path)
     kind = checkpoint.get("model_kind", "perceiver")
-    if kind not in ARCHITECTURES:
-        raise ValueError(f"{path}: unknown model_kind {kind!r}; valid: {', '.join(ARCHITECTURES)}")
-    config_class, build = ARCHITECTURES[kind]
-    model = build(config_class(**checkpoint["model_config"]))
+    if kind == FACTORY_KIND:
+        spec = checkpoint["model_config"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("factory"), str) or not isinstance(
+                spec.get("kwargs"), dict):
+            raise ValueError(f"{path}: model_kind 'factory' needs model_config with 'factory' (module:function) "
+                             f"and 'kwargs' (a dict)")
+        model = build_from_factory(spec["factory"], **spec["kwargs"])
+    elif kind not in ARCHITECTURES:
+        raise ValueError(f"{path}: unknown model_kind {kind!r}; valid: {', '.join([*ARCHITECTURES, FACTORY_KIND])}")
+    else:
+        config_class, build = ARCHITECTURES[kind]
+        model = build(config_class(**checkpoint["model_config"]))
     key = "ema" if ema else "model"
     if key not in checkpoint:
         raise ValueError(f"{path} holds no {key!r} weights")

@@ -19,7 +19,8 @@ def run_columns(experiment: Experiment, run) -> dict:
     from dynexit.config import to_container
 
     flat = _flatten(to_container(run.config))
-    columns = {"run_id": run.run_id, "variant": run.variant, "model.name": flat["model.name"],
+    model = flat.get("model.factory") or flat["model.name"]  # a factory's model is named by its factory
+    columns = {"run_id": run.run_id, "variant": run.variant, "model.name": model,
                "data.name": flat["data.name"], "seed": flat["seed"]}
     for key in experiment.grid_keys:
         columns[key] = flat.get(key, run.overrides.get(key))

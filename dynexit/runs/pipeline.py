@@ -149,10 +149,9 @@ def _collect_logits(cfg: RunConfig, folder: Path, model, device: str):
 def _parameters(cfg: RunConfig, model) -> int:
     """The model's parameter count; without a loaded model, that of its architecture built afresh."""
     if model is None:
-        from dynexit.config import resolve_model
-        from dynexit.models import build_model
+        from dynexit.config import build_configured_model
 
-        model = build_model(resolve_model(cfg.model))
+        model = build_configured_model(cfg.model)
     return int(sum(p.numel() for p in model.parameters()))
 
 
@@ -164,9 +163,21 @@ def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
         return read_csv_file(path, "costs file")
     if model is None:
         model = _trained_model(cfg, folder)
-    costs = exit_costs(model.cpu(), input_size=cfg.data.image_size)
+    if cfg.model.costs is not None:  # given by the user (a model without segments)
+        costs = given_costs(model.exit_names, cfg.model.costs)
+    else:
+        costs = exit_costs(model.cpu(), input_size=cfg.data.image_size)
     atomic_write(path, lambda tmp: costs.to_csv(tmp, index=False))
     return costs
+
+
+def given_costs(exit_names, gmacs) -> pd.DataFrame:
+    """The costs table of ``model.costs``: ``exit``, ``index``, ``gmacs`` (cumulative, as given) and
+    ``segment_gmacs``; parameters are not known per exit."""
+    gmacs = [float(g) for g in gmacs]
+    segments = [b - a for a, b in zip([0.0, *gmacs], gmacs)]
+    return pd.DataFrame({"exit": list(exit_names), "index": range(len(gmacs)), "gmacs": gmacs,
+                         "segment_gmacs": segments, "source": "model.costs"})
 
 
 def _curves(cfg: RunConfig, folder: Path, calib, test, costs: pd.DataFrame):

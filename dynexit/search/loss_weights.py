@@ -241,11 +241,12 @@ def _parse_overrides(overrides: Optional[list[str]]):
 
 
 def _exit_costs(cfg) -> tuple[tuple[str, ...], np.ndarray]:
-    from dynexit.config import resolve_model
+    from dynexit.config import build_configured_model
     from dynexit.costs import exit_costs
-    from dynexit.models import build_model
 
-    model = build_model(resolve_model(cfg.model))
+    model = build_configured_model(cfg.model)
+    if cfg.model.costs is not None:  # a model without segments: its costs come from the spec
+        return tuple(model.exit_names), np.asarray(cfg.model.costs, dtype=float)
     table = exit_costs(model, input_size=cfg.data.image_size)
     return tuple(model.exit_names), table["gmacs"].to_numpy(dtype=float)
 

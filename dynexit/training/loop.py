@@ -28,7 +28,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dynexit.config import RunConfig, resolve_model, save_yaml, to_container, uses_mixup, validate_train_config
+from dynexit.config import (
+    RunConfig,
+    build_configured_model,
+    exit_loss_weights,
+    save_yaml,
+    to_container,
+    uses_mixup,
+    validate_train_config,
+)
 from dynexit.training.determinism import run_threads
 from dynexit.training.distributed import DistContext, setup
 from dynexit.training.loss import MultiExitLoss
@@ -152,12 +160,11 @@ class _Session:
         return self._epochs(start_epoch, step, wall_time)
 
     def _build_model(self) -> None:
-        from dynexit.models import build_model
-
         tc, ctx = self.tc, self.ctx
-        model = build_model(resolve_model(self.cfg.model))
+        model = build_configured_model(self.cfg.model)  # a preset of any family, or a factory's model
         self.exit_names = tuple(model.exit_names)
-        self.loss_fn = MultiExitLoss(self.exit_names, tc.loss_weights, distill_alpha=tc.distill_alpha,
+        weights = exit_loss_weights(self.exit_names, tc.loss_weights)  # default: 1.0 per exit unless Perceiver
+        self.loss_fn = MultiExitLoss(self.exit_names, weights, distill_alpha=tc.distill_alpha,
                                      temperature=tc.distill_temperature, label_smoothing=tc.label_smoothing)
         if tc.sync_bn and ctx.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -176,13 +183,16 @@ class _Session:
         ctx.barrier()
         if splits is None:
             splits = build_datasets(cfg.data, self.run_dir)
-        classes = self.model.config.num_classes
-        if splits.num_classes != classes:
+        from dynexit.models.interface import model_setting
+
+        classes = model_setting(self.model, "num_classes")
+        if classes is not None and splits.num_classes != classes:
             raise ValueError(f"model.num_classes is {classes}, but data set {splits.name!r} has "
                              f"{splits.num_classes} classes; set model.num_classes={splits.num_classes}")
-        if self.model.config.input_size != splits.image_size:
+        size = model_setting(self.model, "input_size")
+        if size is not None and size != splits.image_size:
             log.warning("model.input_size=%d differs from data.image_size=%d; training at %d px",
-                        self.model.config.input_size, splits.image_size, splits.image_size)
+                        size, splits.image_size, splits.image_size)
         self.num_classes = splits.num_classes
         eval_bs = self.tc.eval_batch_size or 2 * self.tc.batch_size
         pin = ctx.device.type == "cuda"

@@ -1,0 +1,134 @@
+"""The multi-exit model interface: what dynexit needs of a model, whoever wrote it.
+
+A multi-exit model is an ``nn.Module`` with
+
+- ``exit_names``: a tuple of str, one name per exit, in exit order (they name the columns of runs.csv,
+  the keys of ``train.loss_weights``, the rows of costs.csv);
+- ``forward(x) -> list`` of per-exit logits ``(B, num_classes)``, in exit order.
+
+That is enough to train it, collect its logits and compute budgeted curves, threshold searches and reports;
+the costs of its exits then come from the user (``model: {costs: [...]}`` in a spec, or a costs CSV).
+
+For per-exit costs counted by fvcore and for real early exit (``dynexit.early_exit``, latencies,
+``dynexit bench``) it also has segments:
+
+- ``init_state(x) -> state``: the state before segment 0;
+- ``run_segment(k, state) -> state``: runs segment k (the work between exit k-1 and exit k) and returns the
+  new state, with exit k's logits appended to ``state.logits`` (a tuple);
+- the state is a ``NamedTuple`` whose fields are tensors or tuples of tensors, batch first, with a ``logits``
+  field and a ``select(index)`` method that keeps only the samples at ``index``.
+
+``forward`` must give what running the segments 0..K-1 gives. :class:`MultiExitModel` is a base class that
+provides ``forward`` from the segments, but any class with these members works: nothing checks the type.
+
+Name a model factory as ``"package.module:function"`` wherever a preset name is accepted
+(:func:`dynexit.create_model`, ``dynexit costs``, ``dynexit bench``, a spec's ``model: {factory: ...}``): the
+module is imported and the function called with the keyword arguments given.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+SEGMENT_MEMBERS = ("init_state", "run_segment")
+
+
+@runtime_checkable
+class MultiExitModule(Protocol):
+    """A model with exits (see the module docstring); ``forward`` gives the logits of every exit."""
+
+    exit_names: tuple[str, ...]
+
+    def __call__(self, x: torch.Tensor) -> Sequence[torch.Tensor]: ...
+
+
+@runtime_checkable
+class SegmentedMultiExitModule(MultiExitModule, Protocol):
+    """A multi-exit model that runs exit by exit: per-exit costs and real early exit."""
+
+    def init_state(self, x: torch.Tensor) -> Any: ...
+
+    def run_segment(self, k: int, state: Any) -> Any: ...
+
+
+def has_segments(model: Any) -> bool:
+    """Whether ``model`` has ``init_state`` and ``run_segment`` (costs and real early exit work)."""
+    return all(callable(getattr(model, name, None)) for name in SEGMENT_MEMBERS)
+
+
+def check_multi_exit_model(model: Any, need_segments: bool = False, purpose: str = "") -> tuple[str, ...]:
+    """``model``'s exit names, after checking it meets the interface; TypeError naming every missing member.
+
+    ``need_segments``: also ``init_state`` and ``run_segment`` (for costs and real early exit); ``purpose``
+    says what needs them in the error (e.g. "early_exit")."""
+    name = type(model).__name__
+    needs = f"{purpose} needs" if purpose else "dynexit needs"
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{needs} a multi-exit model (an nn.Module with exit_names and forward(x) -> list of "
+                        f"logits), got {name}; see dynexit.models.interface")
+    names = getattr(model, "exit_names", None)
+    if (not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise TypeError(f"{name} has no valid exit_names: a multi-exit model needs exit_names, a tuple of "
+                        f"distinct non-empty str in exit order (got {names!r}); see dynexit.models.interface")
+    if need_segments:
+        missing = [m for m in SEGMENT_MEMBERS if not callable(getattr(model, m, None))]
+        if missing:
+            raise TypeError(f"{needs} a model that runs exit by exit, but {name} has no {' and no '.join(missing)} "
+                            f"(init_state(x) -> state; run_segment(k, state) -> state with exit k's logits "
+                            f"appended to state.logits; state.select(index)); see dynexit.models.interface. "
+                            f"Without them, give its per-exit costs yourself (model.costs in a spec, or a costs CSV)")
+    return tuple(names)
+
+
+def is_factory_name(name: str) -> bool:
+    """Whether ``name`` names a factory (``module:function``) rather than a preset."""
+    return isinstance(name, str) and ":" in name
+
+
+def load_factory(name: str) -> Callable[..., Any]:
+    """The function ``"package.module:function"`` names: the module imported with importlib, the function
+    taken from it (never evaluated). ValueError for any other string, a module that cannot be imported or a
+    function it lacks."""
+    if not isinstance(name, str) or not FACTORY_PATTERN.match(name):
+        raise ValueError(f"model factory {name!r} is not of the form 'package.module:function' "
+                         f"(dotted Python names, one colon)")
+    module_name, _, function_name = name.partition(":")
+    if module_name.split(".")[0] == "dynexit":  # the package's own models are named by their presets
+        raise ValueError(f"model factory {name!r}: a factory names a module of your own, not one of dynexit's "
+                         f"(name dynexit's models by their presets, see 'dynexit models')")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model factory {name!r}: cannot import module {module_name!r} ({err}); is it on "
+                         f"PYTHONPATH?") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"model factory {name!r}: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def build_from_factory(name: str, **kwargs: Any) -> torch.nn.Module:
+    """Calls the factory ``name`` with ``kwargs`` and checks that it gives a multi-exit model; the model
+    remembers its factory and arguments (``dynexit_factory``) so that dynexit checkpoints can rebuild it."""
+    model = load_factory(name)(**kwargs)
+    check_multi_exit_model(model, purpose=f"model factory {name!r}")
+    model.dynexit_factory = {"factory": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def model_setting(model: Any, name: str) -> Any:
+    """A setting such as ``input_size`` or ``num_classes`` of ``model``: from its configuration
+    (``model.config.<name>``), else its own attribute, else its factory's keyword argument; None if unknown."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, name, None) is not None:
+        return getattr(config, name)
+    if getattr(model, name, None) is not None and not callable(getattr(model, name)):
+        return getattr(model, name)
+    factory = getattr(model, "dynexit_factory", None) or {}
+    return factory.get("kwargs", {}).get(name)
