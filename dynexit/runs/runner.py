@@ -21,7 +21,7 @@ import time
 from dynexit.runs.aggregate import aggregate, write_experiment_files
 from dynexit.runs.execute import Outcome, execute
 from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, run_dir, run_state
-from dynexit.runs.slurm import submit
+from dynexit.runs.slurm import job_resources, live_job_ids, submit
 from dynexit.runs.spec import Experiment, Run, load_spec
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,21 @@ def check_experiment(experiment: Experiment) -> None:
         raise ValueError(f"{where}: executor.kind must be {', '.join(EXECUTORS)}, not {kind!r}")
     if kind != "local" and experiment.path is None:
         raise ValueError(f"{where}: {kind} runs need the experiment to come from a spec file")
+    if kind != "local":
+        try:
+            job_resources(experiment, experiment.runs)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 def run_experiment(experiment: Experiment, devices: str = "auto", workers: int | None = None,
-                   overrides: list[str] | None = None) -> list[Outcome]:
+                   overrides: list[str] | None = None, wait: bool | None = None) -> list[Outcome]:
     """Runs every run of the experiment that is not done; returns the outcome of each run it tried.
-    Every configuration and the devices are checked first: a bad value writes nothing."""
+    Every configuration and the devices are checked first: a bad value writes nothing.
+
+    SLURM runs are submitted as one job array; the call returns once they are submitted (``[]``) unless
+    ``wait`` (default: wait for ``submitit_local`` jobs, not for ``slurm`` ones). A run whose SLURM job is
+    still queued or running is not submitted again."""
     import torch
 
     check_experiment(experiment)
@@ -115,6 +124,11 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     write_experiment_files(experiment)
     states = {r.run_id: run_state(run_dir(experiment, r), r.config.eval) for r in experiment.runs}
     todo = [r for r in experiment.runs if states[r.run_id] not in (DONE, RUNNING)]
+    live = live_job_ids(experiment, todo)
+    if live:
+        log.info("%d runs have SLURM jobs queued or running; not submitted again: %s", len(live),
+                 ", ".join(f"{k}={v}" for k, v in list(live.items())[:8]))
+        todo = [r for r in todo if r.run_id not in live]
     stale = sum(states[r.run_id] == STALE for r in todo)
     log.info("%s: %d runs, %d to do (%d to evaluate again without training)", experiment.name,
              len(experiment.runs), len(todo), stale)
@@ -124,7 +138,9 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     done_before = len(experiment.runs) - len(todo)
     if kind in ("slurm", "submitit_local"):
         parallel = experiment.executor.slurm_array_parallelism if kind == "slurm" else len(todo)
-        outcomes = submit(experiment, todo, overrides, Progress(len(experiment.runs), done_before, len(todo), parallel))
+        wait = (kind == "submitit_local") if wait is None else wait
+        outcomes = submit(experiment, todo, overrides, Progress(len(experiment.runs), done_before, len(todo), parallel),
+                          wait=wait)
     else:
         progress = Progress(len(experiment.runs), done_before, len(todo), len(groups))
         _warn_oversubscription(groups, todo)

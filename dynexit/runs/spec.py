@@ -47,9 +47,9 @@ class ExecutorConfig:
     timeout_min: int = 60 * 24  # SLURM job time limit
     slurm_partition: Optional[str] = None
     slurm_account: Optional[str] = None
-    cpus_per_task: int = 8
-    mem_gb: int = 32
-    slurm_array_parallelism: int = 16
+    cpus_per_task: Optional[int] = None  # None: gpus_per_run x (data.num_workers + 1) (dynexit.runs.slurm)
+    mem_gb: Optional[int] = None  # None: 8 GB per CPU
+    slurm_array_parallelism: int = 16  # runs of one submission the scheduler runs at once
 
 
 @dataclass
