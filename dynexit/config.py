@@ -160,6 +160,10 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only, as torch's SyncBatchNorm)
     freeze_bn: bool = False  # BatchNorm layers normalise with their running statistics and do not update them
     deterministic: bool = False  # deterministic CUDA kernels (cuDNN, cuBLAS); CPU runs always use deterministic ones
+    # The global batch (processes x batch_size x accum_steps) the recipe's lr is for: another global batch
+    # is logged with the lr that linear scaling gives, and scale_lr applies it (lr and min_lr).
+    reference_batch: Optional[int] = None
+    scale_lr: bool = False
     # Reporting.
     eval_every: int = 1  # evaluate calibration and test splits every N epochs (and always after the last)
     progress: Optional[bool] = None  # tqdm bar per epoch; None: only on a terminal
@@ -230,6 +234,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.batch_size must be even with mixup/cutmix (timm mixes a batch with its "
                          f"mirror), got {cfg.batch_size}")
     _number(cfg, "ema_decay", 0.0, 1.0)
+    _positive_int(cfg, "reference_batch", allow_none=True)
+    if cfg.scale_lr and cfg.reference_batch is None:
+        raise ValueError("train.scale_lr needs train.reference_batch (the global batch the lr is for)")
     if cfg.amp not in AMP_MODES:
         raise ValueError(f"train.amp must be bf16, fp16 or null (true/false: bf16/none), got {cfg.amp!r}")
     if cfg.sync_bn and cfg.freeze_bn:

@@ -111,3 +111,26 @@ def test_one_process_keeps_its_statistics():
 def test_distributed_evaluation_loaders_keep_their_workers():
     source = open(loop.__file__).read()
     assert "persistent_workers=cfg.data.num_workers > 0" in source
+
+
+def test_the_global_batch_is_checked_against_the_recipe(caplog):
+    tc = TrainConfig(batch_size=128, lr=1e-3, min_lr=1e-6, reference_batch=1024)
+    with caplog.at_level("INFO", logger="dynexit.training.loop"):
+        same = loop.scaled_recipe(tc, 1)
+    assert same is tc and same.lr == 1e-3
+    assert "global batch: 1 process(es) x 128 per process x 1 accumulation step(s) = 128" in caplog.text
+    assert "linear scaling gives lr 0.000125 instead of 0.001" in caplog.text
+    tc.scale_lr = True
+    scaled = loop.scaled_recipe(tc, 2)  # 256 of 1024
+    assert scaled.lr == pytest.approx(2.5e-4) and scaled.min_lr == pytest.approx(2.5e-7) and tc.lr == 1e-3
+    assert loop.scaled_recipe(tc, 8) is tc  # the recipe's own global batch
+    with pytest.raises(ValueError, match="train.scale_lr needs train.reference_batch"):
+        validate_train_config(TrainConfig(scale_lr=True))
+
+
+def test_reference_batch_enters_the_run_id_only_when_set():
+    from dynexit.runs.spec import run_id
+    a, b, c = RunConfig(), RunConfig(), RunConfig()
+    b.train.reference_batch = 1024
+    c.train.reference_batch, c.train.scale_lr = 1024, True
+    assert len({run_id(a), run_id(b), run_id(c)}) == 3

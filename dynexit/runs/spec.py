@@ -95,6 +95,9 @@ class Experiment:
 # The sections of a run configuration that determine its trained weights: a run's identity. The ``eval``
 # section is left out: changing how a finished run is evaluated re-evaluates it, it does not retrain it.
 IDENTITY_SECTIONS = ("model", "data", "train", "seed")
+# Train fields added after results were committed under ids without them: part of the identity only when
+# set to something other than their default.
+IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False}
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -102,6 +105,9 @@ def run_id(cfg: RunConfig) -> str:
     without the ``eval`` section (``IDENTITY_SECTIONS``)."""
     tree = to_container(cfg)
     identity = {key: tree[key] for key in IDENTITY_SECTIONS}
+    for key, default in IDENTITY_IF_SET.items():  # left out at their default: earlier ids stay valid
+        if identity["train"].get(key, default) == default:
+            identity["train"].pop(key, None)
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 

@@ -11,6 +11,7 @@ DistributedDataParallel: each process reads its shard of every batch (Distribute
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -141,12 +142,11 @@ class _Session:
         self._build_data()
         if ctx.is_main:
             save_yaml(cfg, self.run_dir / CONFIG_FILE)
+        tc = self.tc = scaled_recipe(tc, ctx.world_size)
         self.optimizer = build_optimizer(self.model, tc)
         self.ema = build_ema(self.model, tc)
         self.mixup = self._build_mixup()
         self.steps_per_epoch = math.ceil(len(self.loaders["train"]) / tc.accum_steps)
-        log.info("global batch: %d process(es) x %d per process x %d accumulation step(s) = %d images per "
-                 "optimizer step", ctx.world_size, tc.batch_size, tc.accum_steps, global_batch(tc, ctx.world_size))
         # fp16 gradients underflow without loss scaling; bf16 and float32 need none (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_mode(tc.amp) == "fp16" and ctx.device.type == "cuda")
         start_epoch, step, wall_time = 0, 0, 0.0
@@ -378,6 +378,28 @@ def _summary(row: dict[str, float], exit_names: tuple[str, ...]) -> str:
 def global_batch(tc, world_size: int) -> int:
     """Images per optimizer step: processes x batch per process x accumulation steps."""
     return world_size * tc.batch_size * tc.accum_steps
+
+
+def scaled_recipe(tc, world_size: int):
+    """``tc`` as this run trains with it: logs the global batch; against ``train.reference_batch``, warns with
+    the linearly scaled lr, or applies it (a copy of ``tc`` with lr and min_lr scaled) with ``scale_lr``."""
+    batch = global_batch(tc, world_size)
+    log.info("global batch: %d process(es) x %d per process x %d accumulation step(s) = %d images per "
+             "optimizer step", world_size, tc.batch_size, tc.accum_steps, batch)
+    if tc.reference_batch is None or batch == tc.reference_batch:
+        return tc
+    factor = batch / tc.reference_batch
+    if not tc.scale_lr:
+        log.warning("global batch %d differs from the recipe's %d (train.reference_batch): linear scaling "
+                    "gives lr %.4g instead of %.4g; set train.scale_lr=true to apply it, or use %d processes "
+                    "x batch_size x accum_steps = %d", batch, tc.reference_batch, tc.lr * factor, tc.lr,
+                    world_size, tc.reference_batch)
+        return tc
+    scaled = copy.deepcopy(tc)
+    scaled.lr, scaled.min_lr = tc.lr * factor, tc.min_lr * factor
+    log.info("train.scale_lr: lr %.4g -> %.4g, min_lr %.4g -> %.4g (global batch %d / %d)", tc.lr, scaled.lr,
+             tc.min_lr, scaled.min_lr, batch, tc.reference_batch)
+    return scaled
 
 
 def configure_kernels(deterministic: bool, device_type: str) -> None:
