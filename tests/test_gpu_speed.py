@@ -134,3 +134,29 @@ def test_reference_batch_enters_the_run_id_only_when_set():
     b.train.reference_batch = 1024
     c.train.reference_batch, c.train.scale_lr = 1024, True
     assert len({run_id(a), run_id(b), run_id(c)}) == 3
+
+
+class _Noise(torch.utils.data.Dataset):
+    """Items drawn from the loading process's random state, as random augmentations are."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.rand(1), 0
+
+
+def test_resume_draws_the_same_augmentations_with_loader_workers():
+    from types import SimpleNamespace as NS
+
+    from dynexit.data.loaders import build_loaders
+    splits = NS(train=_Noise(), calib=_Noise(), test=_Noise())
+    first = build_loaders(splits, 4, num_workers=1, seed=3)
+    assert not first["train"].persistent_workers and first["test"].persistent_workers
+    [x for x, _ in first["train"]]  # epoch 0
+    state = first["train"].generator.get_state()  # what the checkpoint after epoch 0 holds
+    uninterrupted = torch.cat([x for x, _ in first["train"]])  # epoch 1
+    resumed_loaders = build_loaders(splits, 4, num_workers=1, seed=3)
+    resumed_loaders["train"].generator.set_state(state)
+    resumed = torch.cat([x for x, _ in resumed_loaders["train"]])
+    assert torch.equal(resumed, uninterrupted)
