@@ -164,6 +164,7 @@ class TrainConfig:
     # is logged with the lr that linear scaling gives, and scale_lr applies it (lr and min_lr).
     reference_batch: Optional[int] = None
     scale_lr: bool = False
+    compile: bool = False  # torch.compile the training forward (the first steps compile; evaluation stays eager)
     # Reporting.
     eval_every: int = 1  # evaluate calibration and test splits every N epochs (and always after the last)
     progress: Optional[bool] = None  # tqdm bar per epoch; None: only on a terminal

@@ -160,3 +160,11 @@ def test_resume_draws_the_same_augmentations_with_loader_workers():
     resumed_loaders["train"].generator.set_state(state)
     resumed = torch.cat([x for x, _ in resumed_loaders["train"]])
     assert torch.equal(resumed, uninterrupted)
+
+
+def test_train_compile_enters_the_run_id_only_when_set():
+    """Committed runs keep their ids (tests/test_run_identity.py); a compiled run is another run."""
+    from dynexit.runs.spec import run_id
+    a, b = RunConfig(), RunConfig()
+    b.train.compile = True
+    assert run_id(a) != run_id(b)

@@ -156,6 +156,8 @@ class _Session:
             seed_everything(cfg.seed + ctx.rank)  # own augmentation/mixup streams per process
         self.checkpoint_epoch = start_epoch
         self.net = self._wrap(self.model)
+        if tc.compile:  # the checkpoint and evaluation keep using the eager self.model (same parameters)
+            self.net = torch.compile(self.net)
         return self._epochs(start_epoch, step, wall_time)
 
     def _build_model(self) -> None:
