@@ -257,10 +257,17 @@ class TrainConfig:
     # Speed and devices.
     threads: int = 1  # CPU threads of the run (torch); part of its identity: the thread count changes the numbers
     channels_last: bool = True  # NHWC tensors: several times faster depthwise convolutions on CPU
-    amp: bool = False  # bfloat16 autocast (CUDA only; ignored with a warning elsewhere)
+    # Mixed precision on CUDA (ignored with a warning elsewhere): bf16 autocast, or fp16 autocast with a
+    # gradient scaler (GPUs without bfloat16: V100, T4); null/false: float32. true means bf16.
+    amp: Any = False
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only, as torch's SyncBatchNorm)
     freeze_bn: bool = False  # BatchNorm layers normalise with their running statistics and do not update them
     deterministic: bool = False  # deterministic CUDA kernels (cuDNN, cuBLAS); CPU runs always use deterministic ones
+    # The global batch (processes x batch_size x accum_steps) the recipe's lr is for: another global batch
+    # is logged with the lr that linear scaling gives, and scale_lr applies it (lr and min_lr).
+    reference_batch: Optional[int] = None
+    scale_lr: bool = False
+    compile: bool = False  # torch.compile the training forward (the first steps compile; evaluation stays eager)
     # Reporting.
     eval_every: int = 1  # evaluate calibration and test splits every N epochs (and always after the last)
     progress: Optional[bool] = None  # tqdm bar per epoch; None: only on a terminal
@@ -285,6 +292,16 @@ def _number(cfg: TrainConfig, name: str, low: float, high: float = math.inf, low
     if value < low or (low_open and value == low) or value > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise ValueError(f"train.{name} must be in {interval}, got {value!r}")
+
+
+AMP_MODES = (None, False, True, "bf16", "fp16")
+
+
+def amp_mode(amp: Any) -> Optional[str]:
+    """``train.amp`` as "bf16", "fp16" or None (``true`` is bf16, ``false`` none)."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"train.amp must be bf16, fp16 or null (true/false: bf16/none), got {amp!r}")
+    return "bf16" if amp is True else (amp or None)
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
@@ -321,6 +338,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.batch_size must be even with mixup/cutmix (timm mixes a batch with its "
                          f"mirror), got {cfg.batch_size}")
     _number(cfg, "ema_decay", 0.0, 1.0)
+    _positive_int(cfg, "reference_batch", allow_none=True)
+    if cfg.scale_lr and cfg.reference_batch is None:
+        raise ValueError("train.scale_lr needs train.reference_batch (the global batch the lr is for)")
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"train.amp must be bf16, fp16 or null (true/false: bf16/none), got {cfg.amp!r}")
     if cfg.sync_bn and cfg.freeze_bn:
         raise ValueError("train.sync_bn and train.freeze_bn exclude each other (frozen BatchNorm has no "
                          "batch statistics to synchronise)")

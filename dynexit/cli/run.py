@@ -14,6 +14,8 @@ Running the same command again skips finished runs and resumes interrupted ones 
 checkpoint. A run's id covers what determines its weights (model, data, train, seed), not its eval
 section: when only eval settings change, finished runs are evaluated again without training. Each run
 computes with its own train.threads CPU threads, so --workers changes the speed, not the numbers.
+With executor.kind slurm the runs are submitted as one job array and the command returns (--wait blocks);
+running it again submits only runs whose jobs are no longer queued or running.
 Results: <results_dir>/runs.csv and curves.csv, one folder per run under runs/.
 
 """ + SET_RULE
@@ -32,6 +34,8 @@ def add_parser(subparsers) -> None:
                    help="parallel workers (default: one per GPU, or 1 on the CPU)")
     p.add_argument("--results-dir", metavar="DIR", default=None,
                    help="write the results here instead of the spec's results_dir")
+    p.add_argument("--wait", action="store_true",
+                   help="SLURM: wait for the submitted jobs to finish (default: return once they are submitted)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what is done; run nothing")
     p.set_defaults(func=run)
 
@@ -46,7 +50,8 @@ def run(args) -> int:
     if args.dry_run:
         print_status(experiment)
         return 0
-    outcomes = run_experiment(experiment, devices=args.devices, workers=args.workers, overrides=args.set)
+    outcomes = run_experiment(experiment, devices=args.devices, workers=args.workers, overrides=args.set,
+                              wait=True if args.wait else None)
     print_status(experiment)
     failed = [o for o in outcomes if o.state == FAILED]
     return 1 if failed else 0

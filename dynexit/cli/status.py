@@ -27,14 +27,34 @@ def print_status(experiment) -> None:
 
     rows = experiment_status(experiment)
     print(f"{experiment.name}: {len(rows)} runs in {experiment.results_dir}")
-    print(f"{'run':<11} {'state':<12} {'variant':<14} overrides / error")
+    jobs = _job_column(experiment, rows)
+    job_header = f"{'job (scheduler state)':<26} " if jobs else ""
+    print(f"{'run':<11} {'state':<12} {'variant':<14} {job_header}overrides / error")
     for row in rows:
         detail = row["error"] or ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
         if row["eval_changes"]:
             detail += f"  [to evaluate again: {'; '.join(row['eval_changes'])}]"
-        print(f"{row['run_id']:<11} {row['state']:<12} {row['variant']:<14} {detail}")
+        job = f"{jobs.get(row['run_id'], '-'):<26} " if jobs else ""
+        print(f"{row['run_id']:<11} {row['state']:<12} {row['variant']:<14} {job}{detail}")
     counts = Counter(row["state"] for row in rows)
     print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())))
+
+
+def _job_column(experiment, rows) -> dict[str, str]:
+    """``{run_id: "JOBID (STATE)"}`` for runs submitted to SLURM, the state as ``sacct`` reports it now."""
+    from dynexit.runs.slurm import scheduler_states
+
+    ids = {row["run_id"]: row["job_id"] for row in rows if row.get("job_id")}
+    if not ids:
+        return {}
+    if experiment.executor.kind != "slurm":
+        return {run_id: job for run_id, job in ids.items()}
+    try:
+        states = scheduler_states(list(ids.values()))
+    except FileNotFoundError as err:
+        print(f"({err})")
+        return {run_id: f"{job} (?)" for run_id, job in ids.items()}
+    return {run_id: f"{job} ({states.get(job, 'UNKNOWN')})" for run_id, job in ids.items()}
 
 
 def run(args) -> int:

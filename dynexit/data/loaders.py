@@ -45,8 +45,12 @@ def build_loaders(splits: Splits, batch_size: int, num_workers: int = 0, distrib
         drop_last = per_replica >= batch_size
     if distributed:
         sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=drop_last)
+    # Train workers start afresh each epoch, seeded from ``generator`` (saved in checkpoints): a run resumed
+    # at an epoch boundary draws the augmentations of an uninterrupted one, workers or not. Persistent
+    # workers would carry their random state over epochs, where no checkpoint holds it.
     loaders = {"train": DataLoader(train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                                   generator=generator, drop_last=drop_last, **common)}
+                                   generator=generator, drop_last=drop_last,
+                                   **{**common, "persistent_workers": False})}
     for name in ("calib", "test"):
         loaders[name] = DataLoader(getattr(splits, name), batch_size=eval_batch_size or batch_size,
                                    shuffle=False, drop_last=False, **common)

@@ -26,6 +26,7 @@ EVAL_FILE = "eval.json"  # the eval settings the run's outputs were computed wit
 # (grid, criterion, budgets) only change what is computed from the logits.
 LOGIT_SETTINGS = ("use_ema", "batch_size")
 DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
+QUEUED = "queued"  # submitted to a scheduler (status.json keeps the job id), not started yet
 STALE = "stale"  # done, but evaluated with other eval settings than the run's configuration has now
 
 
@@ -64,7 +65,7 @@ def _locked(folder: Path) -> bool:
 
 
 def run_state(folder: Path, eval_cfg: EvalConfig | None = None) -> str:
-    """done | failed | running | interrupted | pending; with ``eval_cfg`` (the run's EvalConfig), a done run
+    """done | failed | running | interrupted | queued | pending; with ``eval_cfg`` (the run's EvalConfig), a done run
     whose outputs were computed with other eval settings is stale."""
     if not folder.is_dir():
         return PENDING
@@ -75,6 +76,8 @@ def run_state(folder: Path, eval_cfg: EvalConfig | None = None) -> str:
         return STALE if evaluation_changes(folder, eval_cfg) else DONE
     if state in (DONE, FAILED):
         return state
+    if state == QUEUED:
+        return QUEUED
     return INTERRUPTED if state == RUNNING else PENDING
 
 
@@ -95,14 +98,14 @@ def run_lock(folder: Path) -> Iterator[bool]:
 
 
 def experiment_status(experiment: Experiment) -> list[dict]:
-    """One row per run: run id, variant, overrides, state, error (if failed, or if its re-evaluation
-    failed), and for a stale run the eval settings that changed."""
+    """One row per run: run id, variant, overrides, state, scheduler job id (if submitted), error (if
+    failed, or if its re-evaluation failed), and for a stale run the eval settings that changed."""
     rows = []
     for run in experiment.runs:
         folder = run_dir(experiment, run)
         state = run_state(folder, run.config.eval)
         rows.append({"run_id": run.run_id, "variant": run.variant, "state": state,
-                     "overrides": run.overrides,
+                     "overrides": run.overrides, "job_id": read_status(folder).get("job_id", ""),
                      "error": read_status(folder).get("error", "") if state in (FAILED, STALE) else "",
                      "eval_changes": evaluation_changes(folder, run.config.eval) if state == STALE else []})
     return rows

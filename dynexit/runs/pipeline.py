@@ -87,6 +87,7 @@ def _evaluate(cfg: RunConfig, folder: Path, device: str) -> dict:
 
 
 def _train(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = None) -> None:
+    from dynexit.runs.devices import device_environment
     from dynexit.training import train
 
     if len(devices) > 1:  # several GPUs for one run: torchrun, then evaluate here
@@ -94,7 +95,8 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",
                "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder)]
         log.info("launching %s", " ".join(cmd))
-        subprocess.run(cmd, check=True, env=os.environ.copy())
+        env = {**os.environ, **device_environment(devices)}  # torchrun's ranks see exactly these GPUs
+        subprocess.run(cmd, check=True, env=env)
         return
     train(cfg, folder, device=devices[0], resume=True, run_name=name)
 

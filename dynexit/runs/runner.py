@@ -16,12 +16,14 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_module
+import sys
 import time
 
 from dynexit.runs.aggregate import aggregate, write_experiment_files
+from dynexit.runs.devices import available_cores, device_environment, device_locks, is_cuda_error, lock_names
 from dynexit.runs.execute import Outcome, execute
 from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, run_dir, run_state
-from dynexit.runs.slurm import submit
+from dynexit.runs.slurm import job_resources, live_job_ids, submit
 from dynexit.runs.spec import Experiment, Run, load_spec
 
 log = logging.getLogger(__name__)
@@ -57,15 +59,17 @@ def plan_workers(devices: str, workers: int | None, cuda_count: int, gpus_per_ru
 
 
 def worker_environment(group: list[str]) -> dict[str, str]:
-    """Environment of a worker process: its GPUs only (no GPU for a CPU worker). Its runs set their own
-    thread counts (``train.threads``)."""
-    if group[0] == "cpu":
-        return {"CUDA_VISIBLE_DEVICES": ""}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":")[1] for d in group)}
+    """Environment of a worker process: its GPUs only, as this process's ``CUDA_VISIBLE_DEVICES`` names them
+    (no GPU for a CPU worker). Its runs set their own thread counts (``train.threads``)."""
+    return device_environment(group)
+
+
+RETIRED = 75  # exit code of a worker that stopped after a CUDA error (its process is replaced)
 
 
 def _worker(spec_path: str, overrides: list[str], results_dir: str, group: list[str], env: dict, queue,
             results, log_level: int = logging.INFO) -> None:
+    locks = lock_names(group)  # named by the parent's view, before the environment narrows it
     os.environ.update(env)
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
     logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
@@ -75,9 +79,14 @@ def _worker(spec_path: str, overrides: list[str], results_dir: str, group: list[
         run_id = queue.get()
         if run_id is None:
             return
-        outcome = execute(experiment, experiment.run(run_id), devices)
+        with device_locks(locks):
+            outcome = execute(experiment, experiment.run(run_id), devices)
         results.put(outcome)
         aggregate(experiment)
+        if outcome.state == FAILED and is_cuda_error(outcome.error):
+            logging.getLogger(__name__).error("CUDA error on %s: this worker stops and is replaced by a new "
+                                              "process", ",".join(group))
+            sys.exit(RETIRED)
 
 
 EXECUTORS = ("local", "slurm", "submitit_local")
@@ -100,12 +109,21 @@ def check_experiment(experiment: Experiment) -> None:
         raise ValueError(f"{where}: executor.kind must be {', '.join(EXECUTORS)}, not {kind!r}")
     if kind != "local" and experiment.path is None:
         raise ValueError(f"{where}: {kind} runs need the experiment to come from a spec file")
+    if kind != "local":
+        try:
+            job_resources(experiment, experiment.runs)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 def run_experiment(experiment: Experiment, devices: str = "auto", workers: int | None = None,
-                   overrides: list[str] | None = None) -> list[Outcome]:
+                   overrides: list[str] | None = None, wait: bool | None = None) -> list[Outcome]:
     """Runs every run of the experiment that is not done; returns the outcome of each run it tried.
-    Every configuration and the devices are checked first: a bad value writes nothing."""
+    Every configuration and the devices are checked first: a bad value writes nothing.
+
+    SLURM runs are submitted as one job array; the call returns once they are submitted (``[]``) unless
+    ``wait`` (default: wait for ``submitit_local`` jobs, not for ``slurm`` ones). A run whose SLURM job is
+    still queued or running is not submitted again."""
     import torch
 
     check_experiment(experiment)
@@ -115,6 +133,11 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     write_experiment_files(experiment)
     states = {r.run_id: run_state(run_dir(experiment, r), r.config.eval) for r in experiment.runs}
     todo = [r for r in experiment.runs if states[r.run_id] not in (DONE, RUNNING)]
+    live = live_job_ids(experiment, todo)
+    if live:
+        log.info("%d runs have SLURM jobs queued or running; not submitted again: %s", len(live),
+                 ", ".join(f"{k}={v}" for k, v in list(live.items())[:8]))
+        todo = [r for r in todo if r.run_id not in live]
     stale = sum(states[r.run_id] == STALE for r in todo)
     log.info("%s: %d runs, %d to do (%d to evaluate again without training)", experiment.name,
              len(experiment.runs), len(todo), stale)
@@ -124,14 +147,17 @@ def run_experiment(experiment: Experiment, devices: str = "auto", workers: int |
     done_before = len(experiment.runs) - len(todo)
     if kind in ("slurm", "submitit_local"):
         parallel = experiment.executor.slurm_array_parallelism if kind == "slurm" else len(todo)
-        outcomes = submit(experiment, todo, overrides, Progress(len(experiment.runs), done_before, len(todo), parallel))
+        wait = (kind == "submitit_local") if wait is None else wait
+        outcomes = submit(experiment, todo, overrides, Progress(len(experiment.runs), done_before, len(todo), parallel),
+                          wait=wait)
     else:
         progress = Progress(len(experiment.runs), done_before, len(todo), len(groups))
         _warn_oversubscription(groups, todo)
         if len(groups) == 1 or len(todo) == 1:
             outcomes = []
             for run in todo:
-                outcomes.append(progress.finished(execute(experiment, run, groups[0])))
+                with device_locks(lock_names(groups[0])):
+                    outcomes.append(progress.finished(execute(experiment, run, groups[0])))
                 aggregate(experiment)
         else:
             outcomes = _run_pool(experiment, todo, groups, overrides, progress)
@@ -177,7 +203,7 @@ def _warn_oversubscription(groups: list[list[str]], todo: list[Run]) -> None:
     """CPU workers whose runs want more threads than the machine has slow each other down (the numbers
     stay the same: each run keeps its own thread count)."""
     cpu_workers = sum(g[0] == "cpu" for g in groups)
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     wanted = min(cpu_workers, len(todo)) * max(r.config.train.threads for r in todo)
     if cpu_workers and wanted > cores:
         log.warning("%d CPU workers x up to %d threads per run (train.threads) = %d threads on %d cores: the "
@@ -193,24 +219,33 @@ def _run_pool(experiment: Experiment, todo: list[Run], groups: list[list[str]],
     queue, results = ctx.Queue(), ctx.Queue()
     for run in todo:
         queue.put(run.run_id)
-    procs = []
-    for group in groups:
-        queue.put(None)
+    def start(group: list[str]):
         p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], str(experiment.results_dir),
                                               group, worker_environment(group), queue, results,
                                               logging.getLogger().getEffectiveLevel()))
         p.start()
-        procs.append(p)
+        return p
+
+    procs = []
+    for group in groups:
+        queue.put(None)
+        procs.append((group, start(group)))
     outcomes: list[Outcome] = []
+    ended = []
     while len(outcomes) < len(todo):
         try:
             outcomes.append(progress.finished(results.get(timeout=1.0)))
         except queue_module.Empty:
-            if not any(p.is_alive() for p in procs):
-                break  # every worker died (killed): what is left stays interrupted or pending
-    for p in procs:
+            pass
+        for i, (group, p) in enumerate(procs):
+            if not p.is_alive() and p.exitcode == RETIRED and len(outcomes) < len(todo):
+                log.warning("worker on %s stopped after a CUDA error; starting a new process for it", ",".join(group))
+                ended.append(p)
+                procs[i] = (group, start(group))
+        if not any(p.is_alive() for _, p in procs) and results.empty():
+            break  # every worker died (killed): what is left stays interrupted or pending
+    for p in ended + [p for _, p in procs]:
         p.join()
-    for p in procs:
-        if p.exitcode:
+        if p.exitcode and p.exitcode != RETIRED:
             log.error("a worker process ended with exit code %s", p.exitcode)
     return outcomes

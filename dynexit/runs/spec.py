@@ -46,9 +46,9 @@ class ExecutorConfig:
     timeout_min: int = 60 * 24  # SLURM job time limit
     slurm_partition: Optional[str] = None
     slurm_account: Optional[str] = None
-    cpus_per_task: int = 8
-    mem_gb: int = 32
-    slurm_array_parallelism: int = 16
+    cpus_per_task: Optional[int] = None  # None: gpus_per_run x (data.num_workers + 1) (dynexit.runs.slurm)
+    mem_gb: Optional[int] = None  # None: 8 GB per CPU
+    slurm_array_parallelism: int = 16  # runs of one submission the scheduler runs at once
 
 
 @dataclass
@@ -94,6 +94,9 @@ class Experiment:
 # The sections of a run configuration that determine its trained weights: a run's identity. The ``eval``
 # section is left out: changing how a finished run is evaluated re-evaluates it, it does not retrain it.
 IDENTITY_SECTIONS = ("model", "data", "train", "seed")
+# Train fields added after results were committed under ids without them: part of the identity only when
+# set to something other than their default.
+IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False, "compile": False}
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -101,6 +104,9 @@ def run_id(cfg: RunConfig) -> str:
     without the ``eval`` section (``IDENTITY_SECTIONS``)."""
     tree = to_container(cfg)
     identity = {key: tree[key] for key in IDENTITY_SECTIONS}
+    for key, default in IDENTITY_IF_SET.items():  # left out at their default: earlier ids stay valid
+        if identity["train"].get(key, default) == default:
+            identity["train"].pop(key, None)
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 

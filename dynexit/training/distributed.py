@@ -57,6 +57,20 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def average_batchnorm_stats(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Replaces every BatchNorm layer's running mean and variance with their average over the processes
+    (each process saw only its shard of the batches), so that every rank evaluates, and rank 0 saves, the
+    statistics of the whole data. Nothing to do in one process."""
+    if not ctx.distributed:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                if buffer is not None:
+                    ctx.all_reduce(buffer.data)
+                    buffer.data.div_(ctx.world_size)
+
+
 def _resolve_device(device: str | torch.device | None, local_rank: int, distributed: bool) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,6 +11,7 @@ DistributedDataParallel: each process reads its shard of every batch (Distribute
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dynexit.config import (
     RunConfig,
+    amp_mode,
     build_configured_model,
     exit_loss_weights,
     save_yaml,
@@ -38,7 +40,7 @@ from dynexit.config import (
     validate_train_config,
 )
 from dynexit.training.determinism import run_threads
-from dynexit.training.distributed import DistContext, setup
+from dynexit.training.distributed import DistContext, average_batchnorm_stats, setup
 from dynexit.training.loss import MultiExitLoss
 from dynexit.training.metrics import METRICS_FILE, ExitMetrics, MetricsLog, autocast, evaluate, prepare_images
 from dynexit.training.optim import build_ema, build_optimizer, learning_rate, set_lr
@@ -130,26 +132,28 @@ class _Session:
         if tc.sync_bn and ctx.distributed and ctx.device.type != "cuda":
             raise ValueError(f"train.sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on "
                              f"{ctx.device.type}); on CPU use train.freeze_bn=true or neither")
-        if tc.amp and ctx.device.type != "cuda":
-            log.warning("train.amp (bfloat16 autocast) applies on CUDA only; training in float32 on %s",
-                        ctx.device)
+        if amp_mode(tc.amp) and ctx.device.type != "cuda":
+            log.warning("train.amp (%s autocast) applies on CUDA only; training in float32 on %s",
+                        amp_mode(tc.amp), ctx.device)
         self.config = to_container(cfg)
         checkpoint = check_run_folder(self.run_dir, self.config, self.resume, "the given configuration")
         if checkpoint is not None and checkpoint["epoch"] >= tc.epochs:
             log.info("%s: already trained (%d epochs)", self.run_dir, checkpoint["epoch"])
             return self._finish(checkpoint["epoch"], checkpoint["step"], checkpoint["wall_time"],
                                 checkpoint["metrics"], checkpoint["epoch"])
-        if tc.deterministic:
-            _deterministic_kernels()
+        configure_kernels(tc.deterministic, ctx.device.type)
         seed_everything(cfg.seed)
         self._build_model()
         self._build_data()
         if ctx.is_main:
             save_yaml(cfg, self.run_dir / CONFIG_FILE)
+        tc = self.tc = scaled_recipe(tc, ctx.world_size)
         self.optimizer = build_optimizer(self.model, tc)
         self.ema = build_ema(self.model, tc)
         self.mixup = self._build_mixup()
         self.steps_per_epoch = math.ceil(len(self.loaders["train"]) / tc.accum_steps)
+        # fp16 gradients underflow without loss scaling; bf16 and float32 need none (the scaler is then a no-op).
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_mode(tc.amp) == "fp16" and ctx.device.type == "cuda")
         start_epoch, step, wall_time = 0, 0, 0.0
         if checkpoint is not None:
             start_epoch, step, wall_time = self._restore(checkpoint)
@@ -157,6 +161,8 @@ class _Session:
             seed_everything(cfg.seed + ctx.rank)  # own augmentation/mixup streams per process
         self.checkpoint_epoch = start_epoch
         self.net = self._wrap(self.model)
+        if tc.compile:  # the checkpoint and evaluation keep using the eager self.model (same parameters)
+            self.net = torch.compile(self.net)
         return self._epochs(start_epoch, step, wall_time)
 
     def _build_model(self) -> None:
@@ -204,7 +210,8 @@ class _Session:
                 dataset = getattr(splits, name)
                 shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
                 self.loaders[name] = DataLoader(shard, batch_size=eval_bs, shuffle=False,
-                                                num_workers=cfg.data.num_workers, pin_memory=pin)
+                                                num_workers=cfg.data.num_workers, pin_memory=pin,
+                                                persistent_workers=cfg.data.num_workers > 0)
 
     def _build_mixup(self):
         if not uses_mixup(self.tc):
@@ -300,14 +307,16 @@ class _Session:
                     logits = self.net(images)
                 out = self.loss_fn(logits, targets)
                 self._check_finite(out.total, epoch, i, n, step)
-                (out.total / group).backward()
+                self.scaler.scale(out.total / group).backward()
             metrics.update(logits, labels, out.per_exit, out.total)
             if boundary:
                 lr = learning_rate(tc, step, self.steps_per_epoch)
                 set_lr(self.optimizer, lr)
                 if tc.clip_grad is not None:
+                    self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if self.ema is not None:
@@ -332,6 +341,9 @@ class _Session:
         models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         # Iterating a DataLoader draws a seed from the global generator: evaluation runs on a forked RNG
         # so that how often (and whether the EMA) is evaluated leaves the training stream unchanged.
+        if not (self.tc.sync_bn or self.tc.freeze_bn):  # each rank's BN statistics saw only its shard
+            for _, model in models:
+                average_batchnorm_stats(model, self.ctx)
         with torch.random.fork_rng(devices=self._cuda_indices()):
             for prefix, model in models:
                 for split in ("calib", "test"):
@@ -371,6 +383,45 @@ def _summary(row: dict[str, float], exit_names: tuple[str, ...]) -> str:
         accs = " ".join(f"{e} {row[f'test_acc_{e}']:.2f}" for e in exit_names)
         text += f", test acc {accs}"
     return f"{text} ({row['epoch_time']:.1f} s)"
+
+
+def global_batch(tc, world_size: int) -> int:
+    """Images per optimizer step: processes x batch per process x accumulation steps."""
+    return world_size * tc.batch_size * tc.accum_steps
+
+
+def scaled_recipe(tc, world_size: int):
+    """``tc`` as this run trains with it: logs the global batch; against ``train.reference_batch``, warns with
+    the linearly scaled lr, or applies it (a copy of ``tc`` with lr and min_lr scaled) with ``scale_lr``."""
+    batch = global_batch(tc, world_size)
+    log.info("global batch: %d process(es) x %d per process x %d accumulation step(s) = %d images per "
+             "optimizer step", world_size, tc.batch_size, tc.accum_steps, batch)
+    if tc.reference_batch is None or batch == tc.reference_batch:
+        return tc
+    factor = batch / tc.reference_batch
+    if not tc.scale_lr:
+        log.warning("global batch %d differs from the recipe's %d (train.reference_batch): linear scaling "
+                    "gives lr %.4g instead of %.4g; set train.scale_lr=true to apply it, or use %d processes "
+                    "x batch_size x accum_steps = %d", batch, tc.reference_batch, tc.lr * factor, tc.lr,
+                    world_size, tc.reference_batch)
+        return tc
+    scaled = copy.deepcopy(tc)
+    scaled.lr, scaled.min_lr = tc.lr * factor, tc.min_lr * factor
+    log.info("train.scale_lr: lr %.4g -> %.4g, min_lr %.4g -> %.4g (global batch %d / %d)", tc.lr, scaled.lr,
+             tc.min_lr, scaled.min_lr, batch, tc.reference_batch)
+    return scaled
+
+
+def configure_kernels(deterministic: bool, device_type: str) -> None:
+    """On CUDA: deterministic kernels when asked, else the fast ones (cuDNN picks the fastest convolution
+    algorithm per shape; float32 matmuls and convolutions in TF32, as torchvision's and timm's recipes)."""
+    if deterministic:
+        _deterministic_kernels()
+    elif device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
 
 
 def _deterministic_kernels() -> None:

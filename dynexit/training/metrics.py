@@ -71,10 +71,13 @@ def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bo
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, amp):
+    """Autocast on CUDA as ``train.amp`` says (bf16 or fp16; true is bf16); a no-op elsewhere."""
+    from dynexit.config import amp_mode
+
+    mode = amp_mode(amp)
+    if mode and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
     return nullcontext()
 
 
