@@ -211,3 +211,15 @@ def _first_line(err: Exception) -> str:
     """The first sentence of an error (torch's go on for several lines of advice)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
+
+
+def flatten_dict(tree: dict, prefix: str = "") -> dict:
+    """``{"model": {"name": "x"}}`` -> ``{"model.name": "x"}`` (for CSV columns and TensorBoard HParams)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -11,14 +11,14 @@ import yaml
 
 from dynexit.runs.folders import DONE, SUMMARY_FILE, run_dir, run_state
 from dynexit.runs.spec import Experiment
-from dynexit.utils import atomic_write, atomic_write_text
+from dynexit.utils import atomic_write, atomic_write_text, flatten_dict
 
 
 def run_columns(experiment: Experiment, run) -> dict:
     """Identifying columns of a run: id, variant, model and data names, and every key the grid varies."""
     from dynexit.config import to_container
 
-    flat = _flatten(to_container(run.config))
+    flat = flatten_dict(to_container(run.config))
     model = flat.get("model.factory") or flat["model.name"]  # a factory's model is named by its factory
     columns = {"run_id": run.run_id, "variant": run.variant, "model.name": model,
                "data.name": flat["data.name"], "seed": flat["seed"]}
@@ -62,14 +62,3 @@ def write_experiment_files(experiment: Experiment) -> None:
     index = pd.DataFrame([{"run_id": r.run_id, "variant": r.variant, "overrides": json.dumps(r.overrides)}
                           for r in experiment.runs])
     atomic_write(out / "index.csv", lambda tmp: index.to_csv(tmp, index=False))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynexit.training.distributed import DistContext
-from dynexit.utils import atomic_write, read_csv_file
+from dynexit.utils import atomic_write, flatten_dict, read_csv_file
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class MetricsLog:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        params = {key: _hparam_value(value) for key, value in flatten(config).items()}
+        params = {key: _hparam_value(value) for key, value in flatten_dict(config).items()}
         metrics = {_tb_tag(key): float(value) for key, value in final.items()
                    if key not in ("epoch", "step", "lr", "epoch_time") and value == value}
         for summary in hparams(params, metrics):
@@ -172,18 +172,6 @@ def _tb_tag(key: str) -> str:
         if key.startswith(split + "_"):
             return f"{split}/{key[len(split) + 1:]}"
     return f"train/{key}"
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"model": {"name": "x"}}`` -> ``{"model.name": "x"}``."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def _hparam_value(value):
