@@ -36,8 +36,28 @@ def print_status(experiment) -> None:
             detail += f"  [to evaluate again: {'; '.join(row['eval_changes'])}]"
         job = f"{jobs.get(row['run_id'], '-'):<26} " if jobs else ""
         print(f"{row['run_id']:<11} {row['state']:<12} {row['variant']:<14} {job}{detail}")
+    _print_running(experiment, rows)
     counts = Counter(row["state"] for row in rows)
     print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())))
+
+
+def _print_running(experiment, rows) -> None:
+    """Each running run's epoch k/N, last evaluated accuracy (last exit) and time left, from its folder's files."""
+    from dynexit.runs.folders import RUNNING, run_dir
+    from dynexit.runs.run_progress import run_progress
+    from dynexit.runs.runner import clock
+
+    running = [row for row in rows if row["state"] == RUNNING]
+    if not running:
+        return
+    print(f"{'running run':<11} {'epoch':<9} {'last accuracy':<26} time left")
+    for row in running:
+        progress = run_progress(run_dir(experiment, experiment.run(row["run_id"])))
+        epoch = f"{progress['epoch']}/{progress['epochs']}" if progress["epochs"] is not None else "starting"
+        accuracy = (f"{progress['accuracy']:.2f}% ({progress['accuracy_column']})"
+                    if progress["accuracy"] is not None else "-")
+        left = f"about {clock(progress['seconds_left'])}" if progress["seconds_left"] is not None else "-"
+        print(f"{row['run_id']:<11} {epoch:<9} {accuracy:<26} {left}")
 
 
 def _job_column(experiment, rows) -> dict[str, str]:

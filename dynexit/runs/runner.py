@@ -25,6 +25,7 @@ from dynexit.runs.execute import Outcome, execute
 from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, run_dir, run_state
 from dynexit.runs.slurm import job_resources, live_job_ids, submit
 from dynexit.runs.spec import Experiment, Run, load_spec
+from dynexit.training.progress_bar import NO_BAR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def _worker(spec_path: str, overrides: list[str], results_dir: str, group: list[
             results, log_level: int = logging.INFO) -> None:
     locks = lock_names(group)  # named by the parent's view, before the environment narrows it
     os.environ.update(env)
+    os.environ[NO_BAR_ENV] = "1"  # bars of several workers would interleave: the parent's progress log shows
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
     logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
     experiment = load_spec(spec_path, overrides, results_dir)
@@ -187,13 +189,13 @@ class Progress:
         elapsed = time.monotonic() - self.start
         left = self.todo - self.finished_now
         per_round = elapsed / math.ceil(self.finished_now / self.parallel)
-        eta = f", about {_clock(per_round * math.ceil(left / self.parallel))} left" if left else ""
+        eta = f", about {clock(per_round * math.ceil(left / self.parallel))} left" if left else ""
         failed = f", {self.failed} failed" if self.failed else ""
-        log.info("progress: %d/%d runs done%s, %s elapsed%s", self.done, self.total, failed, _clock(elapsed), eta)
+        log.info("progress: %d/%d runs done%s, %s elapsed%s", self.done, self.total, failed, clock(elapsed), eta)
         return outcome
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -44,6 +43,7 @@ from dynexit.training.distributed import DistContext, average_batchnorm_stats, s
 from dynexit.training.loss import MultiExitLoss
 from dynexit.training.metrics import METRICS_FILE, ExitMetrics, MetricsLog, autocast, evaluate, prepare_images
 from dynexit.training.optim import build_ema, build_optimizer, learning_rate, set_lr
+from dynexit.training.progress_bar import show_progress_bar
 from dynexit.training.state import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -289,7 +289,7 @@ class _Session:
             _freeze_batchnorm(self.model)
         metrics = ExitMetrics(self.exit_names, ctx.device)
         n = len(loader)
-        show = ctx.is_main and (tc.progress if tc.progress is not None else sys.stderr.isatty())
+        show = show_progress_bar(tc.progress, ctx.is_main)
         bar = tqdm(total=n, desc=f"epoch {epoch}/{tc.epochs}", disable=not show, leave=False, dynamic_ncols=True)
         lr = learning_rate(tc, step, self.steps_per_epoch)
         for i, (images, labels) in enumerate(loader):
