@@ -15,7 +15,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "status", help="show the state of every run of an experiment",
         description="Show which runs of an experiment are done, stale (done, but evaluated with other eval "
-                    "settings: the next run evaluates them again), running, failed, interrupted or pending. "
+                    "settings: the next run evaluates them again), running, failed, interrupted or pending; "
+                    "for each running run, its epoch k/N, its last evaluated accuracy (last exit) and an "
+                    "estimate of the time left, read from its folder's files. "
                     "Takes the spec, or the results folder (which keeps a copy of the spec).",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("target", help="SPEC.yaml or RESULTS_DIR")
