@@ -175,14 +175,20 @@ def plot_exit_shares(results: Results, shares: pd.DataFrame | None = None):
         ax.set_title(config, fontsize="medium")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
+    return _label_exit_panels(fig, axes, "test samples leaving (%)",
+                              f"{results.name}: where test samples leave, per operating point")
+
+
+def _label_exit_panels(fig, axes, ylabel: str, title: str):
+    """Cost on x and ``ylabel`` on y in every panel, one legend of the exits below, ``title`` above."""
     for ax in axes:
         _few_ticks(ax)
         ax.set_xlabel(COST_LABEL, fontsize="small")
-        ax.set_ylabel("test samples leaving (%)", fontsize="small")
+        ax.set_ylabel(ylabel, fontsize="small")
         ax.tick_params(labelbottom=True, labelleft=True)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), title="exit")
-    fig.suptitle(f"{results.name}: where test samples leave, per operating point")
+    fig.suptitle(title)
     return fig
 
 
@@ -206,15 +212,8 @@ def plot_exit_accuracy(results: Results, behaviour: pd.DataFrame | None = None):
         ax.plot(curve["test_expected_cost"], curve["test_accuracy"], "--", color="black", lw=1.2, label="all")
         ax.set_title(config, fontsize="medium")
         ax.grid(alpha=0.3)
-    for ax in axes:
-        _few_ticks(ax)
-        ax.set_xlabel(COST_LABEL, fontsize="small")
-        ax.set_ylabel("accuracy of leaving samples (%)", fontsize="small")
-        ax.tick_params(labelbottom=True, labelleft=True)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), title="exit")
-    fig.suptitle(f"{results.name}: accuracy of the samples leaving at each exit")
-    return fig
+    return _label_exit_panels(fig, axes, "accuracy of leaving samples (%)",
+                              f"{results.name}: accuracy of the samples leaving at each exit")
 
 
 def plot_confidence_histograms(results: Results, hist: pd.DataFrame | None = None):
