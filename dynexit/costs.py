@@ -207,8 +207,9 @@ class _Segment(nn.Module):
         return tuple(out)
 
 
-def _flop_counter(segment: _Segment) -> FlopCountAnalysis:
-    counter = FlopCountAnalysis(segment, tuple(segment.inputs))
+def _flop_counter(module: nn.Module, inputs: tuple) -> FlopCountAnalysis:
+    """fvcore's counter of ``module(*inputs)`` with dynexit's handles: SDPA counted, NOT_COUNTED skipped."""
+    counter = FlopCountAnalysis(module, inputs)
     counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     counter.set_op_handle(**dict.fromkeys(NOT_COUNTED))  # None: fvcore skips them without a warning
     # Each segment runs only part of the model by design; unsupported ops are checked below instead.
@@ -246,7 +247,7 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
             s = model.init_state(images)
             for k in range(len(exit_names)):
                 segment = _Segment(model, k, s)
-                counter = _flop_counter(segment)
+                counter = _flop_counter(segment, tuple(segment.inputs))
                 segment_macs.append(int(counter.total()))
                 unsupported = counter.unsupported_ops()
                 if unsupported:
@@ -271,6 +272,21 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
                       component_params, size)
     log.debug("costs at %d px: %s GMACs", size, ", ".join(f"{g:.4f}" for g in costs.gmacs))
     return costs
+
+
+def count_macs(model: nn.Module, input_size: int) -> int:
+    """Multiply-adds of one forward pass of any module on one ``input_size`` image, counted like
+    :func:`count_costs` (the same fvcore handles): the work of a single-exit baseline such as a
+    torchvision classifier. The model is counted in eval mode; its mode is restored after."""
+    first = next(model.parameters())
+    images = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(first)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(_flop_counter(model, (images,)).total())
+    finally:
+        model.train(was_training)
 
 
 def exit_costs(model: MultiExitModel, input_size: int | None = None) -> pd.DataFrame:

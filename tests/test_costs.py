@@ -10,7 +10,7 @@ from torch import nn
 
 import dynexit
 from dynexit.cli import main
-from dynexit.costs import COMPONENTS, FlopCountAnalysis, count_costs, exit_costs
+from dynexit.costs import COMPONENTS, FlopCountAnalysis, count_costs, count_macs, exit_costs
 
 # Official per-exit GMACs at 224 px, 1000 classes (SPEC section 3): the hand counters of the RegNet and
 # MobileNet models, and fvcore's cumulative count of the ResNet model.
@@ -92,6 +92,18 @@ def test_static_backbone_counts_like_fvcore_on_torchvision(size):
     assert costs.exit_names == ("cnn",) and costs.params == (6_432_512,)
     reference = _torchvision_fvcore(torchvision.models.regnet_y_800mf(), size)
     assert reference - costs.macs[0] == 784 * (size // 32) ** 2
+
+
+def test_count_macs_of_a_plain_classifier_counts_like_count_costs():
+    """count_macs (the work of any module, e.g. a time-vs-work baseline) uses count_costs' handles: on
+    torchvision's RegNetY-800MF it equals the static model's one exit but for torchvision's final average
+    pooling (fvcore counts it, one op per input element; a mean here), and leaves the mode as found."""
+    base = torchvision.models.regnet_y_800mf().train()
+    static = count_costs(dynexit.create_model("reg800m_perceiver_t128", static=True), input_size=32)
+    assert count_macs(base, 32) - static.macs[0] == 784
+    assert base.training
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    assert count_macs(conv, 8) == 3 * 4 * 9 * 8 * 8
 
 
 def test_costs_at_32_px_are_32_px_costs(official_costs):

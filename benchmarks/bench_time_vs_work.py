@@ -1,0 +1,161 @@
+"""Does time track work? Dyn-Perceiver against its bare backbone: time ratio / work ratio.
+
+Work is fvcore's multiply-adds of one image (``dynexit.costs``: ``count_costs`` for the Dyn-Perceiver's
+full model, ``count_macs`` for the torchvision baseline, the same op handles for both). Time is the
+median of interleaved repeats in one process: eval at batch 1 under inference_mode, and a training step
+(forward, the multi-exit loss, backward, AdamW) at ``--train-batch``. A quotient of 1.0 means the
+Dyn-Perceiver's extra time is exactly its extra work; the target is at most 1.1. With ``--compile``
+both models also run through ``torch.compile`` (compilation time printed, outputs checked against eager).
+
+    python benchmarks/bench_time_vs_work.py                       # eager, 224 px, 2 threads
+    python benchmarks/bench_time_vs_work.py --compile both        # eager and compiled
+    python benchmarks/bench_time_vs_work.py --breakdown           # where the eval time goes, per component
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import torchvision
+from bench_train_speed import make_step
+
+from dynexit import create_model
+from dynexit.config import TrainConfig
+from dynexit.costs import count_costs, count_macs
+from dynexit.training import MultiExitLoss
+
+
+def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn so that load from other processes hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compiled(model: torch.nn.Module, example: torch.Tensor, train: bool) -> tuple[torch.nn.Module, float]:
+    """``torch.compile(model)``, compiled on ``example`` (the seconds that took are returned)."""
+    fast = torch.compile(model)
+    t0 = time.perf_counter()
+    if train:
+        out = fast(example)
+        sum(o.float().sum() for o in (out if isinstance(out, list) else [out])).backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.inference_mode():
+            fast(example)
+    return fast, time.perf_counter() - t0
+
+
+def eval_row(ours, base, size: int, fmt, compile_: bool, repeats: int, warmup: int) -> dict:
+    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
+    note = ""
+    if compile_:
+        with torch.inference_mode():
+            eager = ours(x)
+        ours, t_ours = compiled(ours, x, train=False)
+        base, t_base = compiled(base, x, train=False)
+        with torch.inference_mode():
+            diff = max((a - b).abs().max().item() for a, b in zip(eager, ours(x)))
+        note = f"compiled in {t_ours:.0f} + {t_base:.0f} s; max |compiled - eager| {diff:.1e}"
+    with torch.inference_mode():
+        t = interleaved({"ours": lambda: ours(x), "base": lambda: base(x)}, repeats, warmup)
+    return {"ours_ms": t["ours"] * 1e3, "base_ms": t["base"] * 1e3, "note": note}
+
+
+def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int) -> dict:
+    cfg = TrainConfig()
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 1000, (batch,))
+    loss = MultiExitLoss(ours.exit_names, cfg.loss_weights, cfg.distill_alpha, cfg.distill_temperature)
+    plain = MultiExitLoss(("cnn",))
+    ours.train(), base.train()
+    note = ""
+    if compile_:
+        ours_c, t_ours = compiled(ours, images, train=True)
+        base_c, t_base = compiled(base, images, train=True)
+        note = f"compiled in {t_ours:.0f} + {t_base:.0f} s"
+        ours, base = ours_c, base_c
+    steps = {"ours": make_step(ours, loss, images, labels, cfg), "base": make_step(base, plain, images, labels, cfg)}
+    t = interleaved(steps, repeats, warmup)
+    return {"ours_ms": t["ours"] * 1e3, "base_ms": t["base"] * 1e3, "note": note}
+
+
+def breakdown(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
+    """Eval time at batch 1 per top-level part of the model (forward hooks), against its fvcore work."""
+    costs = count_costs(model, size)
+    parts = {"cnn stem": model.backbone.stem,
+             **{f"cnn stage {k + 1}": st for k, st in enumerate(model.backbone.stages)},
+             **{f"latent stage {k + 1}": st for k, st in enumerate(model.latent_stages)},
+             **{f"exit {n}": e for n, e in model.exits.items()}}
+    spent: dict[str, list[float]] = defaultdict(list)
+    starts: dict[str, float] = {}
+    for name, module in parts.items():
+        module.register_forward_pre_hook(lambda _m, _a, n=name: starts.__setitem__(n, time.perf_counter()))
+        module.register_forward_hook(lambda _m, _a, _o, n=name: spent[n].append(time.perf_counter() - starts[n]))
+    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        model(x)
+        spent.clear()
+        for _ in range(repeats):
+            model(x)
+    total = sum(statistics.median(t) for t in spent.values())
+    print(f"\nwhere eval time goes at batch 1 (hooks; {total * 1e3:.1f} ms in these parts); work by component "
+          f"(fvcore): " + ", ".join(f"{c} {m / 1e6:.0f}M" for c, m in costs.component_macs.items()))
+    print(f"{'part':>18} {'ms':>7} {'share':>6}")
+    for name, t in spent.items():
+        ms = statistics.median(t) * 1e3
+        print(f"{name:>18} {ms:>7.2f} {ms / (total * 1e3):>6.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="reg800m_perceiver_t128")
+    parser.add_argument("--baseline", default="regnet_y_800mf", help="torchvision model name")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
+    parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts of the eval forward")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    ours = create_model(args.model, input_size=args.size).to(memory_format=fmt).eval()
+    base = getattr(torchvision.models, args.baseline)().to(memory_format=fmt).eval()
+    work = count_costs(ours, args.size).gmacs[-1] * 1e9 / count_macs(base, args.size)
+    print(f"{args.model} vs torchvision {args.baseline}, {args.size} px, {args.threads} threads, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}; work ratio (fvcore MACs) {work:.3f}; "
+          f"medians of {args.repeats} after {args.warmup} warm-up runs")
+    print(f"{'setting':>26} {'ours ms':>9} {'base ms':>9} {'time ratio':>10} {'time/work':>9}")
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    for compile_ in modes:
+        label = "compiled" if compile_ else "eager"
+        rows = {"eval, batch 1": eval_row(ours, base, args.size, fmt, compile_, args.repeats, args.warmup)}
+        ours.eval(), base.eval()
+        rows[f"train step, batch {args.train_batch}"] = train_row(ours, base, args.size, args.train_batch, fmt,
+                                                                   compile_, args.repeats, args.warmup)
+        ours.eval(), base.eval()
+        for what, r in rows.items():
+            ratio = r["ours_ms"] / r["base_ms"]
+            print(f"{what + ', ' + label:>26} {r['ours_ms']:>9.1f} {r['base_ms']:>9.1f} {ratio:>10.2f} "
+                  f"{ratio / work:>9.2f}  {r['note']}", flush=True)
+    if args.breakdown:
+        breakdown(ours.eval(), args.size, fmt, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
