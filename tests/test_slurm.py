@@ -350,3 +350,19 @@ def test_the_tasks_of_a_multi_node_run_train_it_once_and_rank_0_keeps_its_folder
     first, other = _two_tasks(spec, run.run_id, tmp_path / "again")
     assert first.state == "done" and other is None
     assert (folder / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_execute_tells_the_other_tasks_it_does_not_train_a_run_another_job_holds(tmp_path):
+    from dynexit.runs.execute import execute
+    from dynexit.runs.folders import run_lock
+
+    spec = tmp_path / "nodes.yaml"
+    spec.write_text(textwrap.dedent(NODES_SPEC.format(out=tmp_path / "res")))
+    experiment = load_spec(spec)
+    run = experiment.runs[0]
+    heard = []
+    with run_lock(run_dir(experiment, run)) as acquired:  # another job's rank 0 holds the run
+        assert acquired
+        outcome = execute(experiment, run, ["cpu"], heard.append)
+    assert outcome.state == "running" and heard == [False]
+    assert not (run_dir(experiment, run) / "checkpoint.pt").exists()

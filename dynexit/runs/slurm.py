@@ -13,7 +13,7 @@ Resources are derived from the run unless the spec gives them: a run on ``g`` GP
 whose loaders start ``w`` workers per process (``data.num_workers``) gets ``cpus_per_task = g x (w + 1)`` (one
 core per loader worker and one for the training process) and ``mem_gb = 8 x cpus_per_task`` (loader workers
 each hold a batch pipeline; 8 GB per core is the usual GPU-node ratio). A spec that sets fewer CPUs than its
-loaders start is refused. One run is one task on one node.
+loaders start is refused. On one node, one run is one task (torchrun inside it for several GPUs).
 
 A run on several nodes (``executor.nodes`` N > 1, ``slurm`` only, ``gpus_per_run`` a multiple of N) is one
 job of N nodes with one task per GPU (``gpus_per_run / N`` per node), started by srun; every task is one
