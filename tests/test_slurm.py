@@ -2,6 +2,9 @@
 PATH that log their calls: one job array per submission, job ids in the run folders, the scheduler's state
 in ``dynexit status``, nothing submitted twice, requeue of the same run, and the resource arithmetic."""
 import json
+import multiprocessing
+import os
+import random
 import sys
 import textwrap
 import time
@@ -9,10 +12,21 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 
 from dynexit.cli import main
 from dynexit.runs.folders import QUEUED, read_status, run_dir
-from dynexit.runs.slurm import RunJob, job_name, job_resources, scheduler_states
+from dynexit.runs.slurm import (
+    MIN_PORT,
+    RunJob,
+    first_host,
+    job_name,
+    job_resources,
+    join_task_group,
+    scheduler_states,
+    task_device,
+    task_environment,
+)
 from dynexit.runs.spec import load_spec
 
 SPEC = """
@@ -165,3 +179,190 @@ def test_explicit_resources_kept_or_refused(tmp_path, fake_slurm, capsys):
     assert "executor.cpus_per_task=8 is too small: 8 GPU process(es) x (data.num_workers=10 loader workers + 1) " \
            "need 88" in capsys.readouterr().err
     assert sbatch_calls(fake_slurm) == [] and not (tmp_path / "res").exists()
+
+
+# --------------------------------------------------------------------------- runs across several nodes
+
+def test_a_multi_node_run_is_one_job_of_n_nodes_with_a_task_per_gpu(tmp_path, fake_slurm):
+    spec = write_spec(tmp_path, workers=2, gpus=8, extra=", nodes: 2")
+    assert main(["run", str(spec)]) == 0
+    calls = sbatch_calls(fake_slurm)
+    assert len(calls) == 1 and calls[0]["tasks"] == 6  # still one array, one array task per run
+    lines = calls[0]["file"].splitlines()
+    assert "#SBATCH --array=0-5%4" in lines
+    assert "#SBATCH --nodes=2" in lines
+    assert "#SBATCH --ntasks-per-node=4" in lines and "#SBATCH --gpus-per-node=4" in lines  # 8 GPUs / 2 nodes
+    assert "#SBATCH --cpus-per-task=3" in lines  # one process per task: 2 loader workers + 1
+    assert "#SBATCH --mem=96GB" in lines  # per node: 8 GB x 3 CPUs x 4 tasks
+    assert any(line.startswith("srun ") for line in lines)  # srun starts the 8 tasks
+    assert any(line.startswith("#SBATCH --signal=USR2@") for line in lines)  # requeue stays on
+    experiment = load_spec(spec)
+    assert {read_status(run_dir(experiment, r))["state"] for r in experiment.runs} == {QUEUED}
+
+
+def test_one_node_keeps_one_task_running_torchrun(tmp_path, fake_slurm):
+    assert main(["run", str(write_spec(tmp_path, workers=2, gpus=4))]) == 0
+    lines = sbatch_calls(fake_slurm)[0]["file"].splitlines()
+    assert "#SBATCH --nodes=1" in lines and "#SBATCH --ntasks-per-node=1" in lines
+    assert "#SBATCH --gpus-per-node=4" in lines and "#SBATCH --cpus-per-task=12" in lines
+
+
+@pytest.mark.parametrize("gpus,extra,kind,message", [
+    (8, ", nodes: 0", "slurm", "executor.nodes must be at least 1, got 0"),
+    (0, ", nodes: 2", "slurm", "executor.nodes=2 needs GPUs: executor.gpus_per_run is 0"),
+    (6, ", nodes: 4", "slurm", "executor.gpus_per_run=6 cannot be split evenly over executor.nodes=4"),
+    (8, ", nodes: 2", "submitit_local", "executor.nodes=2 needs executor.kind: slurm (submitit_local runs use one"),
+    (8, ", nodes: 2, cpus_per_task: 2", "slurm", "executor.cpus_per_task=2 is too small: 1 GPU process(es) x "
+                                                 "(data.num_workers=2 loader workers + 1) need 3"),
+])
+def test_impossible_node_settings_are_refused_before_submitting(tmp_path, fake_slurm, capsys, gpus, extra, kind,
+                                                                message):
+    spec = write_spec(tmp_path, workers=2, gpus=gpus, extra=extra)
+    spec.write_text(spec.read_text().replace("kind: slurm", f"kind: {kind}"))
+    assert main(["run", str(spec)]) != 0
+    assert message in capsys.readouterr().err
+    assert sbatch_calls(fake_slurm) == [] and not (tmp_path / "res").exists()
+
+
+def slurm_task(procid: int, localid: int, ntasks: int = 8, nodelist: str = "gpu[07-08]", job: str = "4711") -> dict:
+    return {"SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid), "SLURM_NTASKS": str(ntasks),
+            "SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_ID": job}
+
+
+def test_task_environment_of_task_5_of_8_on_2_nodes():
+    task = task_environment(slurm_task(5, 1))
+    assert (task.rank, task.local_rank, task.world_size, task.master_addr) == (5, 1, 8, "gpu07")
+    assert MIN_PORT <= task.master_port < 65536 and task.master_port >= 1024
+    # every task of the job meets at the same address and port
+    tasks = [task_environment(slurm_task(p, p % 4)) for p in range(8)]
+    assert {(t.master_addr, t.master_port) for t in tasks} == {("gpu07", task.master_port)}
+    assert [t.rank for t in tasks] == list(range(8))
+    # neighbouring jobs (array tasks may share a first node) get other ports
+    assert task_environment(slurm_task(5, 1, job="4712")).master_port == task.master_port + 1
+    assert task.torch_variables() == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu07",
+                                      "MASTER_PORT": str(task.master_port)}
+    # the task's GPU is its local rank among its node's GPUs (cuda:0 when SLURM bound one GPU to it)
+    assert task_device(task.local_rank, 4) == "cuda:1"
+    assert task_device(3, 4) == "cuda:3" and task_device(1, 1) == "cuda:0"
+    with pytest.raises(RuntimeError, match="local rank 4 sees 4 GPU"):
+        task_device(4, 4)
+    with pytest.raises(RuntimeError, match="sees 0 GPU"):
+        task_device(0, 0)
+
+
+@pytest.mark.parametrize("nodelist,first", [("gpu[07-08]", "gpu07"), ("n[3,5-9],m1", "n3"), ("a,b", "a"),
+                                            ("node12", "node12"), ("r[1-2]c[04-05]", "r1c04")])
+def test_first_host_of_a_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_task_environment_refuses_what_is_not_a_task():
+    env = slurm_task(5, 1)
+    del env["SLURM_JOB_NODELIST"]
+    with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST unset"):
+        task_environment(env)
+    with pytest.raises(ValueError, match="SLURM_PROCID=8, SLURM_LOCALID=0, SLURM_NTASKS=8 do not fit"):
+        task_environment(slurm_task(8, 0))
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST='gpu\\[07': '\\[' without"):
+        task_environment(slurm_task(0, 0, nodelist="gpu[07"))
+
+
+def _task_worker(procid: int, job: str, out: str):
+    task = task_environment(slurm_task(procid, procid, ntasks=2, nodelist="localhost", job=job))
+    ctx = join_task_group(task, "cpu")
+    total = ctx.all_reduce(torch.tensor([float(procid + 1)]))
+    flag = ctx.broadcast_flag(procid == 0)  # rank 0's decision reaches rank 1
+    torch.save({"rank": ctx.rank, "world": ctx.world_size, "sum": total, "flag": flag}, f"{out}.{procid}")
+    ctx.close()
+
+
+def test_two_tasks_of_one_node_join_one_gloo_group(tmp_path):
+    """Two processes with the SLURM variables of a 1-node, 2-task job (forked: they start with this
+    process's imports, so the test takes a second or two, not the import time of two interpreters)."""
+    job = str(random.randrange(10**6, 10**7))  # a port unlikely to be taken by another test run
+    start = time.monotonic()
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_task_worker, args=(p, job, str(tmp_path / "task"))) for p in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert time.monotonic() - start < 20
+    for procid in (0, 1):
+        got = torch.load(f"{tmp_path / 'task'}.{procid}", weights_only=True)
+        assert (got["rank"], got["world"], got["flag"]) == (procid, 2, True)
+        assert torch.equal(got["sum"], torch.tensor([3.0]))
+
+
+NODES_SPEC = """
+name: nodes
+results_dir: {out}
+base:
+  model: {{name: tiny_perceiver_t16, input_size: 16}}
+  data: {{name: digits, image_size: 16, train_subset: 64, test_subset: 40, calib_size: 30, crop_padding: 0}}
+  train: {{epochs: 1, batch_size: 16, progress: false, tensorboard: false}}
+executor: {{kind: slurm, gpus_per_run: 2, nodes: 2}}
+"""
+
+
+def _run_job_task(procid: int, spec: str, run_id: str, job: str, out: str):
+    """One srun task of a 2-node run's job, on the CPU (gloo) instead of its GPU."""
+    import pickle
+
+    from dynexit.runs import slurm
+
+    os.environ.update(slurm_task(procid, 0, ntasks=2, nodelist="localhost", job=job))
+    slurm.task_device = lambda local_rank, visible: "cpu"
+    outcome = RunJob(spec, [], str(Path(spec).parent / "res"), run_id)()
+    Path(f"{out}.{procid}").write_bytes(pickle.dumps(outcome))
+
+
+def _two_tasks(spec: Path, run_id: str, out: Path) -> list:
+    import pickle
+
+    job = str(random.randrange(10**6, 10**7))
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_run_job_task, args=(p, str(spec), run_id, job, str(out))) for p in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    return [pickle.loads(Path(f"{out}.{p}").read_bytes()) for p in (0, 1)]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_tasks_of_a_multi_node_run_train_it_once_and_rank_0_keeps_its_folder(tmp_path):
+    spec = tmp_path / "nodes.yaml"
+    spec.write_text(textwrap.dedent(NODES_SPEC.format(out=tmp_path / "res")))
+    experiment = load_spec(spec)
+    run = experiment.runs[0]
+    first, other = _two_tasks(spec, run.run_id, tmp_path / "first")
+    assert first.state == "done" and other is None  # rank 0 reports the run; the other task returns nothing
+    folder = run_dir(experiment, run)
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert checkpoint["world_size"] == 2 and checkpoint["epoch"] == 1  # trained by both tasks together
+    assert read_status(folder)["state"] == "done" and read_status(folder)["devices"] == ["cpu"]
+    assert (folder / "summary.json").is_file() and (tmp_path / "res" / "runs.csv").is_file()  # rank 0 evaluated
+    # Again (a requeued job of a finished run): rank 0 tells the other task there is nothing to train.
+    mtime = (folder / "checkpoint.pt").stat().st_mtime_ns
+    first, other = _two_tasks(spec, run.run_id, tmp_path / "again")
+    assert first.state == "done" and other is None
+    assert (folder / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_execute_tells_the_other_tasks_it_does_not_train_a_run_another_job_holds(tmp_path):
+    from dynexit.runs.execute import execute
+    from dynexit.runs.folders import run_lock
+
+    spec = tmp_path / "nodes.yaml"
+    spec.write_text(textwrap.dedent(NODES_SPEC.format(out=tmp_path / "res")))
+    experiment = load_spec(spec)
+    run = experiment.runs[0]
+    heard = []
+    with run_lock(run_dir(experiment, run)) as acquired:  # another job's rank 0 holds the run
+        assert acquired
+        outcome = execute(experiment, run, ["cpu"], heard.append)
+    assert outcome.state == "running" and heard == [False]
+    assert not (run_dir(experiment, run) / "checkpoint.pt").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,19 +32,27 @@ class Outcome:
     error: str = ""
 
 
-def execute(experiment: Experiment, run: Run, devices: list[str]) -> Outcome:
+def execute(experiment: Experiment, run: Run, devices: list[str],
+            trains: Callable[[bool], None] | None = None) -> Outcome:
     """Executes one run in this process (skipping it if it is done or another process runs it); a done
-    run whose eval settings changed is evaluated again, without training."""
+    run whose eval settings changed is evaluated again, without training.
+
+    ``trains``, if given, hears once whether this process trains the run (True, just before it does) or
+    not (False): the other processes of a multi-node run train with it or return (``dynexit.runs.slurm``)."""
     from dynexit.runs.pipeline import run_pipeline
 
     folder = run_dir(experiment, run)
+    trains = trains or (lambda _: None)
     with run_lock(folder) as acquired:
         if not acquired:
+            trains(False)
             return Outcome(run.run_id, RUNNING)
         if read_status(folder).get("state") == DONE:
+            trains(False)
             return _reevaluate(run, folder, devices[0])
         write_status(folder, RUNNING, pid=os.getpid(), devices=devices, threads=run.config.train.threads,
                      variant=run.variant, overrides=run.overrides, error="")
+        trains(True)
         log.info("run %s (%s %s) on %s", run.run_id, run.variant, run.overrides or "", ",".join(devices))
         try:
             name = tensorboard_name(experiment, run)

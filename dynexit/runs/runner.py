@@ -23,7 +23,7 @@ from dynexit.runs.aggregate import aggregate, write_experiment_files
 from dynexit.runs.devices import available_cores, device_environment, device_locks, is_cuda_error, lock_names
 from dynexit.runs.execute import Outcome, execute
 from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, run_dir, run_state
-from dynexit.runs.slurm import job_resources, live_job_ids, submit
+from dynexit.runs.slurm import job_layout, job_resources, live_job_ids, submit
 from dynexit.runs.spec import Experiment, Run, load_spec
 from dynexit.training.progress_bar import NO_BAR_ENV
 
@@ -111,11 +111,12 @@ def check_experiment(experiment: Experiment) -> None:
         raise ValueError(f"{where}: executor.kind must be {', '.join(EXECUTORS)}, not {kind!r}")
     if kind != "local" and experiment.path is None:
         raise ValueError(f"{where}: {kind} runs need the experiment to come from a spec file")
-    if kind != "local":
-        try:
+    try:
+        job_layout(experiment.executor)  # executor.nodes against the kind and the GPUs
+        if kind != "local":
             job_resources(experiment, experiment.runs)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def run_experiment(experiment: Experiment, devices: str = "auto", workers: int | None = None,

@@ -13,14 +13,25 @@ Resources are derived from the run unless the spec gives them: a run on ``g`` GP
 whose loaders start ``w`` workers per process (``data.num_workers``) gets ``cpus_per_task = g x (w + 1)`` (one
 core per loader worker and one for the training process) and ``mem_gb = 8 x cpus_per_task`` (loader workers
 each hold a batch pipeline; 8 GB per core is the usual GPU-node ratio). A spec that sets fewer CPUs than its
-loaders start is refused. One run is one task on one node.
+loaders start is refused. On one node, one run is one task (torchrun inside it for several GPUs).
+
+A run on several nodes (``executor.nodes`` N > 1, ``slurm`` only, ``gpus_per_run`` a multiple of N) is one
+job of N nodes with one task per GPU (``gpus_per_run / N`` per node), started by srun; every task is one
+training process of one process group (no torchrun): :func:`task_environment` reads its rank from SLURM's
+variables, the master is the first node of the job, the port follows from the job id. Rank 0 alone keeps
+the run's folder state, writes outputs (as under torchrun) and evaluates; it tells the others whether to
+train at all (the run may be done, or locked by another job). Resources are then per task: ``cpus_per_task
+= w + 1`` and ``mem_gb`` (per node) ``= 8 x cpus_per_task x tasks per node``.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import submitit
 from submitit.slurm.slurm import SlurmInfoWatcher
@@ -28,7 +39,7 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 from dynexit.runs.aggregate import aggregate
 from dynexit.runs.execute import execute
 from dynexit.runs.folders import QUEUED, read_status, run_dir, write_status
-from dynexit.runs.spec import Experiment, Run, load_spec
+from dynexit.runs.spec import ExecutorConfig, Experiment, Run, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,8 @@ class RunJob(submitit.helpers.Checkpointable):
         import torch
 
         experiment = load_spec(self.spec_path, self.overrides, self.results_dir)
+        if experiment.executor.nodes > 1:
+            return self._task(experiment)
         n = torch.cuda.device_count()
         gpus = experiment.executor.gpus_per_run
         if n and n < gpus:
@@ -58,6 +71,38 @@ class RunJob(submitit.helpers.Checkpointable):
         outcome = execute(experiment, experiment.run(self.run_id), devices)
         aggregate(experiment)
         return outcome
+
+    def _task(self, experiment: Experiment):
+        """One task of a multi-node run: joins the run's process group on its GPU; rank 0 executes the run
+        (and tells the others whether it trains), the others train with it. Returns rank 0's outcome."""
+        import torch
+
+        from dynexit.training import train
+
+        task = task_environment()
+        device = task_device(task.local_rank, torch.cuda.device_count())
+        ctx = join_task_group(task, device)
+        try:
+            run = experiment.run(self.run_id)
+            if not ctx.is_main:
+                if ctx.broadcast_flag(False):
+                    train(run.config, run_dir(experiment, run), device=device, resume=True)
+                return None
+            told = []
+
+            def trains(flag: bool) -> None:
+                told.append(flag)
+                ctx.broadcast_flag(flag)
+
+            try:
+                outcome = execute(experiment, run, [device], trains)
+            finally:
+                if not told:  # execute failed before deciding: the others must not wait for a decision
+                    ctx.broadcast_flag(False)
+            aggregate(experiment)
+            return outcome
+        finally:
+            ctx.close()
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """The same run again: training state lives in the run folder, not in this object."""
@@ -74,18 +119,39 @@ def job_name(experiment: Experiment, run: Run) -> str:
     return f"dynexit-{_slug(experiment.name)}-{_slug(run.variant)}-s{run.config.seed}-{run.run_id}"
 
 
+def job_layout(ex: ExecutorConfig) -> dict:
+    """``nodes``, ``tasks_per_node`` and ``gpus_per_node`` of one run's job; an impossible combination of
+    ``executor.nodes``, ``kind`` and ``gpus_per_run`` is a ValueError naming the key."""
+    nodes, gpus = ex.nodes, ex.gpus_per_run
+    if nodes < 1:
+        raise ValueError(f"executor.nodes must be at least 1, got {nodes}")
+    if nodes == 1:
+        return {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus}
+    if ex.kind != "slurm":
+        raise ValueError(f"executor.nodes={nodes} needs executor.kind: slurm ({ex.kind} runs use one machine)")
+    if gpus < 1:
+        raise ValueError(f"executor.nodes={nodes} needs GPUs: executor.gpus_per_run is {gpus}; set it to the "
+                         f"run's GPUs on all nodes together, a multiple of {nodes}")
+    if gpus % nodes:
+        raise ValueError(f"executor.gpus_per_run={gpus} cannot be split evenly over executor.nodes={nodes}: "
+                         f"gpus_per_run counts the GPUs of all nodes together, a multiple of nodes")
+    return {"nodes": nodes, "tasks_per_node": gpus // nodes, "gpus_per_node": gpus // nodes}
+
+
 def job_resources(experiment: Experiment, runs: list[Run]) -> dict:
-    """``cpus_per_task`` and ``mem_gb`` for the runs' jobs (the module docstring gives the rule); an explicit
-    setting smaller than the loaders need is a ValueError naming the key."""
+    """``cpus_per_task`` and ``mem_gb`` (per node) for the runs' jobs (the module docstring gives the rule);
+    an explicit setting smaller than the loaders need is a ValueError naming the key."""
     ex = experiment.executor
+    layout = job_layout(ex)
     workers = max(r.config.data.num_workers for r in runs)
-    gpus = max(1, ex.gpus_per_run)
+    # processes per task: one task runs torchrun's processes on one node, or is one process of a multi-node run
+    gpus = 1 if ex.nodes > 1 else max(1, ex.gpus_per_run)
     need = gpus * (workers + 1)
     cpus = ex.cpus_per_task if ex.cpus_per_task is not None else need
     if cpus < need:
         raise ValueError(f"executor.cpus_per_task={cpus} is too small: {gpus} GPU process(es) x (data.num_workers="
                          f"{workers} loader workers + 1) need {need}; raise it or leave it unset to derive it")
-    mem = ex.mem_gb if ex.mem_gb is not None else GB_PER_CPU * cpus
+    mem = ex.mem_gb if ex.mem_gb is not None else GB_PER_CPU * cpus * layout["tasks_per_node"]
     if mem < 1:
         raise ValueError(f"executor.mem_gb must be at least 1, got {mem}")
     return {"cpus_per_task": int(cpus), "mem_gb": int(mem)}
@@ -96,13 +162,13 @@ def make_executor(experiment: Experiment, runs: list[Run]):
     ex = experiment.executor
     cluster = "local" if ex.kind == "submitit_local" else "slurm"
     executor = submitit.AutoExecutor(folder=experiment.results_dir / "submitit" / "%j", cluster=cluster)
-    resources = job_resources(experiment, runs)
+    resources, layout = job_resources(experiment, runs), job_layout(ex)
     name = job_name(experiment, runs[0]) if len(runs) == 1 else f"dynexit-{_slug(experiment.name)}"
     params = {"timeout_min": ex.timeout_min, "name": name, "cpus_per_task": resources["cpus_per_task"],
-              "gpus_per_node": ex.gpus_per_run if cluster == "slurm" else 0}
+              "gpus_per_node": layout["gpus_per_node"] if cluster == "slurm" else 0}
     if cluster == "slurm":
         params.update(mem_gb=resources["mem_gb"], slurm_array_parallelism=ex.slurm_array_parallelism,
-                      tasks_per_node=1, nodes=1)
+                      tasks_per_node=layout["tasks_per_node"], nodes=layout["nodes"])
         if ex.slurm_partition:
             params["slurm_partition"] = ex.slurm_partition
         if ex.slurm_account:
@@ -134,9 +200,98 @@ def submit(experiment: Experiment, runs: list[Run], overrides: list[str] | None,
         return []
     outcomes = []
     for job in jobs:
-        outcome = job.result()
+        outcome = job.results()[0]  # a multi-node run's job has a result per task: rank 0's is the run's
         outcomes.append(progress.finished(outcome) if progress is not None else outcome)
     return outcomes
+
+
+# --------------------------------------------------------------------------- one task of a multi-node run
+
+TASK_VARIABLES = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+MIN_PORT, PORT_SPAN = 20000, 40000  # master ports: 20000..59999, above the usual service ports
+
+
+@dataclass(frozen=True)
+class TaskEnvironment:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    def torch_variables(self) -> dict[str, str]:
+        """The variables torch.distributed's env:// initialisation (and ``training.distributed.setup``) reads."""
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def task_environment(environ: Mapping[str, str] | None = None) -> TaskEnvironment:
+    """This SLURM task's place in its job's process group, from SLURM's variables (``environ``, default this
+    process's): rank ``SLURM_PROCID``, local rank ``SLURM_LOCALID``, world size ``SLURM_NTASKS``, master the
+    first host of ``SLURM_JOB_NODELIST`` (where task 0 runs), port :func:`master_port` of ``SLURM_JOB_ID``."""
+    env = os.environ if environ is None else environ
+    missing = [k for k in TASK_VARIABLES if not env.get(k)]
+    if missing:
+        raise RuntimeError(f"not inside a SLURM task: {', '.join(missing)} unset (a task of a multi-node run "
+                           f"reads its rank and its group's master from them)")
+    try:
+        rank, local, world = (int(env[k]) for k in TASK_VARIABLES[:3])
+    except ValueError:
+        raise ValueError("SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS must be integers, got "
+                         f"{[env[k] for k in TASK_VARIABLES[:3]]}") from None
+    if not 0 <= rank < world or not 0 <= local <= rank:
+        raise ValueError(f"SLURM_PROCID={rank}, SLURM_LOCALID={local}, SLURM_NTASKS={world} do not fit together")
+    return TaskEnvironment(rank, local, world, first_host(env["SLURM_JOB_NODELIST"]),
+                           master_port(env["SLURM_JOB_ID"]))
+
+
+def master_port(job_id: str) -> int:
+    """The process group's port: the same for every task of a job, and different for jobs whose ids are
+    closer than ``PORT_SPAN`` (neighbouring array tasks may share their first node)."""
+    if not str(job_id).isdigit():
+        raise ValueError(f"SLURM_JOB_ID must be a number, got {job_id!r}")
+    return MIN_PORT + int(job_id) % PORT_SPAN
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-08,11],cpu01`` -> ``gpu07``, ``a,b`` -> ``a``."""
+    host, i = "", 0
+    while i < len(nodelist) and nodelist[i] != ",":
+        if nodelist[i] == "[":
+            end = nodelist.find("]", i)
+            if end < 0:
+                raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: '[' without ']'")
+            host += nodelist[i + 1:end].split(",")[0].split("-")[0]  # a range's first number, padding kept
+            i = end + 1
+        else:
+            host += nodelist[i]
+            i += 1
+    if not host:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
+    return host
+
+
+def task_device(local_rank: int, visible: int) -> str:
+    """The GPU of the task with ``local_rank`` among the ``visible`` GPUs it sees: ``cuda:<local rank>`` when
+    the task sees its node's GPUs, ``cuda:0`` when SLURM bound one GPU to each task."""
+    if visible == 1:
+        return "cuda:0"
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(f"task with local rank {local_rank} sees {visible} GPU(s); a multi-node run needs "
+                           f"one GPU per task (executor.gpus_per_run / executor.nodes per node)")
+    return f"cuda:{local_rank}"
+
+
+def join_task_group(task: TaskEnvironment, device: str):
+    """Joins the run's process group as ``task`` on ``device`` (NCCL on CUDA, gloo on the CPU); the
+    returned ``DistContext`` closes it. The variables stay set for the training loop, which joins the group."""
+    from dynexit.training.distributed import setup
+
+    os.environ.update(task.torch_variables())
+    ctx = setup(device)
+    log.info("task %d of %d (local rank %d) on %s, master %s:%d", task.rank, task.world_size, task.local_rank,
+             device, task.master_addr, task.master_port)
+    return ctx
 
 
 # --------------------------------------------------------------------------- the scheduler's view

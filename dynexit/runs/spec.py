@@ -42,7 +42,8 @@ from dynexit.yaml_files import line_note, read_yaml
 @dataclass
 class ExecutorConfig:
     kind: str = "local"  # local | slurm | submitit_local
-    gpus_per_run: int = 1  # > 1: each run trains through torchrun on that many GPUs
+    gpus_per_run: int = 1  # > 1: each run trains through torchrun on that many GPUs (all nodes together)
+    nodes: int = 1  # > 1 (slurm only): each run spans that many nodes, gpus_per_run / nodes GPUs on each
     timeout_min: int = 60 * 24  # SLURM job time limit
     slurm_partition: Optional[str] = None
     slurm_account: Optional[str] = None

@@ -1,4 +1,5 @@
-"""The process group of a training run: one process, or several started by ``torchrun``.
+"""The process group of a training run: one process, or several started by ``torchrun`` (or by SLURM, one
+task per GPU, which sets the same variables: ``dynexit.runs.slurm``).
 
 ``setup`` joins an already initialised group (a caller that set one up itself), or initialises one
 from torchrun's environment variables (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU.
@@ -43,6 +44,14 @@ class DistContext:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return tensor
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every process (the others' argument is ignored)."""
+        if not self.distributed:
+            return bool(flag)
+        tensor = torch.tensor([int(bool(flag))], device=self.device)
+        dist.broadcast(tensor, src=0)
+        return bool(tensor.item())
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's ``obj``, in rank order (on every process)."""
