@@ -391,6 +391,7 @@ class EvalConfig:
     budgets: list[float] = field(default_factory=list)  # GMACs at which runs.csv reports test accuracy
     batch_size: int = 256
     use_ema: bool = False  # evaluate the EMA weights instead of the trained ones
+    compile: bool = False  # torch.compile the model that collects a run's logits (the same logits, faster on GPUs)
 
 
 @dataclass
