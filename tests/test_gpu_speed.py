@@ -168,3 +168,11 @@ def test_train_compile_enters_the_run_id_only_when_set():
     a, b = RunConfig(), RunConfig()
     b.train.compile = True
     assert run_id(a) != run_id(b)
+
+
+def test_eval_calib_enters_the_run_id_only_when_set():
+    from dynexit.runs.spec import run_id
+    a, b, c = RunConfig(), RunConfig(), RunConfig()
+    b.train.eval_calib = "every"
+    c.train.eval_calib = "end"
+    assert run_id(a) == run_id(b) != run_id(c)

@@ -221,6 +221,26 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
     assert_interrupted_run_resumes_exactly(cfg, first, tmp_path / "c", monkeypatch)
 
 
+def test_eval_calib_end_evaluates_the_calibration_split_after_the_last_epoch_only(tmp_path):
+    every = train(small_config("train.epochs=2", "train.ema=true"), tmp_path / "every")
+    end = train(small_config("train.epochs=2", "train.ema=true", "train.eval_calib=end"), tmp_path / "end")
+    a, b = pd.read_csv(every.metrics_csv), pd.read_csv(end.metrics_csv)
+    assert list(a.columns) == list(b.columns)  # the same columns, in the same order
+    for split in ("test", "ema_test"):
+        assert b[f"{split}_acc_merge"].notna().tolist() == [True, True]
+        assert b[f"{split}_acc_merge"].tolist() == a[f"{split}_acc_merge"].tolist()
+    for split in ("calib", "ema_calib"):
+        assert b[f"{split}_acc_merge"].isna().tolist() == [True, False]
+        assert b[f"{split}_loss_early3"].isna().tolist() == [True, False]
+        assert b[f"{split}_acc_merge"].iloc[-1] == a[f"{split}_acc_merge"].iloc[-1]
+    ta, tb = checkpoint_tensors(every.checkpoint), checkpoint_tensors(end.checkpoint)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # evaluation runs on a forked RNG: the same weights
+    assert end.metrics["calib_acc_merge"] == every.metrics["calib_acc_merge"]
+    with pytest.raises(ValueError, match=r"train\.eval_calib must be one of every, end, got 'last'"):
+        train(small_config("train.eval_calib=last"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_is_exact_with_sgd_and_a_multistep_schedule(tmp_path, monkeypatch):
     # MSDNet's recipe in small: SGD with Nesterov momentum, decay on every parameter, lr x0.1 at 30 % and
     # 60 % of 3 epochs (from epochs 2 and 3).

@@ -21,7 +21,7 @@ FORMAT = "dynexit-train-1"
 # Config keys a run may resume with other values of: evaluation and reporting (evaluation runs on a
 # forked RNG, so they leave the weights unchanged) and the loader worker count.
 RESUMABLE_KEYS = ("eval", "data.num_workers", "train.progress", "train.tensorboard", "train.eval_batch_size",
-                  "train.eval_every")
+                  "train.eval_every", "train.eval_calib")
 
 
 def seed_everything(seed: int) -> None:
