@@ -288,6 +288,36 @@ def assert_interrupted_run_resumes_exactly(cfg, first, folder: Path, monkeypatch
     assert time.perf_counter() - t0 < 5 and done.metrics == resumed.metrics and done.epochs == 3
 
 
+def test_the_gradient_scaler_resumes_at_its_scale(tmp_path, monkeypatch):
+    """The loop's gradient scaler (fp16 on CUDA) is saved in every checkpoint and restored on resume. No GPU
+    here: the loop gets an enabled CPU scaler that doubles its scale every 2 steps, so after 2 epochs of 3
+    steps a restored scaler is at 2^13 and one restarted after epoch 1 would be at 2^11."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled: real("cpu", init_scale=2.0 ** 10, growth_interval=2))
+    cfg = small_config("train.epochs=2", "train.ema=false")
+    first = train(cfg, tmp_path / "a")
+    state = torch.load(first.checkpoint, weights_only=True)["scaler"]
+    assert first.steps == 6 and (state["scale"], state["_growth_tracker"]) == (2.0 ** 13, 0)
+    save = dynexit.models.checkpoint.save_model
+
+    def save_then_stop(path, model, **extra):
+        save(path, model, **extra)
+        if extra["epoch"] == 1:
+            raise Stop
+
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "b")
+    stopped = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["scaler"]
+    assert (stopped["scale"], stopped["_growth_tracker"]) == (2.0 ** 11, 1)
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
+    resumed = train(cfg, tmp_path / "b")
+    assert torch.load(resumed.checkpoint, weights_only=True)["scaler"] == state
+    ta, tb = checkpoint_tensors(first.checkpoint), checkpoint_tensors(resumed.checkpoint)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # power-of-two scales: the same weights as unscaled
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     # No augmentation (random crops are drawn per loader batch) and frozen BN (batch statistics of half
     # a batch differ): then two accumulated half-batches are the full batch. AdamW's eps is raised to

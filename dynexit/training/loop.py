@@ -49,7 +49,9 @@ from dynexit.training.state import (
     CONFIG_FILE,
     FORMAT,
     check_run_folder,
+    restore_scaler,
     rng_state,
+    scaler_state,
     seed_everything,
     set_rng_state,
 )
@@ -228,6 +230,7 @@ class _Session:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.ema is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
+        restore_scaler(self.scaler, checkpoint)
         epoch = int(checkpoint["epoch"])
         rngs = checkpoint["rng"]
         if len(rngs) == self.ctx.world_size:
@@ -367,7 +370,7 @@ class _Session:
     def _save(self, epoch: int, step: int, rngs: list, row: dict, wall_time: float) -> None:
         from dynexit.models.checkpoint import save_model
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = scaler_state(self.scaler)
         if self.ema is not None:
             extra["ema"] = self.ema.module.state_dict()
         save_model(self.ckpt_path, self.model, format=FORMAT, optimizer=self.optimizer.state_dict(),
