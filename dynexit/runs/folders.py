@@ -3,8 +3,8 @@
 A run holds an exclusive lock on its folder while it executes (``fcntl.flock``, released by the OS even on
 SIGKILL), so "running" means "locked". ``status.json`` records the rest: done, failed (with the error),
 or running when the process died (interrupted). ``eval.json`` records the ``eval`` settings the run's
-outputs were computed with: a done run whose configuration now has other ones is stale (evaluated again
-without training).
+outputs were computed with (all but ``EXECUTION_SETTINGS``): a done run whose configuration now has other
+ones is stale (evaluated again without training).
 """
 from __future__ import annotations
 
