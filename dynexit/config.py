@@ -208,6 +208,7 @@ def validate_data_config(cfg: DataConfig) -> None:
 # Official README: the CNN and merged exits weigh 1, the two latent exits 0.5 each.
 DEFAULT_LOSS_WEIGHTS = {"early3": 0.5, "att": 0.5, "cnn": 1.0, "merge": 1.0}
 MIXUP_MODES = ("batch", "pair", "elem")
+EVAL_CALIB = ("every", "end")  # train.eval_calib
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "multistep")
 
@@ -270,6 +271,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (the first steps compile; evaluation stays eager)
     # Reporting.
     eval_every: int = 1  # evaluate calibration and test splits every N epochs (and always after the last)
+    # every: the calibration split at each of those evaluations; end: only after the last epoch (the test
+    # split still every eval_every epochs; thresholds are chosen on logits collected after training anyway).
+    eval_calib: str = "every"
     progress: Optional[bool] = None  # tqdm bar per epoch; None: only on a terminal
     tensorboard: bool = True  # scalars under <run_dir>/tb
 
@@ -338,6 +342,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.batch_size must be even with mixup/cutmix (timm mixes a batch with its "
                          f"mirror), got {cfg.batch_size}")
     _number(cfg, "ema_decay", 0.0, 1.0)
+    if cfg.eval_calib not in EVAL_CALIB:
+        raise ValueError(f"train.eval_calib must be one of {', '.join(EVAL_CALIB)}, got {cfg.eval_calib!r}")
     _positive_int(cfg, "reference_batch", allow_none=True)
     if cfg.scale_lr and cfg.reference_batch is None:
         raise ValueError("train.scale_lr needs train.reference_batch (the global batch the lr is for)")
@@ -391,6 +397,7 @@ class EvalConfig:
     budgets: list[float] = field(default_factory=list)  # GMACs at which runs.csv reports test accuracy
     batch_size: int = 256
     use_ema: bool = False  # evaluate the EMA weights instead of the trained ones
+    compile: bool = False  # torch.compile the model that collects a run's logits (the same logits, faster on GPUs)
 
 
 @dataclass

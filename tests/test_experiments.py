@@ -50,6 +50,14 @@ def test_imagenet_official_spec_is_the_official_recipe():
     assert experiment.executor.gpus_per_run == 8
 
 
+@pytest.mark.parametrize("name", ["imagenet_official.yaml", "imagenet_ablations.yaml"])
+def test_imagenet_specs_evaluate_every_5_epochs_and_calibration_at_the_end(name):
+    for run in load_spec(EXPERIMENTS / name).runs:
+        assert (run.config.train.eval_every, run.config.train.eval_calib) == (5, "end")
+    train = load_run_config(EXPERIMENTS / "train_imagenet_official.yaml").train
+    assert (train.eval_every, train.eval_calib) == (5, "end")
+
+
 @pytest.mark.parametrize("name", ["train_digits.yaml", "train_imagenet_official.yaml"])
 def test_shipped_run_configs_load(name):
     cfg = load_run_config(EXPERIMENTS / name)

@@ -168,3 +168,40 @@ def test_train_compile_enters_the_run_id_only_when_set():
     a, b = RunConfig(), RunConfig()
     b.train.compile = True
     assert run_id(a) != run_id(b)
+
+
+def test_eval_calib_enters_the_run_id_only_when_set():
+    from dynexit.runs.spec import run_id
+    a, b, c = RunConfig(), RunConfig(), RunConfig()
+    b.train.eval_calib = "every"
+    c.train.eval_calib = "end"
+    assert run_id(a) == run_id(b) != run_id(c)
+
+
+def test_the_gradient_scaler_state_round_trips_through_a_checkpoint(tmp_path, caplog):
+    """scaler_state/restore_scaler through the checkpoint's writer and its safe reader (weights_only)."""
+    from dynexit.models import create_model
+    from dynexit.models.checkpoint import save_model
+    from dynexit.training.state import FORMAT, read_checkpoint, restore_scaler, scaler_state
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=5)
+    for _ in range(3):  # three good steps: the growth tracker counts them
+        scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    scaler.update(new_scale=96.0)
+    assert (scaler.get_scale(), scaler._get_growth_tracker()) == (96.0, 3)
+    net = create_model("tiny_perceiver_t16", num_classes=10, input_size=16)
+    training = dict(optimizer={}, epoch=1, step=3, rng=[], config={}, metrics={}, wall_time=0.0)
+    save_model(tmp_path / "with.pt", net, format=FORMAT, **training, **scaler_state(scaler))
+    restored = torch.amp.GradScaler("cpu", growth_interval=5)
+    restore_scaler(restored, read_checkpoint(tmp_path / "with.pt"))
+    assert (restored.get_scale(), restored._get_growth_tracker()) == (96.0, 3)
+    # Disabled (bf16, float32): nothing saved; an old checkpoint without it: the initial scale, with a warning.
+    assert scaler_state(torch.amp.GradScaler("cuda", enabled=False)) == {}
+    save_model(tmp_path / "old.pt", net, format=FORMAT, **training)
+    fresh = torch.amp.GradScaler("cpu", init_scale=512.0)
+    restore_scaler(fresh, read_checkpoint(tmp_path / "old.pt"))
+    assert fresh.get_scale() == 512.0 and "restarts at its initial scale 512" in caplog.text

@@ -204,6 +204,71 @@ def test_a_re_evaluation_that_needs_a_missing_checkpoint_fails_and_keeps_the_run
     assert len(pd.read_csv(results / "runs.csv")) == 2
 
 
+def test_eval_compile_leaves_finished_runs_done_and_the_other_settings_still_make_them_stale(trained, tmp_path,
+                                                                                              monkeypatch):
+    results, spec = copy_results(trained, tmp_path, compile=True)
+    experiment = load_spec(spec)
+    assert [row["state"] for row in experiment_status(experiment)] == [DONE, DONE]
+    monkeypatch.setattr(dynexit.training.loop, "train", no_training)
+    assert run_experiment(experiment, devices="cpu") == []  # nothing to evaluate again
+    results, spec = copy_results(trained, tmp_path, name="criterion", compile=True, criterion="entropy")
+    rows = experiment_status(load_spec(spec))
+    assert [row["state"] for row in rows] == [STALE, STALE]
+    assert rows[0]["eval_changes"] == ["eval.criterion: 'max_softmax' -> 'entropy'"]  # compile is not a change
+
+
+def test_eval_compile_collects_the_logits_through_the_compiled_model(trained, tmp_path, monkeypatch):
+    """The wiring (the logits of a run re-collected with eval.compile run through torch.compile; the numerics
+    of a real compilation are the next test's)."""
+    from dynexit.runs.pipeline import evaluate_run
+
+    results, spec = copy_results(trained, tmp_path, compile=True, batch_size=32)  # batch_size: collect again
+    experiment = load_spec(spec)
+    run = experiment.runs[0]
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    evaluate_run(run.config, run_dir(experiment, run))
+    folder = run_dir(experiment, run)
+    assert len(compiled) == 1 and list(compiled[0].exit_names) == list(pd.read_csv(folder / "costs.csv")["exit"])
+    assert json.loads((folder / EVAL_FILE).read_text())["logits"] == {"use_ema": False, "batch_size": 32}
+    old = np.load(trained / "runs" / folder.name / "logits_test.npz")["logits"]
+    assert np.allclose(np.load(folder / "logits_test.npz")["logits"], old, rtol=0, atol=1e-5)
+    assert evaluation_changes(folder, run.config.eval) == []
+
+
+class _TwoExits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem = torch.nn.Sequential(conv(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(conv(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.head1, self.head2 = torch.nn.Linear(8, 10), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        first = self.head1(h.mean((2, 3)))
+        return [first, self.head2(self.body(h).mean((2, 3)))]
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_gives_the_eager_logits(monkeypatch, tmp_path):
+    """eval.compile's promise (why it is not part of eval.json): the same logits up to float rounding. A tiny
+    two-exit network keeps the compilation (C++ kernels on the CPU) to about 30 s."""
+    from dynexit.logits import collect_logits
+    from dynexit.training.determinism import run_threads
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compiles, not a cache hit
+    torch.manual_seed(0)
+    model = _TwoExits().eval()
+    images = torch.randn(64, 3, 8, 8)
+    batches = [(images[:32], torch.zeros(32, dtype=torch.long)), (images[32:], torch.zeros(32, dtype=torch.long))]
+    with run_threads(1, deterministic_cpu=True):
+        eager, _ = collect_logits(model, batches)
+        compiled, _ = collect_logits(torch.compile(model), batches)
+    assert eager.shape == compiled.shape == (2, 64, 10) and np.abs(eager).max() > 0.1
+    assert np.allclose(compiled, eager, rtol=0, atol=1e-5)
+
+
 def test_a_spec_whose_runs_differ_only_in_eval_is_refused(tmp_path):
     spec = write_spec(tmp_path, tmp_path / "r", variants="  a: {}\n  b: {eval.criterion: entropy}")
     with pytest.raises(ValueError, match="same configuration.*eval section"):

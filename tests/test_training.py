@@ -221,6 +221,26 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
     assert_interrupted_run_resumes_exactly(cfg, first, tmp_path / "c", monkeypatch)
 
 
+def test_eval_calib_end_evaluates_the_calibration_split_after_the_last_epoch_only(tmp_path):
+    every = train(small_config("train.epochs=2", "train.ema=true"), tmp_path / "every")
+    end = train(small_config("train.epochs=2", "train.ema=true", "train.eval_calib=end"), tmp_path / "end")
+    a, b = pd.read_csv(every.metrics_csv), pd.read_csv(end.metrics_csv)
+    assert list(a.columns) == list(b.columns)  # the same columns, in the same order
+    for split in ("test", "ema_test"):
+        assert b[f"{split}_acc_merge"].notna().tolist() == [True, True]
+        assert b[f"{split}_acc_merge"].tolist() == a[f"{split}_acc_merge"].tolist()
+    for split in ("calib", "ema_calib"):
+        assert b[f"{split}_acc_merge"].isna().tolist() == [True, False]
+        assert b[f"{split}_loss_early3"].isna().tolist() == [True, False]
+        assert b[f"{split}_acc_merge"].iloc[-1] == a[f"{split}_acc_merge"].iloc[-1]
+    ta, tb = checkpoint_tensors(every.checkpoint), checkpoint_tensors(end.checkpoint)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # evaluation runs on a forked RNG: the same weights
+    assert end.metrics["calib_acc_merge"] == every.metrics["calib_acc_merge"]
+    with pytest.raises(ValueError, match=r"train\.eval_calib must be one of every, end, got 'last'"):
+        train(small_config("train.eval_calib=last"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_is_exact_with_sgd_and_a_multistep_schedule(tmp_path, monkeypatch):
     # MSDNet's recipe in small: SGD with Nesterov momentum, decay on every parameter, lr x0.1 at 30 % and
     # 60 % of 3 epochs (from epochs 2 and 3).
@@ -266,6 +286,36 @@ def assert_interrupted_run_resumes_exactly(cfg, first, folder: Path, monkeypatch
     t0 = time.perf_counter()
     done = train(cfg, folder)
     assert time.perf_counter() - t0 < 5 and done.metrics == resumed.metrics and done.epochs == 3
+
+
+def test_the_gradient_scaler_resumes_at_its_scale(tmp_path, monkeypatch):
+    """The loop's gradient scaler (fp16 on CUDA) is saved in every checkpoint and restored on resume. No GPU
+    here: the loop gets an enabled CPU scaler that doubles its scale every 2 steps, so after 2 epochs of 3
+    steps a restored scaler is at 2^13 and one restarted after epoch 1 would be at 2^11."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled: real("cpu", init_scale=2.0 ** 10, growth_interval=2))
+    cfg = small_config("train.epochs=2", "train.ema=false")
+    first = train(cfg, tmp_path / "a")
+    state = torch.load(first.checkpoint, weights_only=True)["scaler"]
+    assert first.steps == 6 and (state["scale"], state["_growth_tracker"]) == (2.0 ** 13, 0)
+    save = dynexit.models.checkpoint.save_model
+
+    def save_then_stop(path, model, **extra):
+        save(path, model, **extra)
+        if extra["epoch"] == 1:
+            raise Stop
+
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "b")
+    stopped = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["scaler"]
+    assert (stopped["scale"], stopped["_growth_tracker"]) == (2.0 ** 11, 1)
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
+    resumed = train(cfg, tmp_path / "b")
+    assert torch.load(resumed.checkpoint, weights_only=True)["scaler"] == state
+    ta, tb = checkpoint_tensors(first.checkpoint), checkpoint_tensors(resumed.checkpoint)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # power-of-two scales: the same weights as unscaled
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):

@@ -3,8 +3,8 @@
 A run holds an exclusive lock on its folder while it executes (``fcntl.flock``, released by the OS even on
 SIGKILL), so "running" means "locked". ``status.json`` records the rest: done, failed (with the error),
 or running when the process died (interrupted). ``eval.json`` records the ``eval`` settings the run's
-outputs were computed with: a done run whose configuration now has other ones is stale (evaluated again
-without training).
+outputs were computed with (all but ``EXECUTION_SETTINGS``): a done run whose configuration now has other
+ones is stale (evaluated again without training).
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ EVAL_FILE = "eval.json"  # the eval settings the run's outputs were computed wit
 # The eval settings the saved logits depend on (which weights, and the batches they ran in); the others
 # (grid, criterion, budgets) only change what is computed from the logits.
 LOGIT_SETTINGS = ("use_ema", "batch_size")
+# Eval settings that change how the logits are computed, not what they are (beyond float rounding): left
+# out of eval.json and of the comparison, so switching them never makes a finished run stale.
+EXECUTION_SETTINGS = ("compile",)
 DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
 QUEUED = "queued"  # submitted to a scheduler (status.json keeps the job id), not started yet
 STALE = "stale"  # done, but evaluated with other eval settings than the run's configuration has now
@@ -116,6 +119,8 @@ def experiment_status(experiment: Experiment) -> list[dict]:
 def evaluation_record(eval_cfg: EvalConfig) -> dict:
     """What ``eval.json`` holds: the settings of the saved logits, and those of the outputs computed from them."""
     settings = to_container(eval_cfg)
+    for key in EXECUTION_SETTINGS:
+        settings.pop(key)
     logits = {key: settings.pop(key) for key in LOGIT_SETTINGS}
     return {"logits": logits, "outputs": settings}
 

@@ -133,6 +133,8 @@ def _load_logits(paths: dict[str, Path]):
 
 
 def _collect_logits(cfg: RunConfig, folder: Path, model, device: str):
+    import torch
+
     from dynexit.data import build_datasets, build_loaders
     from dynexit.logits import collect_logits, save_logits
 
@@ -140,9 +142,11 @@ def _collect_logits(cfg: RunConfig, folder: Path, model, device: str):
     loaders = build_loaders(splits, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                             seed=cfg.seed)
     model.to(device)  # load_model gives a CPU model; the batches go to ``device``
+    # eval.compile: the first batches of each shape compile; the eager model stays for counting costs.
+    net = torch.compile(model) if cfg.eval.compile else model
     out = []
     for split, path in _logit_paths(folder).items():
-        logits, targets = collect_logits(model, loaders[split], device=device)
+        logits, targets = collect_logits(net, loaders[split], device=device)
         save_logits(path, logits, targets)
         out.append((logits, targets))
     return tuple(out)

@@ -97,7 +97,7 @@ class Experiment:
 IDENTITY_SECTIONS = ("model", "data", "train", "seed")
 # Train fields added after results were committed under ids without them: part of the identity only when
 # set to something other than their default.
-IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False, "compile": False}
+IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False, "compile": False, "eval_calib": "every"}
 
 
 def run_id(cfg: RunConfig) -> str:

@@ -49,7 +49,9 @@ from dynexit.training.state import (
     CONFIG_FILE,
     FORMAT,
     check_run_folder,
+    restore_scaler,
     rng_state,
+    scaler_state,
     seed_everything,
     set_rng_state,
 )
@@ -228,6 +230,7 @@ class _Session:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.ema is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
+        restore_scaler(self.scaler, checkpoint)
         epoch = int(checkpoint["epoch"])
         rngs = checkpoint["rng"]
         if len(rngs) == self.ctx.world_size:
@@ -263,7 +266,7 @@ class _Session:
                 train_metrics, step, lr = self._train_epoch(epoch, step)
                 row = {"epoch": epoch, "step": step, "lr": lr, **train_metrics}
                 if epoch % tc.eval_every == 0 or epoch == tc.epochs:
-                    row.update(self._evaluate())
+                    row.update(self._evaluate(last=epoch == tc.epochs))
                 row["epoch_time"] = time.perf_counter() - t0
                 wall_time += row["epoch_time"]
                 rngs = ctx.gather(rng_state(self.loaders["train"].generator))
@@ -336,8 +339,11 @@ class _Session:
         raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {i + 1} of "
                                  f"{n} (optimizer step {step + 1}); training stopped, {kept}")
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, last: bool) -> dict[str, float]:
+        """The metrics of the evaluated splits; with ``train.eval_calib: end`` the calibration split only
+        after the last epoch (NaN before, so that metrics.csv keeps its columns in their order)."""
         out: dict[str, float] = {}
+        calib = self.tc.eval_calib == "every" or last
         models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         # Iterating a DataLoader draws a seed from the global generator: evaluation runs on a forked RNG
         # so that how often (and whether the EMA) is evaluated leaves the training stream unchanged.
@@ -347,6 +353,10 @@ class _Session:
         with torch.random.fork_rng(devices=self._cuda_indices()):
             for prefix, model in models:
                 for split in ("calib", "test"):
+                    if split == "calib" and not calib:
+                        skipped = ExitMetrics(self.exit_names, self.ctx.device).as_dict(prefix + split)
+                        out.update(dict.fromkeys(skipped, math.nan))
+                        continue
                     metrics = evaluate(model, self.loaders[split], self.exit_names, self.ctx, amp=self.tc.amp,
                                        channels_last=self.tc.channels_last)
                     out.update(metrics.as_dict(prefix + split))
@@ -360,7 +370,7 @@ class _Session:
     def _save(self, epoch: int, step: int, rngs: list, row: dict, wall_time: float) -> None:
         from dynexit.models.checkpoint import save_model
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = scaler_state(self.scaler)
         if self.ema is not None:
             extra["ema"] = self.ema.module.state_dict()
         save_model(self.ckpt_path, self.model, format=FORMAT, optimizer=self.optimizer.state_dict(),

@@ -3,7 +3,8 @@
 Column names: ``{split}_loss_{exit}`` (mean cross-entropy) and ``{split}_acc_{exit}`` (top-1, percent),
 with ``split`` one of ``train`` (running values over the epoch's training batches, in train mode, with
 augmentation; accuracy against the unmixed labels), ``calib``, ``test``, and ``ema_calib``/``ema_test``
-for the EMA weights. ``train_loss`` is the full training objective.
+for the EMA weights. ``train_loss`` is the full training objective. A split not evaluated in an epoch
+(``train.eval_every``, ``train.eval_calib``) has no value there (empty in metrics.csv).
 """
 from __future__ import annotations
 

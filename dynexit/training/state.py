@@ -4,10 +4,12 @@ The checkpoint (``checkpoint.pt``) is a dynexit model checkpoint (``dynexit.mode
 ``model_config``, so ``load_model`` reads it, ``ema=True`` for the EMA weights) plus the training state:
 ``optimizer``, ``epoch`` (completed), ``step`` (optimizer steps), ``rng`` (one entry per process:
 python, numpy, torch, CUDA and train-loader generator states), ``config`` (the resolved RunConfig),
-``metrics`` (the last epoch's row of metrics.csv), ``wall_time`` and ``world_size``.
+``metrics`` (the last epoch's row of metrics.csv), ``wall_time`` and ``world_size``; with fp16 on CUDA also
+``scaler`` (the gradient scaler's scale and growth tracker, plain numbers).
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -15,13 +17,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
 FORMAT = "dynexit-train-1"
 # Config keys a run may resume with other values of: evaluation and reporting (evaluation runs on a
 # forked RNG, so they leave the weights unchanged) and the loader worker count.
 RESUMABLE_KEYS = ("eval", "data.num_workers", "train.progress", "train.tensorboard", "train.eval_batch_size",
-                  "train.eval_every")
+                  "train.eval_every", "train.eval_calib")
 
 
 def seed_everything(seed: int) -> None:
@@ -58,6 +62,23 @@ def set_rng_state(state: dict[str, Any], loader_generator: Optional[torch.Genera
         torch.cuda.set_rng_state_all(state["cuda"])
     if loader_generator is not None and "loader" in state:
         loader_generator.set_state(state["loader"])
+
+
+def scaler_state(scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """The checkpoint entry of the gradient scaler: ``{"scaler": its state}`` (floats and ints), or {} when it
+    is disabled (bf16 and float32 need no loss scaling; a disabled scaler's state is empty)."""
+    return {"scaler": scaler.state_dict()} if scaler.is_enabled() else {}
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, checkpoint: dict[str, Any]) -> None:
+    """Gives ``scaler`` the state the checkpoint saved, so that fp16 loss scaling resumes at its scale and
+    growth count (a disabled scaler ignores it). A checkpoint written before the scaler was saved resumes
+    at the initial scale, as it always did, with a warning."""
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    elif scaler.is_enabled():
+        log.warning("the checkpoint holds no gradient scaler state (written by an older dynexit): fp16 loss "
+                    "scaling restarts at its initial scale %g", scaler.get_scale())
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
