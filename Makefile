@@ -18,8 +18,10 @@ quickstart: env data
 	$(BIN)/dynexit report $(QUICKSTART_OUT)
 	$(BIN)/dynexit compare $(QUICKSTART_OUT) results/quickstart
 
+# One pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures built once);
+# tests/conftest.py splits torch's threads between the workers.
 test: env-dev lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 # The linter first: a style error fails CI before the (long) tests run. Rules: [tool.ruff] in pyproject.toml.
 lint: env-dev

@@ -1,6 +1,16 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and torch's threads under pytest-xdist."""
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: one worker per core) each worker gets its share of the cores, so
+    that two workers do not run four OpenMP threads on two cores; a test that sets threads still wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.fixture(scope="module")
