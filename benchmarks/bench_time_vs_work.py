@@ -9,6 +9,7 @@ both models also run through ``torch.compile`` (compilation time printed, output
 
     python benchmarks/bench_time_vs_work.py                       # eager, 224 px, 2 threads
     python benchmarks/bench_time_vs_work.py --compile both        # eager and compiled
+    python benchmarks/bench_time_vs_work.py --what eval --compile yes   # compiled eval only (compiling takes minutes)
     python benchmarks/bench_time_vs_work.py --breakdown           # where the eval time goes, per component
 """
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--what", choices=["eval", "train", "both"], default="both")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of the eval forward")
     args = parser.parse_args()
 
@@ -144,11 +146,13 @@ def main() -> None:
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for compile_ in modes:
         label = "compiled" if compile_ else "eager"
-        rows = {"eval, batch 1": eval_row(ours, base, args.size, fmt, compile_, args.repeats, args.warmup)}
-        ours.eval(), base.eval()
-        rows[f"train step, batch {args.train_batch}"] = train_row(ours, base, args.size, args.train_batch, fmt,
-                                                                   compile_, args.repeats, args.warmup)
-        ours.eval(), base.eval()
+        rows = {}
+        if args.what in ("eval", "both"):
+            rows["eval, batch 1"] = eval_row(ours, base, args.size, fmt, compile_, args.repeats, args.warmup)
+        if args.what in ("train", "both"):
+            rows[f"train step, batch {args.train_batch}"] = train_row(ours, base, args.size, args.train_batch, fmt,
+                                                                       compile_, args.repeats, args.warmup)
+            ours.eval(), base.eval()
         for what, r in rows.items():
             ratio = r["ours_ms"] / r["base_ms"]
             print(f"{what + ', ' + label:>26} {r['ours_ms']:>9.1f} {r['base_ms']:>9.1f} {ratio:>10.2f} "
