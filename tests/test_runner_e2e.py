@@ -17,7 +17,7 @@ from dynexit.runs.runner import run_experiment
 from dynexit.runs.spec import load_spec
 
 ROOT = Path(__file__).parent.parent
-EPOCHS = 6
+EPOCHS = 4
 
 SPEC = """
 name: resume
