@@ -129,11 +129,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--freezing", action="store_true",
+                        help="with --compile: inductor's freezing (weights as constants, prepacked for the CPU)")
     parser.add_argument("--what", choices=["eval", "train", "both"], default="both")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of the eval forward")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     ours = create_model(args.model, input_size=args.size).to(memory_format=fmt).eval()
