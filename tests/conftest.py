@@ -24,3 +24,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The files with the longest tests, longest first. Under pytest-xdist (--dist loadfile) files go to the
+# workers in collection order, so starting with these keeps one worker from finishing a long file alone
+# at the end while the other is idle (longest-first scheduling).
+LONG_FILES = ("test_training.py", "test_runner_e2e.py", "test_analysis.py", "test_run_identity.py",
+              "test_spec_runner.py", "test_cli_help.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept
