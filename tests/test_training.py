@@ -256,10 +256,8 @@ def test_resume_is_exact_with_sgd_and_a_multistep_schedule(tmp_path, monkeypatch
     assert_interrupted_run_resumes_exactly(cfg, first, tmp_path / "c", monkeypatch)
 
 
-def assert_interrupted_run_resumes_exactly(cfg, first, folder: Path, monkeypatch):
-    """A run of ``cfg`` stopped after its first epoch's checkpoint and resumed ends with exactly the
-    checkpoint and metrics of the uninterrupted run ``first`` (3 epochs of 3 steps)."""
-    ta = checkpoint_tensors(first.checkpoint)
+def stop_after_first_epoch(cfg, folder: Path, monkeypatch) -> None:
+    """Trains ``cfg`` into ``folder`` and stops it right after the first epoch's checkpoint is written."""
     save = dynexit.models.checkpoint.save_model
 
     def save_then_stop(path, model, **extra):
@@ -270,8 +268,15 @@ def assert_interrupted_run_resumes_exactly(cfg, first, folder: Path, monkeypatch
     monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
     with pytest.raises(Stop):
         train(cfg, folder)
-    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
+
+
+def assert_interrupted_run_resumes_exactly(cfg, first, folder: Path, monkeypatch):
+    """A run of ``cfg`` stopped after its first epoch's checkpoint and resumed ends with exactly the
+    checkpoint and metrics of the uninterrupted run ``first`` (3 epochs of 3 steps)."""
+    ta = checkpoint_tensors(first.checkpoint)
+    stop_after_first_epoch(cfg, folder, monkeypatch)
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = train(cfg, folder)
     assert resumed.start_epoch == 1 and resumed.epochs == 3 and resumed.steps == first.steps == 9
     tc = checkpoint_tensors(resumed.checkpoint)
@@ -299,19 +304,9 @@ def test_the_gradient_scaler_resumes_at_its_scale(tmp_path, monkeypatch):
     first = train(cfg, tmp_path / "a")
     state = torch.load(first.checkpoint, weights_only=True)["scaler"]
     assert first.steps == 6 and (state["scale"], state["_growth_tracker"]) == (2.0 ** 13, 0)
-    save = dynexit.models.checkpoint.save_model
-
-    def save_then_stop(path, model, **extra):
-        save(path, model, **extra)
-        if extra["epoch"] == 1:
-            raise Stop
-
-    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "b")
+    stop_after_first_epoch(cfg, tmp_path / "b", monkeypatch)
     stopped = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["scaler"]
     assert (stopped["scale"], stopped["_growth_tracker"]) == (2.0 ** 11, 1)
-    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
     resumed = train(cfg, tmp_path / "b")
     assert torch.load(resumed.checkpoint, weights_only=True)["scaler"] == state
     ta, tb = checkpoint_tensors(first.checkpoint), checkpoint_tensors(resumed.checkpoint)
