@@ -5,13 +5,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from multi_exit_checks import assert_early_exit_equals_the_simulated_policy, assert_segments_are_the_forward_pass
 from torch import nn
 
 import dynexit
-from dynexit import policies
 from dynexit.cli import main
 from dynexit.costs import NOT_COUNTED, count_costs
-from dynexit.inference import early_exit
 from dynexit.models import BRANCHY_PRESETS, BranchyConfig
 
 with warnings.catch_warnings():
@@ -55,17 +54,7 @@ def test_torchvision_backbone_at_imagenet_and_small_sizes():
 def test_segments_are_the_forward_pass_also_on_a_subset():
     torch.manual_seed(0)
     model = dynexit.create_model(NAME).eval()
-    x = torch.randn(5, 3, 32, 32)
-    keep = torch.arange(5)
-    with torch.no_grad():
-        full = model(x)
-        state = model.init_state(x)
-        for k in range(model.num_exits):
-            state = model.run_segment(k, state)
-            torch.testing.assert_close(state.logits[-1], full[k][keep])
-            if k == 0:
-                keep = torch.tensor([1, 4])
-                state = state.select(keep)
+    assert_segments_are_the_forward_pass(model, torch.randn(5, 3, 32, 32), drop_after=0, keep=[1, 4])
 
 
 def test_bad_configuration_names_the_field():
@@ -135,28 +124,9 @@ def test_costs_cli_prints_every_exit(capsys, tmp_path):
 
 def test_early_exit_equals_the_simulated_policy_batched_and_one_by_one():
     torch.manual_seed(0)
-    # float64: compacted batches give the full batch's logits to ~1e-15 (see test_early_exit.py).
     model = dynexit.create_model(NAME, input_size=16).double().eval()
-    n = 24
-    x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        logits = torch.stack(model(x)).numpy()
-    conf, pred = policies.scores(logits, "max_softmax")
-    rng = np.random.default_rng(0)
-    settings = [np.full(4, -np.inf), np.full(4, np.inf)]
-    # Thresholds halfway between two neighbouring confidences, so no decision hangs on the last bit.
-    mids = [(np.sort(c)[1:] + np.sort(c)[:-1]) / 2 for c in conf]
-    settings += [np.array([rng.choice(m) for m in mids]) for _ in range(8)]
-    seen = set()
-    for thresholds in settings:
-        want_exits = policies.assign_exits(conf, thresholds)
-        want_pred = pred[want_exits, np.arange(n)]
-        seen.update(want_exits.tolist())
-        for batch in (n, 5, 1):
-            got = [early_exit(model, x[i:i + batch], thresholds) for i in range(0, n, batch)]
-            assert np.array_equal(torch.cat([e for _, e in got]).numpy(), want_exits), batch
-            assert np.array_equal(torch.cat([p for p, _ in got]).numpy(), want_pred), batch
-    assert seen == {0, 1, 2, 3}
+    x = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_early_exit_equals_the_simulated_policy(model, x, batch_sizes=(24, 5, 1))
 
 
 # ---------------------------------------------------------------------------------------- training

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from multi_exit_checks import assert_early_exit_equals_the_simulated_policy
 from torch import nn
 
 import dynexit
@@ -251,26 +252,9 @@ def test_converted_overrides_are_kept(tmp_path):
 
 def test_early_exit_equals_the_simulated_policy():
     torch.manual_seed(0)
-    # float64: compacted batches give the full batch's logits to ~1e-15, so the decisions are compared exactly
     model = dynexit.create_model("msdnet_small", input_size=28).double().eval()
-    n = 20
-    x = torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        logits = torch.stack(model(x)).numpy()
-    conf, pred = policies.scores(logits)
-    rng = np.random.default_rng(0)
-    settings = [np.full(4, -np.inf), np.full(4, np.inf)]
-    settings += [np.array([np.quantile(c, q) for c, q in zip(conf, rng.uniform(0.2, 0.9, 4))]) for _ in range(6)]
-    seen = set()
-    for thresholds in settings:
-        want_exits = policies.assign_exits(conf, thresholds)
-        want_pred = pred[want_exits, np.arange(n)]
-        seen.update(want_exits.tolist())
-        for batch in (n, 7, 1):
-            got = [early_exit(model, x[i:i + batch], thresholds) for i in range(0, n, batch)]
-            assert np.array_equal(torch.cat([e for _, e in got]).numpy(), want_exits), (batch, thresholds)
-            assert np.array_equal(torch.cat([p for p, _ in got]).numpy(), want_pred), (batch, thresholds)
-    assert seen == {0, 1, 2, 3}
+    x = torch.randn(20, 3, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_early_exit_equals_the_simulated_policy(model, x, batch_sizes=(20, 7, 1))
 
 
 def test_early_exit_runs_each_block_only_for_the_samples_still_running(monkeypatch):
