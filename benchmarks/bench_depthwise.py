@@ -7,9 +7,16 @@ maps of ``--model`` at ``--size`` px, in one process:
 
     python benchmarks/bench_depthwise.py                     # reg800m_perceiver_t128, 224 px, batch 16
     python benchmarks/bench_depthwise.py --threads 1 --nchw  # one thread, NCHW maps
+    python benchmarks/bench_depthwise.py --pooled            # also x2z's pool(dwc(x) + x) with a custom backward
 
 Rates are multiply-adds per second, counting a backward as twice the forward's work (input and weight
 gradients).
+
+``--pooled`` times a prototype that is not in the model: in x2z the convolution is only read through the
+adaptive average pooling to the token grid, so the gradient reaching it is constant over each pooling cell,
+and its weight gradient needs only the sums of the map over the shifted cells (one matmul over rows, a
+small one over columns) instead of a full correlation. The forward is the model's, op for op; the
+gradients are compared with autograd's.
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from dynexit import create_model
 
@@ -46,6 +55,59 @@ def stage_maps(model_name: str, size: int) -> list[tuple[nn.Conv2d, tuple[int, i
     return list(zip(convs, shapes))
 
 
+def pool_cells(n: int, grid: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive average pooling's [start, end) along an axis of ``n`` for each of ``grid`` cells."""
+    i = torch.arange(grid, device=device)
+    return (i * n) // grid, -((-(i + 1) * n) // grid)
+
+
+class PooledDepthwise(torch.autograd.Function):
+    """adaptive_avg_pool2d(depthwise_conv(x) + x, grid), as in x2z, with a backward that uses the pooling."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, grid):
+        ctx.save_for_backward(x, weight)
+        ctx.grid = grid
+        y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+        return F.adaptive_avg_pool2d(y + x, grid)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        grid, (b, c, h, w), k = ctx.grid, x.shape, weight.shape[-1]
+        pad = k // 2
+        grad_map = torch.ops.aten._adaptive_avg_pool2d_backward(g, x)  # g spread evenly over each cell
+        gx = F.conv2d(grad_map, weight.flip(-2, -1), padding=pad, groups=c) + grad_map
+        (r0, r1), (c0, c1) = pool_cells(h, grid, x.device), pool_cells(w, grid, x.device)
+        taps = torch.arange(k, device=x.device)[:, None, None] - pad
+        rows_read = torch.arange(h, device=x.device) - taps  # (k, 1, H): the cell row each tap reads from
+        cols_read = torch.arange(w, device=x.device) - taps
+        in_row = ((rows_read >= r0[:, None]) & (rows_read < r1[:, None])).to(x.dtype)  # (k, grid, H)
+        in_col = ((cols_read >= c0[:, None]) & (cols_read < c1[:, None])).to(x.dtype)  # (k, grid, W)
+        # Sums of x over the shifted cell rows (one matmul), then weighted by g / |cell| over the columns.
+        rows = (in_row.view(k * grid, h) @ x.permute(0, 2, 3, 1).reshape(b, h, w * c)).view(b, k, grid, w, c)
+        g_cell = (g / ((r1 - r0)[:, None] * (c1 - c0)).to(g.dtype)).permute(0, 2, 3, 1)  # (B, i, j, C)
+        spread = (in_col.transpose(1, 2).reshape(k * w, grid) @ g_cell).view(b, grid, k, w, c)
+        gw = torch.einsum("byisc,bixsc->cyx", rows, spread).unsqueeze(1)
+        return gx, gw, g.sum((0, 2, 3)), None
+
+
+def pooled_rows(dwc: nn.Conv2d, shape: tuple[int, int, int], grid: int, batch: int, fmt, repeats: int) -> str:
+    """Forward + backward of x2z's pool(dwc(x) + x) with autograd and with PooledDepthwise."""
+    c, h, w = shape
+    conv = dwc.train().to(memory_format=fmt)
+    x = torch.randn(batch, c, h, w).contiguous(memory_format=fmt).requires_grad_()
+    upstream = torch.randn(batch, c, grid, grid)
+    ways = {"autograd": lambda: F.adaptive_avg_pool2d(conv(x) + x, grid),
+            "pooled backward": lambda: PooledDepthwise.apply(x, conv.weight, conv.bias, grid)}
+    grads = {n: torch.autograd.grad((f() * upstream).sum(), (x, conv.weight, conv.bias)) for n, f in ways.items()}
+    diff = [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(grads["autograd"], grads["pooled backward"])]
+    ms = {n: median_ms(lambda f=f: f().backward(upstream), repeats) for n, f in ways.items()}
+    return (f"{str(shape):>18} {ms['autograd']:>10.1f} {ms['pooled backward']:>16.1f}   "
+            f"{diff[0]:.0e} / {diff[1]:.0e} / {diff[2]:.0e}"), ms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reg800m_perceiver_t128")
@@ -54,6 +116,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nchw", action="store_true", help="NCHW maps (default channels_last)")
+    parser.add_argument("--pooled", action="store_true",
+                        help="also time x2z's pool(dwc(x) + x) with autograd and with a pooled backward")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fmt = torch.contiguous_format if args.nchw else torch.channels_last
@@ -61,7 +125,8 @@ def main() -> None:
           f"{'NCHW' if args.nchw else 'channels_last'}; medians of {args.repeats}; GMAC/s")
     print(f"{'map (C, H, W)':>18} {'conv':>15} {'fwd ms':>8} {'fwd rate':>8} {'fwd+bwd ms':>10} {'fwd+bwd rate':>12}")
     totals = {"depthwise 7x7": [0.0, 0.0], "dense 1x1": [0.0, 0.0]}
-    for dwc, (c, h, w) in stage_maps(args.model, args.size):
+    maps = stage_maps(args.model, args.size)
+    for dwc, (c, h, w) in maps:
         # A dense 1x1 convolution of the same map: the backbone's kind of work, for comparison.
         for name, conv, macs_per_pixel in (("depthwise 7x7", dwc, 49), ("dense 1x1", nn.Conv2d(c, c, 1), c)):
             conv = conv.train().to(memory_format=fmt)
@@ -83,6 +148,17 @@ def main() -> None:
                   f"{3 * macs / both / 1e6:>12.1f}")
     for name, (ms, macs) in totals.items():
         print(f"all maps, {name}: forward + backward {ms:.1f} ms at {macs / ms / 1e6:.1f} GMAC/s")
+    if args.pooled:
+        grid = create_model(args.model, input_size=args.size).config.token_grid
+        print(f"\nx2z's pool(dwc(x) + x) to {grid}x{grid}, forward + backward ms; gradients' largest difference "
+              f"relative to autograd's largest (input / weight / bias)")
+        print(f"{'map (C, H, W)':>18} {'autograd':>10} {'pooled backward':>16}   differences")
+        total = {"autograd": 0.0, "pooled backward": 0.0}
+        for dwc, shape in maps:
+            line, ms = pooled_rows(dwc, shape, grid, args.batch, fmt, args.repeats)
+            print(line)
+            total = {n: total[n] + ms[n] for n in total}
+        print(f"all maps: autograd {total['autograd']:.1f} ms, pooled backward {total['pooled backward']:.1f} ms")
 
 
 if __name__ == "__main__":
