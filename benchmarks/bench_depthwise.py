@@ -21,29 +21,24 @@ gradients are compared with autograd's.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_time_vs_work import interleaved
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dynexit import create_model
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def median_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each callable, timed in turn after one warm-up run."""
+    return {name: seconds * 1e3 for name, seconds in interleaved(fns, repeats, warmup=1).items()}
 
 
-def stage_maps(model_name: str, size: int) -> list[tuple[nn.Conv2d, tuple[int, int, int]]]:
-    """Each x2z depthwise convolution of the model with the (C, H, W) of the map it reads."""
+def stage_maps(model_name: str, size: int) -> tuple[list[tuple[nn.Conv2d, tuple[int, int, int]]], int]:
+    """Each x2z depthwise convolution of the model with the (C, H, W) of the map it reads, and the token
+    grid its x2z pools to."""
     model = create_model(model_name, input_size=size).eval()
     shapes: list[tuple[int, int, int]] = []
     convs = [st.x2z.dwc for st in model.latent_stages if st.x2z is not None and st.x2z.dwc is not None]
@@ -52,7 +47,7 @@ def stage_maps(model_name: str, size: int) -> list[tuple[nn.Conv2d, tuple[int, i
         model(torch.randn(1, 3, size, size))
     for h in handles:
         h.remove()
-    return list(zip(convs, shapes))
+    return list(zip(convs, shapes)), model.config.token_grid
 
 
 def pool_cells(n: int, grid: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +100,7 @@ def pooled_rows(dwc: nn.Conv2d, shape: tuple[int, int, int], grid: int, batch: i
             "pooled backward": lambda: PooledDepthwise.apply(x, conv.weight, conv.bias, grid)}
     grads = {n: torch.autograd.grad((f() * upstream).sum(), (x, conv.weight, conv.bias)) for n, f in ways.items()}
     diff = [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(grads["autograd"], grads["pooled backward"])]
-    ms = {n: median_ms(lambda f=f: f().backward(upstream), repeats) for n, f in ways.items()}
+    ms = median_ms({n: lambda f=f: f().backward(upstream) for n, f in ways.items()}, repeats)
     return (f"{str(shape):>18} {ms['autograd']:>10.1f} {ms['pooled backward']:>16.1f}   "
             f"{diff[0]:.0e} / {diff[1]:.0e} / {diff[2]:.0e}"), ms
 
@@ -127,7 +122,7 @@ def main() -> None:
           f"{'NCHW' if args.nchw else 'channels_last'}; medians of {args.repeats}; GMAC/s")
     print(f"{'map (C, H, W)':>18} {'conv':>15} {'fwd ms':>8} {'fwd rate':>8} {'fwd+bwd ms':>10} {'fwd+bwd rate':>12}")
     totals = {"depthwise 7x7": [0.0, 0.0], "dense 1x1": [0.0, 0.0]}
-    maps = stage_maps(args.model, args.size)
+    maps, grid = stage_maps(args.model, args.size)
     for dwc, (c, h, w) in maps:
         # A dense 1x1 convolution of the same map: the backbone's kind of work, for comparison.
         for name, conv, macs_per_pixel in (("depthwise 7x7", dwc, 49), ("dense 1x1", nn.Conv2d(c, c, 1), c)):
@@ -143,7 +138,7 @@ def main() -> None:
                 y = conv(x)
                 y.backward(torch.ones_like(y))
 
-            fwd, both = median_ms(forward, args.repeats), median_ms(forward_backward, args.repeats)
+            fwd, both = median_ms({"fwd": forward, "both": forward_backward}, args.repeats).values()
             totals[name][0] += both
             totals[name][1] += 3 * macs
             print(f"{str((c, h, w)):>18} {name:>15} {fwd:>8.1f} {macs / fwd / 1e6:>8.1f} {both:>10.1f} "
@@ -151,7 +146,6 @@ def main() -> None:
     for name, (ms, macs) in totals.items():
         print(f"all maps, {name}: forward + backward {ms:.1f} ms at {macs / ms / 1e6:.1f} GMAC/s")
     if args.pooled:
-        grid = create_model(args.model, input_size=args.size).config.token_grid
         print(f"\nx2z's pool(dwc(x) + x) to {grid}x{grid}, forward + backward ms; gradients' largest difference "
               f"relative to autograd's largest (input / weight / bias)")
         print(f"{'map (C, H, W)':>18} {'autograd':>10} {'pooled backward':>16}   differences")
