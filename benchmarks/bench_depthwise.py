@@ -7,16 +7,17 @@ maps of ``--model`` at ``--size`` px, in one process:
 
     python benchmarks/bench_depthwise.py                     # reg800m_perceiver_t128, 224 px, batch 16
     python benchmarks/bench_depthwise.py --threads 1 --nchw  # one thread, NCHW maps
-    python benchmarks/bench_depthwise.py --pooled            # also x2z's pool(dwc(x) + x) with a custom backward
+    python benchmarks/bench_depthwise.py --pooled            # also x2z's pool(dwc(x) + x) with its pooled backward
 
 Rates are multiply-adds per second, counting a backward as twice the forward's work (input and weight
 gradients).
 
-``--pooled`` times a prototype that is not in the model: in x2z the convolution is only read through the
-adaptive average pooling to the token grid, so the gradient reaching it is constant over each pooling cell,
-and its weight gradient needs only the sums of the map over the shifted cells (one matmul over rows, a
-small one over columns) instead of a full correlation. The forward is the model's, op for op; the
-gradients are compared with autograd's.
+``--pooled`` times, on each map, autograd's backward against the pooled one the model takes in training
+on maps whose pooling cells are at least ``MIN_CELL`` pixels (``dynexit/models/pooled_depthwise.py``): in
+x2z the convolution is only read through the adaptive average pooling to the token grid, so the gradient
+reaching it is constant over each pooling cell, and its weight gradient needs only the sums of the map
+over the shifted cells (one matmul over rows, a small one over columns) instead of a full correlation. The
+forward is the same, op for op; the gradients are compared with autograd's.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from bench_time_vs_work import interleaved
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from dynexit import create_model
+from dynexit.models.pooled_depthwise import PooledDepthwiseResidual
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -50,54 +51,16 @@ def stage_maps(model_name: str, size: int) -> tuple[list[tuple[nn.Conv2d, tuple[
     return list(zip(convs, shapes)), model.config.token_grid
 
 
-def pool_cells(n: int, grid: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive average pooling's [start, end) along an axis of ``n`` for each of ``grid`` cells."""
-    i = torch.arange(grid, device=device)
-    return (i * n) // grid, -((-(i + 1) * n) // grid)
-
-
-class PooledDepthwise(torch.autograd.Function):
-    """adaptive_avg_pool2d(depthwise_conv(x) + x, grid), as in x2z, with a backward that uses the pooling."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, grid):
-        ctx.save_for_backward(x, weight)
-        ctx.grid = grid
-        y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
-        return F.adaptive_avg_pool2d(y + x, grid)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        grid, (b, c, h, w), k = ctx.grid, x.shape, weight.shape[-1]
-        pad = k // 2
-        grad_map = torch.ops.aten._adaptive_avg_pool2d_backward(g, x)  # g spread evenly over each cell
-        gx = F.conv2d(grad_map, weight.flip(-2, -1), padding=pad, groups=c) + grad_map
-        (r0, r1), (c0, c1) = pool_cells(h, grid, x.device), pool_cells(w, grid, x.device)
-        taps = torch.arange(k, device=x.device)[:, None, None] - pad
-        rows_read = torch.arange(h, device=x.device) - taps  # (k, 1, H): the output row whose tap k reads row h
-        cols_read = torch.arange(w, device=x.device) - taps
-        in_row = ((rows_read >= r0[:, None]) & (rows_read < r1[:, None])).to(x.dtype)  # (k, grid, H)
-        in_col = ((cols_read >= c0[:, None]) & (cols_read < c1[:, None])).to(x.dtype)  # (k, grid, W)
-        # Sums of x over the shifted cell rows (one matmul), then weighted by g / |cell| over the columns.
-        rows = (in_row.view(k * grid, h) @ x.permute(0, 2, 3, 1).reshape(b, h, w * c)).view(b, k, grid, w, c)
-        g_cell = (g / ((r1 - r0)[:, None] * (c1 - c0)).to(g.dtype)).permute(0, 2, 3, 1)  # (B, i, j, C)
-        spread = (in_col.transpose(1, 2).reshape(k * w, grid) @ g_cell).view(b, grid, k, w, c)
-        gw = torch.einsum("byisc,bixsc->cyx", rows, spread).unsqueeze(1)
-        return gx, gw, g.sum((0, 2, 3)), None
-
-
 def pooled_rows(dwc: nn.Conv2d, shape: tuple[int, int, int], grid: int, batch: int, fmt,
                 repeats: int) -> tuple[str, dict[str, float]]:
-    """Forward + backward of x2z's pool(dwc(x) + x) with autograd and with PooledDepthwise: the printed
+    """Forward + backward of x2z's pool(dwc(x) + x) with autograd and with the pooled backward: the printed
     line and the milliseconds of each."""
     c, h, w = shape
     conv = dwc.train().to(memory_format=fmt)
     x = torch.randn(batch, c, h, w).contiguous(memory_format=fmt).requires_grad_()
     upstream = torch.randn(batch, c, grid, grid)
     ways = {"autograd": lambda: F.adaptive_avg_pool2d(conv(x) + x, grid),
-            "pooled backward": lambda: PooledDepthwise.apply(x, conv.weight, conv.bias, grid)}
+            "pooled backward": lambda: PooledDepthwiseResidual.apply(x, conv.weight, conv.bias, grid)}
     grads = {n: torch.autograd.grad((f() * upstream).sum(), (x, conv.weight, conv.bias)) for n, f in ways.items()}
     diff = [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(grads["autograd"], grads["pooled backward"])]
     ms = median_ms({n: lambda f=f: f().backward(upstream) for n, f in ways.items()}, repeats)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynexit.models.pooled_depthwise import pooled_depthwise_residual
+
 
 class MLP(nn.Module):
     """Pre-norm feed-forward: LayerNorm -> Linear(C, w*C) -> GELU -> Linear(w*C, C) -> dropout."""
@@ -146,7 +148,7 @@ class FeaturesToLatents(nn.Module):
     """x2z: the latents read the feature map, pooled to a fixed token grid.
 
     With ``dwc`` a depthwise 7x7 convolution is added to the map as a residual positional encoding
-    before pooling.
+    before pooling; its training backward goes through the pooling (``pooled_depthwise``).
     """
 
     def __init__(self, channels: int, token_grid: int, dwc: bool, dropout: float = 0.0):
@@ -157,8 +159,10 @@ class FeaturesToLatents(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.dwc is not None:
-            x = self.dwc(x) + x
-        return self.cross(z, map_to_tokens(self.pool(x)))
+            tokens = pooled_depthwise_residual(x, self.dwc, self.pool.output_size)
+        else:
+            tokens = self.pool(x)
+        return self.cross(z, map_to_tokens(tokens))
 
 
 class LatentsToFeatures(nn.Module):
