@@ -11,6 +11,11 @@ both models also run through ``torch.compile`` (compilation time printed, output
     python benchmarks/bench_time_vs_work.py --compile both        # eager and compiled
     python benchmarks/bench_time_vs_work.py --what eval --compile yes   # compiled eval only (compiling takes minutes)
     python benchmarks/bench_time_vs_work.py --breakdown           # where the eval time goes, per component
+    python benchmarks/bench_time_vs_work.py --what train --x2z-backward both   # x2z's pooled backward vs autograd's
+
+The training step takes x2z's pooled depthwise backward on the maps where the model takes it
+(``dynexit/models/pooled_depthwise.py``); ``--x2z-backward both`` also times, interleaved, the same step with
+autograd's backward everywhere.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 import torchvision
 from bench_train_speed import make_step
 
+import dynexit.models.pooled_depthwise as pooled_depthwise
 from dynexit import create_model
 from dynexit.config import TrainConfig
 from dynexit.costs import count_costs, count_macs
@@ -73,7 +79,19 @@ def eval_row(ours, base, size: int, fmt, compile_: bool, repeats: int, warmup: i
     return {"ours_ms": t["ours"] * 1e3, "base_ms": t["base"] * 1e3, "note": note}
 
 
-def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int) -> dict:
+def with_autograd_x2z(step):
+    """``step`` with x2z's depthwise backward left to autograd on every map."""
+    def run():
+        saved, pooled_depthwise.MIN_CELL = pooled_depthwise.MIN_CELL, float("inf")
+        try:
+            step()
+        finally:
+            pooled_depthwise.MIN_CELL = saved
+    return run
+
+
+def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int,
+              autograd_x2z: bool = False) -> dict:
     cfg = TrainConfig()
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch,))
@@ -87,8 +105,13 @@ def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: i
         note = f"compiled in {t_ours:.0f} + {t_base:.0f} s"
         ours, base = ours_c, base_c
     steps = {"ours": make_step(ours, loss, images, labels, cfg), "base": make_step(base, plain, images, labels, cfg)}
+    if autograd_x2z:
+        steps["autograd x2z"] = with_autograd_x2z(steps["ours"])
     t = interleaved(steps, repeats, warmup)
-    return {"ours_ms": t["ours"] * 1e3, "base_ms": t["base"] * 1e3, "note": note}
+    row = {"ours_ms": t["ours"] * 1e3, "base_ms": t["base"] * 1e3, "note": note}
+    if autograd_x2z:
+        row["autograd_x2z_ms"] = t["autograd x2z"] * 1e3
+    return row
 
 
 def breakdown(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
@@ -133,6 +156,8 @@ def main() -> None:
                         help="with --compile: inductor's freezing (weights as constants, prepacked for the CPU)")
     parser.add_argument("--what", choices=["eval", "train", "both"], default="both")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of the eval forward")
+    parser.add_argument("--x2z-backward", choices=["pooled", "both"], default="pooled",
+                        help="both: also time the training step with autograd's x2z depthwise backward")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -156,8 +181,11 @@ def main() -> None:
         if args.what in ("eval", "both"):
             rows["eval, batch 1"] = eval_row(ours, base, args.size, fmt, compile_, args.repeats, args.warmup)
         if args.what in ("train", "both"):
-            rows[f"train step, batch {args.train_batch}"] = train_row(ours, base, args.size, args.train_batch, fmt,
-                                                                       compile_, args.repeats, args.warmup)
+            train = train_row(ours, base, args.size, args.train_batch, fmt, compile_, args.repeats, args.warmup,
+                              autograd_x2z=args.x2z_backward == "both" and not compile_)
+            rows[f"train step, batch {args.train_batch}"] = train
+            if "autograd_x2z_ms" in train:
+                rows["  same, autograd x2z"] = {**train, "ours_ms": train["autograd_x2z_ms"]}
             ours.eval(), base.eval()
         for what, r in rows.items():
             ratio = r["ours_ms"] / r["base_ms"]
