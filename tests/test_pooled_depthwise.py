@@ -95,9 +95,13 @@ def test_a_perceiver_training_step_gets_the_plain_paths_gradients(monkeypatch):
     model = create_model("tiny_perceiver_t16", input_size=32).double()
     images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
     maps = [st.x2z for st in model.latent_stages if st.x2z is not None]
-    taken = []
-    monkeypatch.setattr(pooled.PooledDepthwiseResidual, "apply",
-                        lambda *a, f=pooled.PooledDepthwiseResidual.apply: taken.append(a[0].shape) or f(*a))
+    taken, apply = [], PooledDepthwiseResidual.apply
+
+    def counted_apply(x, *rest):
+        taken.append(x.shape)
+        return apply(x, *rest)
+
+    monkeypatch.setattr(PooledDepthwiseResidual, "apply", counted_apply)
 
     def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad()
