@@ -57,6 +57,7 @@ def test_only_the_gradients_asked_for_are_computed():
     assert conv.weight.grad is None
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # fvcore traces this way too
 def test_the_pooled_path_is_taken_for_training_on_large_cells_only():
     conv = depthwise(2)
     big = torch.randn(1, 2, 8 * pooled.MIN_CELL, 8 * pooled.MIN_CELL, requires_grad=True)
