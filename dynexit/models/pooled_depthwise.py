@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 # Pooling cells at least this many pixels high and wide take the pooled backward. Measured with
 # `python benchmarks/bench_depthwise.py --pooled` on reg800m_perceiver_t128's maps (7x7 grid): faster by
-# 1.5-2.6x with cells of 16 and 8 pixels, even with 4, slower with 2, where the per-cell work dominates.
+# 1.4-2.6x with cells of 16 and 8 pixels, even with 4, slower with 2, where the per-cell work dominates.
 MIN_CELL = 8
 
 
