@@ -34,8 +34,9 @@ COMPARED = ["train_loss", "train_acc_merge", "train_loss_early3", "test_loss_mer
 
 def config(batch_size: int) -> RunConfig:
     return merge(RunConfig, {
-        "model": {"name": "tiny_perceiver_t16", "input_size": 16},
-        "data": {"name": "digits", "image_size": 16, "train_subset": 64, "test_subset": 40, "calib_size": 30,
+        # 32 px: the first two x2z maps (32x32, cells of 8) train through the pooled depthwise backward.
+        "model": {"name": "tiny_perceiver_t16", "input_size": 32},
+        "data": {"name": "digits", "image_size": 32, "train_subset": 64, "test_subset": 40, "calib_size": 30,
                  "crop_padding": 0},
         "train": {"epochs": 3, "batch_size": batch_size, "lr": 2e-3, "eps": 1e-3, "freeze_bn": True,
                   "progress": False, "tensorboard": False},
