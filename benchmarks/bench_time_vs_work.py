@@ -2,8 +2,8 @@
 
 Work is fvcore's multiply-adds of one image (``dynexit.costs``: ``count_costs`` for the Dyn-Perceiver's
 full model, ``count_macs`` for the torchvision baseline, the same op handles for both). Time is the
-median of interleaved repeats in one process: eval at batch 1 under inference_mode, and a training step
-(forward, the multi-exit loss, backward, AdamW) at ``--train-batch``. A quotient of 1.0 means the
+median of interleaved repeats in one process: eval under inference_mode at batch 1 (``--eval-batch``),
+and a training step (forward, the multi-exit loss, backward, AdamW) at ``--train-batch``. A quotient of 1.0 means the
 Dyn-Perceiver's extra time is exactly its extra work; the target is at most 1.1. With ``--compile``
 both models also run through ``torch.compile`` (compilation time printed, outputs checked against eager).
 
@@ -12,6 +12,7 @@ both models also run through ``torch.compile`` (compilation time printed, output
     python benchmarks/bench_time_vs_work.py --what eval --compile yes   # compiled eval only (compiling takes minutes)
     python benchmarks/bench_time_vs_work.py --breakdown           # where the eval time goes, per component
     python benchmarks/bench_time_vs_work.py --what train --x2z-backward both   # x2z's pooled backward vs autograd's
+    python benchmarks/bench_time_vs_work.py --what eval --eval-batch 1 8     # eval at batch 1 and at batch 8
 
 The training step takes x2z's pooled depthwise backward on the maps where the model takes it
 (``dynexit/models/pooled_depthwise.py``); ``--x2z-backward both`` also times, interleaved, the same step with
@@ -63,8 +64,8 @@ def compiled(model: torch.nn.Module, example: torch.Tensor, train: bool) -> tupl
     return fast, time.perf_counter() - t0
 
 
-def eval_row(ours, base, size: int, fmt, compile_: bool, repeats: int, warmup: int) -> dict:
-    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
+def eval_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int) -> dict:
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     note = ""
     if compile_:
         with torch.inference_mode():
@@ -114,6 +115,15 @@ def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: i
     return row
 
 
+def op_calls(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Operator calls of one forward under inference_mode, every dispatcher level (torch.profiler)."""
+    with torch.inference_mode():
+        model(x)
+        with torch.profiler.profile() as prof:
+            model(x)
+    return sum(event.count for event in prof.key_averages())
+
+
 def breakdown(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
     """Eval time at batch 1 per top-level part of the model (forward hooks), against its fvcore work."""
     costs = count_costs(model, size)
@@ -147,6 +157,8 @@ def main() -> None:
     parser.add_argument("--baseline", default="regnet_y_800mf", help="torchvision model name")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--eval-batch", type=int, nargs="+", default=[1],
+                        help="batch sizes of the eval rows (times are per batch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -179,7 +191,9 @@ def main() -> None:
         label = "compiled" if compile_ else "eager"
         rows = {}
         if args.what in ("eval", "both"):
-            rows["eval, batch 1"] = eval_row(ours, base, args.size, fmt, compile_, args.repeats, args.warmup)
+            for batch in args.eval_batch:
+                rows[f"eval, batch {batch}"] = eval_row(ours, base, args.size, batch, fmt, compile_, args.repeats,
+                                                        args.warmup)
         if args.what in ("train", "both"):
             train = train_row(ours, base, args.size, args.train_batch, fmt, compile_, args.repeats, args.warmup,
                               autograd_x2z=args.x2z_backward == "both" and not compile_)
@@ -192,6 +206,10 @@ def main() -> None:
             print(f"{what + ', ' + label:>26} {r['ours_ms']:>9.1f} {r['base_ms']:>9.1f} {ratio:>10.2f} "
                   f"{ratio / work:>9.2f}  {r['note']}", flush=True)
     if args.breakdown:
+        x = torch.randn(1, 3, args.size, args.size).contiguous(memory_format=fmt)
+        params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (ours, base)]
+        print(f"\nat batch 1: parameters {params[0]:.1f} M vs {params[1]:.1f} M; op calls (torch.profiler, all "
+              f"levels) {op_calls(ours.eval(), x)} vs {op_calls(base.eval(), x)}")
         breakdown(ours.eval(), args.size, fmt, args.repeats)
 
 
