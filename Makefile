@@ -19,9 +19,10 @@ quickstart: env data
 	$(BIN)/dynexit compare $(QUICKSTART_OUT) results/quickstart
 
 # One pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures built once);
-# tests/conftest.py splits torch's threads between the workers.
+# tests/conftest.py splits torch's threads between the workers. The 15 slowest tests are listed at the end,
+# so that a suite nearing its 10-minute budget shows where to trim.
 test: env-dev lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 # The linter first: a style error fails CI before the (long) tests run. Rules: [tool.ruff] in pyproject.toml.
 lint: env-dev
