@@ -17,7 +17,7 @@ from dynexit.runs.runner import run_experiment
 from dynexit.runs.spec import load_spec
 
 ROOT = Path(__file__).parent.parent
-EPOCHS = 4
+EPOCHS = 3
 
 SPEC = """
 name: resume
