@@ -3,8 +3,8 @@
 Work is fvcore's multiply-adds of one image (``dynexit.costs``: ``count_costs`` for the Dyn-Perceiver's
 full model, ``count_macs`` for the torchvision baseline, the same op handles for both). Time is the
 median of interleaved repeats in one process: eval under inference_mode at batch 1 (``--eval-batch``),
-and a training step (forward, the multi-exit loss, backward, AdamW) at ``--train-batch``. A quotient of 1.0 means the
-Dyn-Perceiver's extra time is exactly its extra work; the target is at most 1.1. With ``--compile``
+and a training step (forward, the multi-exit loss, backward, AdamW) at ``--train-batch``. A quotient of
+1.0 means the Dyn-Perceiver's extra time is exactly its extra work; the target is at most 1.1. With ``--compile``
 both models also run through ``torch.compile`` (compilation time printed, outputs checked against eager).
 
     python benchmarks/bench_time_vs_work.py                       # eager, 224 px, 2 threads
