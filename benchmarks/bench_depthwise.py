@@ -7,21 +7,20 @@ maps of ``--model`` at ``--size`` px, in one process:
 
     python benchmarks/bench_depthwise.py                     # reg800m_perceiver_t128, 224 px, batch 16
     python benchmarks/bench_depthwise.py --threads 1 --nchw  # one thread, NCHW maps
-    python benchmarks/bench_depthwise.py --pooled            # also x2z's pool(dwc(x) + x) with its pooled backward
+    python benchmarks/bench_depthwise.py --pooled            # also x2z's pool(dwc(x) + x), plain and strided
 
 Rates are multiply-adds per second, counting a backward as twice the forward's work (input and weight
 gradients).
 
-``--pooled`` times, on each map, autograd's backward against the pooled one the model takes in training
-on maps whose pooling cells are at least ``MIN_CELL`` pixels (``dynexit/models/pooled_depthwise.py``): in
-x2z the convolution is only read through the adaptive average pooling to the token grid, so the gradient
-reaching it is constant over each pooling cell, and its weight gradient needs only the sums of the map
-over the shifted cells (one matmul over rows, a small one over columns) instead of a full correlation. The
-forward is the same, op for op; the gradients are compared with autograd's.
+``--pooled`` times, on each map, x2z's pool(dwc(x) + x) computed plainly (the full-size convolution, then
+the pooling) and as the one strided depthwise convolution the model runs on maps whose pooling cells are at
+least ``MIN_CELL`` pixels (``dynexit/models/pooled_depthwise.py``), forward alone and forward + backward
+(autograd's, both), and compares the gradients.
 """
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from bench_time_vs_work import interleaved
 from torch import nn
 
 from dynexit import create_model
-from dynexit.models.pooled_depthwise import PooledDepthwiseResidual
+from dynexit.models.pooled_depthwise import MIN_CELL, pooled_kernel
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -53,18 +52,33 @@ def stage_maps(model_name: str, size: int) -> tuple[list[tuple[nn.Conv2d, tuple[
 
 def pooled_rows(dwc: nn.Conv2d, shape: tuple[int, int, int], grid: int, batch: int, fmt,
                 repeats: int) -> tuple[str, dict[str, float]]:
-    """Forward + backward of x2z's pool(dwc(x) + x) with autograd and with the pooled backward: the printed
-    line and the milliseconds of each."""
+    """x2z's pool(dwc(x) + x), plain and as one strided convolution, forward (no grad) and forward + backward:
+    the printed line and the milliseconds of each."""
     c, h, w = shape
+    if h % grid or w % grid:
+        return f"{str(shape):>18}   uneven cells: plain path only", {}
+    cell = (h // grid, w // grid)
     conv = dwc.train().to(memory_format=fmt)
     x = torch.randn(batch, c, h, w).contiguous(memory_format=fmt).requires_grad_()
     upstream = torch.randn(batch, c, grid, grid)
-    ways = {"autograd": lambda: F.adaptive_avg_pool2d(conv(x) + x, grid),
-            "pooled backward": lambda: PooledDepthwiseResidual.apply(x, conv.weight, conv.bias, grid)}
+    ways = {"plain": lambda: F.adaptive_avg_pool2d(conv(x) + x, grid),
+            "strided": lambda: F.conv2d(x, pooled_kernel(conv.weight, cell), conv.bias, stride=cell,
+                                        padding=conv.padding, groups=c)}
     grads = {n: torch.autograd.grad((f() * upstream).sum(), (x, conv.weight, conv.bias)) for n, f in ways.items()}
-    diff = [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(grads["autograd"], grads["pooled backward"])]
-    ms = median_ms({n: lambda f=f: f().backward(upstream) for n, f in ways.items()}, repeats)
-    return (f"{str(shape):>18} {ms['autograd']:>10.1f} {ms['pooled backward']:>16.1f}   "
+    diff = [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(grads["plain"], grads["strided"])]
+
+    def no_grad(f):
+        def run():
+            with torch.no_grad():
+                f()
+        return run
+
+    fns = {**{f"{n} fwd": no_grad(f) for n, f in ways.items()},
+           **{f"{n} fwd+bwd": lambda f=f: f().backward(upstream) for n, f in ways.items()}}
+    ms = median_ms(fns, repeats)
+    taken = "yes" if min(cell) >= MIN_CELL else "no"
+    return (f"{str(shape):>18} {str(cell):>8} {taken:>6} {ms['plain fwd']:>9.2f} {ms['strided fwd']:>11.2f} "
+            f"{ms['plain fwd+bwd']:>13.1f} {ms['strided fwd+bwd']:>15.1f}   "
             f"{diff[0]:.0e} / {diff[1]:.0e} / {diff[2]:.0e}"), ms
 
 
@@ -77,7 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nchw", action="store_true", help="NCHW maps (default channels_last)")
     parser.add_argument("--pooled", action="store_true",
-                        help="also time x2z's pool(dwc(x) + x) with autograd and with a pooled backward")
+                        help="also time x2z's pool(dwc(x) + x), plain and as one strided convolution")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fmt = torch.contiguous_format if args.nchw else torch.channels_last
@@ -109,15 +123,18 @@ def main() -> None:
     for name, (ms, macs) in totals.items():
         print(f"all maps, {name}: forward + backward {ms:.1f} ms at {macs / ms / 1e6:.1f} GMAC/s")
     if args.pooled:
-        print(f"\nx2z's pool(dwc(x) + x) to {grid}x{grid}, forward + backward ms; gradients' largest difference "
-              f"relative to autograd's largest (input / weight / bias)")
-        print(f"{'map (C, H, W)':>18} {'autograd':>10} {'pooled backward':>16}   differences")
-        total = {"autograd": 0.0, "pooled backward": 0.0}
+        print(f"\nx2z's pool(dwc(x) + x) to {grid}x{grid} in ms, plain and as one strided convolution (taken: "
+              f"whether the model takes it, cells of {MIN_CELL}+ pixels); gradients' largest difference relative "
+              f"to the plain path's largest (input / weight / bias)")
+        print(f"{'map (C, H, W)':>18} {'cell':>8} {'taken':>6} {'plain fwd':>9} {'strided fwd':>11} "
+              f"{'plain fwd+bwd':>13} {'strided fwd+bwd':>15}   differences")
+        total: dict[str, float] = defaultdict(float)
         for dwc, shape in maps:
             line, ms = pooled_rows(dwc, shape, grid, args.batch, fmt, args.repeats)
             print(line)
-            total = {n: total[n] + ms[n] for n in total}
-        print(f"all maps: autograd {total['autograd']:.1f} ms, pooled backward {total['pooled backward']:.1f} ms")
+            for name, value in ms.items():
+                total[name] += value
+        print("all maps with even cells: " + ", ".join(f"{n} {v:.1f} ms" for n, v in total.items()))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Does time track work? Dyn-Perceiver against its bare backbone: time ratio / work ratio.
 
 Work is fvcore's multiply-adds of one image (``dynexit.costs``: ``count_costs`` for the Dyn-Perceiver's
-full model, ``count_macs`` for the torchvision baseline, the same op handles for both). Time is the
-median of interleaved repeats in one process: eval under inference_mode at batch 1 (``--eval-batch``),
-and a training step (forward, the multi-exit loss, backward, AdamW) at ``--train-batch``. A quotient of
+full model, ``count_macs`` for the torchvision baseline, the same op handles for both). Both run in turn,
+in rounds, in one process: eval under inference_mode at batch 1 (``--eval-batch``), and a training step
+(forward, the multi-exit loss, backward, AdamW) at ``--train-batch``. Times printed are medians; the time
+ratio is the median of the rounds' ratios, which this VM's drifting speed moves less. A quotient of
 1.0 means the Dyn-Perceiver's extra time is exactly its extra work; the target is at most 1.1. With ``--compile``
 both models also run through ``torch.compile`` (compilation time printed, outputs checked against eager).
 
@@ -11,12 +12,12 @@ both models also run through ``torch.compile`` (compilation time printed, output
     python benchmarks/bench_time_vs_work.py --compile both        # eager and compiled
     python benchmarks/bench_time_vs_work.py --what eval --compile yes   # compiled eval only (compiling takes minutes)
     python benchmarks/bench_time_vs_work.py --breakdown           # where the eval time goes, per component
-    python benchmarks/bench_time_vs_work.py --what train --x2z-backward both   # x2z's pooled backward vs autograd's
+    python benchmarks/bench_time_vs_work.py --x2z both            # also x2z's plain depthwise path, interleaved
     python benchmarks/bench_time_vs_work.py --what eval --eval-batch 1 8     # eval at batch 1 and at batch 8
 
-The training step takes x2z's pooled depthwise backward on the maps where the model takes it
-(``dynexit/models/pooled_depthwise.py``); ``--x2z-backward both`` also times, interleaved, the same step with
-autograd's backward everywhere.
+The model computes x2z's depthwise convolution through its pooling, as one strided convolution, on the maps
+where it does so (``dynexit/models/pooled_depthwise.py``); ``--x2z both`` also times, interleaved, every row
+with the plain convolution everywhere.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from dynexit.costs import count_costs, count_macs
 from dynexit.training import MultiExitLoss
 
 
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each callable, timed in turn so that load from other processes hits all alike."""
+def interleaved_times(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each callable per round, timed in turn so that load from other processes hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -47,7 +48,34 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn (``interleaved_times``)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, warmup).items()}
+
+
+def row(times: dict[str, list[float]], note: str) -> dict:
+    """Medians in ms, and the time ratio of each variant of ours to the baseline as the median of the ratios
+    within each round: this VM's speed drifts by up to 2x between seconds, and a round sees one speed."""
+    out = {"base_ms": statistics.median(times["base"]) * 1e3, "note": note}
+    for name in times:
+        if name != "base":
+            out[f"{name}_ms"] = statistics.median(times[name]) * 1e3
+            out[f"{name}_ratio"] = statistics.median([a / b for a, b in zip(times[name], times["base"])])
+    return out
+
+
+def with_plain_x2z(fn):
+    """``fn`` with x2z's depthwise convolution run plainly (full map, then pooling) on every map."""
+    def run():
+        saved, pooled_depthwise.MIN_CELL = pooled_depthwise.MIN_CELL, float("inf")
+        try:
+            return fn()
+        finally:
+            pooled_depthwise.MIN_CELL = saved
+    return run
 
 
 def compiled(model: torch.nn.Module, example: torch.Tensor, train: bool) -> tuple[torch.nn.Module, float]:
@@ -64,7 +92,8 @@ def compiled(model: torch.nn.Module, example: torch.Tensor, train: bool) -> tupl
     return fast, time.perf_counter() - t0
 
 
-def eval_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int) -> dict:
+def eval_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int,
+             plain_x2z: bool = False) -> dict:
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     note = ""
     if compile_:
@@ -75,24 +104,15 @@ def eval_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: in
         with torch.inference_mode():
             diff = max((a - b).abs().max().item() for a, b in zip(eager, ours(x)))
         note = f"compiled in {t_ours:.0f} + {t_base:.0f} s; max |compiled - eager| {diff:.1e}"
+    fns = {"ours": lambda: ours(x), "base": lambda: base(x)}
+    if plain_x2z:
+        fns["plain x2z"] = with_plain_x2z(fns["ours"])
     with torch.inference_mode():
-        t = interleaved({"ours": lambda: ours(x), "base": lambda: base(x)}, repeats, warmup)
-    return {"ours_ms": t["ours"] * 1e3, "base_ms": t["base"] * 1e3, "note": note}
-
-
-def with_autograd_x2z(step):
-    """``step`` with x2z's depthwise backward left to autograd on every map."""
-    def run():
-        saved, pooled_depthwise.MIN_CELL = pooled_depthwise.MIN_CELL, float("inf")
-        try:
-            step()
-        finally:
-            pooled_depthwise.MIN_CELL = saved
-    return run
+        return row(interleaved_times(fns, repeats, warmup), note)
 
 
 def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int,
-              autograd_x2z: bool = False) -> dict:
+              plain_x2z: bool = False) -> dict:
     cfg = TrainConfig()
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch,))
@@ -106,13 +126,9 @@ def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: i
         note = f"compiled in {t_ours:.0f} + {t_base:.0f} s"
         ours, base = ours_c, base_c
     steps = {"ours": make_step(ours, loss, images, labels, cfg), "base": make_step(base, plain, images, labels, cfg)}
-    if autograd_x2z:
-        steps["autograd x2z"] = with_autograd_x2z(steps["ours"])
-    t = interleaved(steps, repeats, warmup)
-    row = {"ours_ms": t["ours"] * 1e3, "base_ms": t["base"] * 1e3, "note": note}
-    if autograd_x2z:
-        row["autograd_x2z_ms"] = t["autograd x2z"] * 1e3
-    return row
+    if plain_x2z:
+        steps["plain x2z"] = with_plain_x2z(steps["ours"])
+    return row(interleaved_times(steps, repeats, warmup), note)
 
 
 def op_calls(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -168,8 +184,8 @@ def main() -> None:
                         help="with --compile: inductor's freezing (weights as constants, prepacked for the CPU)")
     parser.add_argument("--what", choices=["eval", "train", "both"], default="both")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of the eval forward")
-    parser.add_argument("--x2z-backward", choices=["pooled", "both"], default="pooled",
-                        help="both: also time the training step with autograd's x2z depthwise backward")
+    parser.add_argument("--x2z", choices=["strided", "both"], default="strided",
+                        help="both: also time each eager row with x2z's plain depthwise convolution")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -184,27 +200,27 @@ def main() -> None:
     work = count_costs(ours, args.size).gmacs[-1] * 1e9 / count_macs(base, args.size)
     print(f"{args.model} vs torchvision {args.baseline}, {args.size} px, {args.threads} threads, "
           f"{'channels_last' if args.channels_last else 'NCHW'}; work ratio (fvcore MACs) {work:.3f}; "
-          f"medians of {args.repeats} after {args.warmup} warm-up runs")
+          f"{args.repeats} rounds after {args.warmup} warm-up rounds")
     print(f"{'setting':>26} {'ours ms':>9} {'base ms':>9} {'time ratio':>10} {'time/work':>9}")
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for compile_ in modes:
         label = "compiled" if compile_ else "eager"
+        plain_x2z = args.x2z == "both" and not compile_
         rows = {}
         if args.what in ("eval", "both"):
             for batch in args.eval_batch:
                 rows[f"eval, batch {batch}"] = eval_row(ours, base, args.size, batch, fmt, compile_, args.repeats,
-                                                        args.warmup)
+                                                        args.warmup, plain_x2z)
         if args.what in ("train", "both"):
-            train = train_row(ours, base, args.size, args.train_batch, fmt, compile_, args.repeats, args.warmup,
-                              autograd_x2z=args.x2z_backward == "both" and not compile_)
-            rows[f"train step, batch {args.train_batch}"] = train
-            if "autograd_x2z_ms" in train:
-                rows["  same, autograd x2z"] = {**train, "ours_ms": train["autograd_x2z_ms"]}
+            rows[f"train step, batch {args.train_batch}"] = train_row(
+                ours, base, args.size, args.train_batch, fmt, compile_, args.repeats, args.warmup, plain_x2z)
             ours.eval(), base.eval()
         for what, r in rows.items():
-            ratio = r["ours_ms"] / r["base_ms"]
-            print(f"{what + ', ' + label:>26} {r['ours_ms']:>9.1f} {r['base_ms']:>9.1f} {ratio:>10.2f} "
-                  f"{ratio / work:>9.2f}  {r['note']}", flush=True)
+            for variant, name in (("ours", what), ("plain x2z", "  same, plain x2z")):
+                if f"{variant}_ms" in r:
+                    ratio = r[f"{variant}_ratio"]
+                    print(f"{name + ', ' + label:>26} {r[f'{variant}_ms']:>9.1f} {r['base_ms']:>9.1f} {ratio:>10.2f} "
+                          f"{ratio / work:>9.2f}  {r['note'] if variant == 'ours' else ''}", flush=True)
     if args.breakdown:
         x = torch.randn(1, 3, args.size, args.size).contiguous(memory_format=fmt)
         params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (ours, base)]

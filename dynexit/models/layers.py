@@ -28,11 +28,6 @@ class MLP(nn.Module):
         return self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
 
 
-def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = t.shape
-    return t.view(b, n, heads, c // heads).transpose(1, 2)
-
-
 def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     b, h, n, d = t.shape
     return t.transpose(1, 2).reshape(b, n, h * d)
@@ -51,7 +46,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        b, n, c = x.shape
+        # (B, N, 3C) -> three (B, heads, N, C / heads) views, in one reshape (chunking first costs more calls).
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(_merge_heads(out))
 
@@ -148,7 +145,7 @@ class FeaturesToLatents(nn.Module):
     """x2z: the latents read the feature map, pooled to a fixed token grid.
 
     With ``dwc`` a depthwise 7x7 convolution is added to the map as a residual positional encoding
-    before pooling; its training backward goes through the pooling (``pooled_depthwise``).
+    before pooling, computed through the pooling where the cells allow (``pooled_depthwise``).
     """
 
     def __init__(self, channels: int, token_grid: int, dwc: bool, dropout: float = 0.0):
@@ -174,7 +171,9 @@ class LatentsToFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        return tokens_to_map(self.cross(map_to_tokens(x), z), h, w)
+        # One copy to contiguous tokens up front (none for channels_last maps): every later op over the
+        # pixels then runs on contiguous memory instead of strided views.
+        return tokens_to_map(self.cross(map_to_tokens(x).contiguous(), z), h, w)
 
 
 class TokenMixer(nn.Module):
