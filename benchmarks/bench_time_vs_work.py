@@ -34,6 +34,7 @@ import dynexit.models.pooled_depthwise as pooled_depthwise
 from dynexit import create_model
 from dynexit.config import TrainConfig
 from dynexit.costs import count_costs, count_macs
+from dynexit.models.perceiver import State
 from dynexit.training import MultiExitLoss
 
 
@@ -167,6 +168,63 @@ def breakdown(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
         print(f"{name:>18} {ms:>7.2f} {ms / (total * 1e3):>6.1%}")
 
 
+def backbone_alone(ours, base, work: float, size: int, fmt, repeats: int, warmup: int) -> None:
+    """Eval at batch 1 of the model, of its backbone alone (stem, stages, CNN exit) and of the baseline, in
+    turn: what the latent branch adds, against what a time/work of 1.1 would allow it."""
+    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
+
+    def cnn_only():
+        y = ours.backbone.stem(x)
+        for stage in ours.backbone.stages:
+            y = stage(y)
+        return ours.exits["cnn"](State(y, y.new_zeros(1, 0, 0), ()))
+
+    with torch.inference_mode():
+        ms = {n: t * 1e3 for n, t in interleaved({"ours": lambda: ours(x), "backbone": cnn_only,
+                                                   "base": lambda: base(x)}, repeats, warmup).items()}
+    latent_params = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("backbone."))
+    attn_params = sum(p.numel() for st in ours.latent_stages for p in st.self_attn.parameters())
+    print(f"\nat batch 1: model {ms['ours']:.1f} ms, its backbone alone {ms['backbone']:.1f} ms, the baseline "
+          f"{ms['base']:.1f} ms; the latent branch adds {ms['ours'] - ms['backbone']:.1f} ms where a time/work of "
+          f"1.1 allows {(1.1 * work - 1) * ms['base']:.1f} ms; its parameters {latent_params / 1e6:.1f} M "
+          f"({latent_params * 4 / 1e6:.0f} MB in float32), {attn_params / 1e6:.1f} M in the self-attention layers")
+
+
+def time_by_kind(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
+    """Eval time at batch 1 of the latent branch and exits by kind of module: each module's own time (forward
+    hooks; the time of its children taken out), summed over modules of a class. The hooks themselves add a few
+    microseconds per call."""
+    own: dict[str, float] = defaultdict(float)
+    starts: list[float] = []
+    children_time: list[float] = []
+
+    def pre(_m, _a):
+        starts.append(time.perf_counter())
+        children_time.append(0.0)
+
+    def post(module, _a, _o):
+        spent = time.perf_counter() - starts.pop()
+        own[type(module).__name__] += spent - children_time.pop()
+        if children_time:
+            children_time[-1] += spent
+
+    # Not the backbone, nor x2z's depthwise convolutions: with a hook on them x2z takes its plain path.
+    watched = [m for n, m in model.named_modules() if n and "backbone" not in n and not n.endswith(".dwc")]
+    handles = [m.register_forward_pre_hook(pre) for m in watched] + [m.register_forward_hook(post) for m in watched]
+    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        model(x)
+        own.clear()
+        for _ in range(repeats):
+            model(x)
+    for h in handles:
+        h.remove()
+    total_ms = sum(own.values()) / repeats * 1e3
+    print(f"\nlatent branch and exits at batch 1 by kind of module, own time (hooks; {total_ms:.1f} ms in all):")
+    for kind, seconds in sorted(own.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"{kind:>22} {seconds / repeats * 1e3:>7.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reg800m_perceiver_t128")
@@ -226,7 +284,9 @@ def main() -> None:
         params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (ours, base)]
         print(f"\nat batch 1: parameters {params[0]:.1f} M vs {params[1]:.1f} M; op calls (torch.profiler, all "
               f"levels) {op_calls(ours.eval(), x)} vs {op_calls(base.eval(), x)}")
-        breakdown(ours.eval(), args.size, fmt, args.repeats)
+        backbone_alone(ours.eval(), base.eval(), work, args.size, fmt, args.repeats, args.warmup)
+        time_by_kind(ours, args.size, fmt, args.repeats)
+        breakdown(ours, args.size, fmt, args.repeats)
 
 
 if __name__ == "__main__":
