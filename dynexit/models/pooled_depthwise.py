@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Cells at least this many pixels high and wide take the strided path. It is faster on every map measured
-# (cells of 2-16 pixels); the floor keeps the runs at 28 px (cells of 7 pixels at most) on the plain path,
-# so their committed results stay reproducible to the bit.
+# Cells at least this many pixels high and wide take the strided path. It is faster in training on every map
+# measured (cells of 2-16 pixels) and at batch 1 down to cells of 4 (`bench_depthwise.py --pooled`); the floor
+# keeps the runs at 28 px (cells of 7 pixels at most) on the plain path, so their committed results stay
+# reproducible to the bit.
 MIN_CELL = 8
 
 
