@@ -141,6 +141,16 @@ def op_calls(model: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(event.count for event in prof.key_averages())
 
 
+def forwards_at_batch_1(model: torch.nn.Module, size: int, fmt, repeats: int, reset) -> None:
+    """One warm-up eval forward of one image, ``reset()`` (of what hooks recorded), then ``repeats`` more."""
+    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        model(x)
+        reset()
+        for _ in range(repeats):
+            model(x)
+
+
 def breakdown(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
     """Eval time at batch 1 per top-level part of the model (forward hooks), against its fvcore work."""
     costs = count_costs(model, size)
@@ -153,12 +163,7 @@ def breakdown(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
     for name, module in parts.items():
         module.register_forward_pre_hook(lambda _m, _a, n=name: starts.__setitem__(n, time.perf_counter()))
         module.register_forward_hook(lambda _m, _a, _o, n=name: spent[n].append(time.perf_counter() - starts[n]))
-    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
-    with torch.inference_mode():
-        model(x)
-        spent.clear()
-        for _ in range(repeats):
-            model(x)
+    forwards_at_batch_1(model, size, fmt, repeats, spent.clear)
     total = sum(statistics.median(t) for t in spent.values())
     print(f"\nwhere eval time goes at batch 1 (hooks; {total * 1e3:.1f} ms in these parts); work by component "
           f"(fvcore): " + ", ".join(f"{c} {m / 1e6:.0f}M" for c, m in costs.component_macs.items()))
@@ -211,12 +216,7 @@ def time_by_kind(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
     # Not the backbone, nor x2z's depthwise convolutions: with a hook on them x2z takes its plain path.
     watched = [m for n, m in model.named_modules() if n and "backbone" not in n and not n.endswith(".dwc")]
     handles = [m.register_forward_pre_hook(pre) for m in watched] + [m.register_forward_hook(post) for m in watched]
-    x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
-    with torch.inference_mode():
-        model(x)
-        own.clear()
-        for _ in range(repeats):
-            model(x)
+    forwards_at_batch_1(model, size, fmt, repeats, own.clear)
     for h in handles:
         h.remove()
     total_ms = sum(own.values()) / repeats * 1e3
