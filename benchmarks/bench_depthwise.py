@@ -28,7 +28,7 @@ from bench_time_vs_work import interleaved
 from torch import nn
 
 from dynexit import create_model
-from dynexit.models.pooled_depthwise import MIN_CELL, pooled_kernel
+from dynexit.models.pooled_depthwise import MIN_CELL, strided_pooled_depthwise
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -62,8 +62,7 @@ def pooled_rows(dwc: nn.Conv2d, shape: tuple[int, int, int], grid: int, batch: i
     x = torch.randn(batch, c, h, w).contiguous(memory_format=fmt).requires_grad_()
     upstream = torch.randn(batch, c, grid, grid)
     ways = {"plain": lambda: F.adaptive_avg_pool2d(conv(x) + x, grid),
-            "strided": lambda: F.conv2d(x, pooled_kernel(conv.weight, cell), conv.bias, stride=cell,
-                                        padding=conv.padding, groups=c)}
+            "strided": lambda: strided_pooled_depthwise(x, conv, cell)}
     grads = {n: torch.autograd.grad((f() * upstream).sum(), (x, conv.weight, conv.bias)) for n, f in ways.items()}
     diff = [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(grads["plain"], grads["strided"])]
 

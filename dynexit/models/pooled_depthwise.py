@@ -52,10 +52,15 @@ def pooling_cell(x: torch.Tensor, conv: nn.Conv2d, grid: int) -> tuple[int, int]
     return h // grid, w // grid
 
 
+def strided_pooled_depthwise(x: torch.Tensor, conv: nn.Conv2d, cell: tuple[int, int]) -> torch.Tensor:
+    """avg_pool2d(conv(x) + x, cell) as one strided depthwise convolution, for any uniform ``cell``."""
+    return F.conv2d(x, pooled_kernel(conv.weight, cell), conv.bias, stride=cell, padding=conv.padding,
+                    groups=x.shape[1])
+
+
 def pooled_depthwise_residual(x: torch.Tensor, conv: nn.Conv2d, grid: int) -> torch.Tensor:
     """adaptive_avg_pool2d(conv(x) + x, grid) for x2z's depthwise ``conv`` (k x k, padding k // 2, stride 1)."""
     cell = pooling_cell(x, conv, grid)
     if cell is None:
         return F.adaptive_avg_pool2d(conv(x) + x, grid)
-    return F.conv2d(x, pooled_kernel(conv.weight, cell), conv.bias, stride=cell, padding=conv.padding,
-                    groups=x.shape[1])
+    return strided_pooled_depthwise(x, conv, cell)
