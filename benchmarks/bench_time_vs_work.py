@@ -12,6 +12,7 @@ both models also run through ``torch.compile`` (compilation time printed, output
     python benchmarks/bench_time_vs_work.py --compile both        # eager and compiled
     python benchmarks/bench_time_vs_work.py --what eval --compile yes   # compiled eval only (compiling takes minutes)
     python benchmarks/bench_time_vs_work.py --breakdown           # where the eval time goes, per component
+    python benchmarks/bench_time_vs_work.py --what eval --caches both   # also eval with the caches evicted
     python benchmarks/bench_time_vs_work.py --x2z both            # also x2z's plain depthwise path, interleaved
     python benchmarks/bench_time_vs_work.py --what eval --eval-batch 1 8     # eval at batch 1 and at batch 8
 
@@ -29,6 +30,7 @@ from collections import defaultdict
 import torch
 import torchvision
 from bench_train_speed import make_step
+from torch import nn
 
 import dynexit.models.pooled_depthwise as pooled_depthwise
 from dynexit import create_model
@@ -37,15 +39,23 @@ from dynexit.costs import count_costs, count_macs
 from dynexit.models.perceiver import State
 from dynexit.training import MultiExitLoss
 
+# Read before each timed call with --caches cold, so that what a model reads next comes from memory: 8x the
+# 32 MiB last-level cache of the machine the README's figures come from (raise it for a larger cache).
+EVICTION_BYTES = 256 * 2**20
 
-def interleaved_times(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each callable per round, timed in turn so that load from other processes hits all alike."""
+
+def interleaved_times(fns: dict, repeats: int, warmup: int, cold: bool = False) -> dict[str, list[float]]:
+    """Seconds of each callable per round, timed in turn so that load from other processes hits all alike.
+    With ``cold`` the caches are evicted before each timed call (untimed)."""
+    buffer = torch.ones(EVICTION_BYTES // 4) if cold else None
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeats):
         for name, fn in fns.items():
+            if cold:
+                buffer.sum()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -94,7 +104,7 @@ def compiled(model: torch.nn.Module, example: torch.Tensor, train: bool) -> tupl
 
 
 def eval_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int,
-             plain_x2z: bool = False) -> dict:
+             plain_x2z: bool = False, cold: bool = False) -> dict:
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     note = ""
     if compile_:
@@ -109,7 +119,7 @@ def eval_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: in
     if plain_x2z:
         fns["plain x2z"] = with_plain_x2z(fns["ours"])
     with torch.inference_mode():
-        return row(interleaved_times(fns, repeats, warmup), note)
+        return row(interleaved_times(fns, repeats, warmup, cold), note)
 
 
 def train_row(ours, base, size: int, batch: int, fmt, compile_: bool, repeats: int, warmup: int,
@@ -225,6 +235,39 @@ def time_by_kind(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
         print(f"{kind:>22} {seconds / repeats * 1e3:>7.2f} ms")
 
 
+def linear_replay(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
+    """The latent branch's and exits' Linear layers at batch 1, replayed outside the model on the inputs they
+    saw: once each in the model's order (weights come from memory, as in the model: the branch's parameters
+    exceed the last-level cache), and each run twice in a row, timing the second (weights in cache). The
+    difference is what reading the weights costs these small-row matmuls."""
+    calls: list[tuple[nn.Linear, torch.Tensor]] = []
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("backbone.")]
+    handles = [m.register_forward_hook(lambda m, a, _o: calls.append((m, a[0]))) for m in linears]
+    forwards_at_batch_1(model, size, fmt, 1, calls.clear)
+    for h in handles:
+        h.remove()
+    in_order, in_cache = [], []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for m, x in calls:
+                m(x)
+            in_order.append(time.perf_counter() - t0)
+            total = 0.0
+            for m, x in calls:
+                m(x)
+                t0 = time.perf_counter()
+                m(x)
+                total += time.perf_counter() - t0
+            in_cache.append(total)
+    weights = sum(m.weight.numel() for m in linears) * 4 / 1e6
+    macs = sum(x.shape[:-1].numel() * m.weight.numel() for m, x in calls) / 1e6
+    cold, hot = statistics.median(in_order) * 1e3, statistics.median(in_cache) * 1e3
+    print(f"\nlatent branch and exits, {len(calls)} Linear calls at batch 1 ({macs:.0f} M multiply-adds, "
+          f"{weights:.0f} MB of weights, {macs / weights:.1f} multiply-adds per weight byte): {cold:.1f} ms in "
+          f"the model's order, {hot:.1f} ms with each layer's weights in cache")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reg800m_perceiver_t128")
@@ -242,6 +285,9 @@ def main() -> None:
                         help="with --compile: inductor's freezing (weights as constants, prepacked for the CPU)")
     parser.add_argument("--what", choices=["eval", "train", "both"], default="both")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of the eval forward")
+    parser.add_argument("--caches", choices=["warm", "cold", "both"], default="warm",
+                        help="cold: evict the CPU caches before each timed eval call, so that both models read "
+                             "their weights from memory")
     parser.add_argument("--x2z", choices=["strided", "both"], default="strided",
                         help="both: also time each eager row with x2z's plain depthwise convolution")
     args = parser.parse_args()
@@ -259,7 +305,7 @@ def main() -> None:
     print(f"{args.model} vs torchvision {args.baseline}, {args.size} px, {args.threads} threads, "
           f"{'channels_last' if args.channels_last else 'NCHW'}; work ratio (fvcore MACs) {work:.3f}; "
           f"{args.repeats} rounds after {args.warmup} warm-up rounds")
-    print(f"{'setting':>26} {'ours ms':>9} {'base ms':>9} {'time ratio':>10} {'time/work':>9}")
+    print(f"{'setting':>32} {'ours ms':>9} {'base ms':>9} {'time ratio':>10} {'time/work':>9}")
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     for compile_ in modes:
         label = "compiled" if compile_ else "eager"
@@ -267,8 +313,9 @@ def main() -> None:
         rows = {}
         if args.what in ("eval", "both"):
             for batch in args.eval_batch:
-                rows[f"eval, batch {batch}"] = eval_row(ours, base, args.size, batch, fmt, compile_, args.repeats,
-                                                        args.warmup, plain_x2z)
+                for cold in {"warm": [False], "cold": [True], "both": [False, True]}[args.caches]:
+                    rows[f"eval, batch {batch}{', cold' if cold else ''}"] = eval_row(
+                        ours, base, args.size, batch, fmt, compile_, args.repeats, args.warmup, plain_x2z, cold)
         if args.what in ("train", "both"):
             rows[f"train step, batch {args.train_batch}"] = train_row(
                 ours, base, args.size, args.train_batch, fmt, compile_, args.repeats, args.warmup, plain_x2z)
@@ -277,7 +324,7 @@ def main() -> None:
             for variant, name in (("ours", what), ("plain x2z", "  same, plain x2z")):
                 if f"{variant}_ms" in r:
                     ratio = r[f"{variant}_ratio"]
-                    print(f"{name + ', ' + label:>26} {r[f'{variant}_ms']:>9.1f} {r['base_ms']:>9.1f} {ratio:>10.2f} "
+                    print(f"{name + ', ' + label:>32} {r[f'{variant}_ms']:>9.1f} {r['base_ms']:>9.1f} {ratio:>10.2f} "
                           f"{ratio / work:>9.2f}  {r['note'] if variant == 'ours' else ''}", flush=True)
     if args.breakdown:
         x = torch.randn(1, 3, args.size, args.size).contiguous(memory_format=fmt)
@@ -286,6 +333,7 @@ def main() -> None:
               f"levels) {op_calls(ours.eval(), x)} vs {op_calls(base.eval(), x)}")
         backbone_alone(ours.eval(), base.eval(), work, args.size, fmt, args.repeats, args.warmup)
         time_by_kind(ours, args.size, fmt, args.repeats)
+        linear_replay(ours, args.size, fmt, args.repeats)
         breakdown(ours, args.size, fmt, args.repeats)
 
 
