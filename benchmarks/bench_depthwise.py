@@ -28,7 +28,7 @@ from bench_time_vs_work import interleaved
 from torch import nn
 
 from dynexit import create_model
-from dynexit.models.pooled_depthwise import MIN_CELL, strided_pooled_depthwise
+from dynexit.models.pooled_depthwise import MIN_CELL, pooling_cell, strided_pooled_depthwise
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -75,7 +75,7 @@ def pooled_rows(dwc: nn.Conv2d, shape: tuple[int, int, int], grid: int, batch: i
     fns = {**{f"{n} fwd": no_grad(f) for n, f in ways.items()},
            **{f"{n} fwd+bwd": lambda f=f: f().backward(upstream) for n, f in ways.items()}}
     ms = median_ms(fns, repeats)
-    taken = "yes" if min(cell) >= MIN_CELL else "no"
+    taken = "yes" if pooling_cell(x, conv, grid) is not None else "no"
     return (f"{str(shape):>18} {str(cell):>8} {taken:>6} {ms['plain fwd']:>9.2f} {ms['strided fwd']:>11.2f} "
             f"{ms['plain fwd+bwd']:>13.1f} {ms['strided fwd+bwd']:>15.1f}   "
             f"{diff[0]:.0e} / {diff[1]:.0e} / {diff[2]:.0e}"), ms

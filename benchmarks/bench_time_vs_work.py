@@ -260,7 +260,7 @@ def linear_replay(model: torch.nn.Module, size: int, fmt, repeats: int) -> None:
                 m(x)
                 total += time.perf_counter() - t0
             in_cache.append(total)
-    weights = sum(m.weight.numel() for m in linears) * 4 / 1e6
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in linears) / 1e6
     macs = sum(x.shape[:-1].numel() * m.weight.numel() for m, x in calls) / 1e6
     cold, hot = statistics.median(in_order) * 1e3, statistics.median(in_cache) * 1e3
     print(f"\nlatent branch and exits, {len(calls)} Linear calls at batch 1 ({macs:.0f} M multiply-adds, "

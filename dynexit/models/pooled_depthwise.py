@@ -20,8 +20,8 @@ from torch import nn
 
 # Cells at least this many pixels high and wide take the strided path. It is faster in training on every map
 # measured (cells of 2-16 pixels) and at batch 1 down to cells of 4 (`bench_depthwise.py --pooled`); the floor
-# keeps the runs at 28 px (cells of 7 pixels at most) on the plain path, so their committed results stay
-# reproducible to the bit.
+# keeps the runs at 28 px (cells of 7 pixels at most) on the plain path, so x2z computes the committed 28 px
+# studies as when they were made (they predate z2x's contiguous tokens, and reproduce within their seed spread).
 MIN_CELL = 8
 
 
