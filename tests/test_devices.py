@@ -87,12 +87,12 @@ def test_cuda_errors_are_recognised():
 
 
 def _fake_experiment(tmp_path):
-    return SimpleNamespace(path=tmp_path / "spec.yaml", results_dir=tmp_path,
+    return SimpleNamespace(path=tmp_path / "spec.yaml", results_dir=tmp_path, raw={},
                            run=lambda run_id: SimpleNamespace(run_id=run_id))
 
 
 def test_a_worker_stops_after_a_cuda_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "load_spec", lambda *a: _fake_experiment(tmp_path))
+    monkeypatch.setattr(runner, "reload_spec", lambda *a: _fake_experiment(tmp_path))
     monkeypatch.setattr(runner, "aggregate", lambda e: None)
     monkeypatch.setattr(runner, "execute", lambda e, run, d: Outcome(run.run_id, FAILED, "RuntimeError: CUDA error: x"))
     q, results = queue_module.Queue(), queue_module.Queue()
@@ -101,7 +101,7 @@ def test_a_worker_stops_after_a_cuda_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as stop:
-        runner._worker("spec.yaml", [], str(tmp_path), ["cuda:1"], {"CUDA_VISIBLE_DEVICES": "1"}, q, results)
+        runner._worker({}, "spec.yaml", [], str(tmp_path), ["cuda:1"], {"CUDA_VISIBLE_DEVICES": "1"}, q, results)
     assert stop.value.code == runner.RETIRED
     assert results.get_nowait().run_id == "a" and q.get_nowait() == "b"  # the next run waits for a new worker
 
@@ -111,7 +111,7 @@ def test_the_pool_replaces_a_worker_that_hit_a_cuda_error(tmp_path, monkeypatch)
     exits, a new process on the same device runs the other runs."""
     fork = mp.get_context("fork")
     monkeypatch.setattr(runner.mp, "get_context", lambda kind: fork)
-    monkeypatch.setattr(runner, "load_spec", lambda *a: _fake_experiment(tmp_path))
+    monkeypatch.setattr(runner, "reload_spec", lambda *a: _fake_experiment(tmp_path))
     monkeypatch.setattr(runner, "aggregate", lambda e: None)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
 

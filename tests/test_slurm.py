@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import sys
 import textwrap
 import time
@@ -155,17 +156,42 @@ def test_scheduler_states_parse_sacct(fake_slurm, tmp_path):
 
 
 def test_requeue_resubmits_the_same_run(tmp_path):
-    job = RunJob("spec.yaml", ["train.epochs=3"], "res", "abc123")
+    raw = {"name": "x", "base": {}}
+    job = RunJob(raw, "spec.yaml", ["train.epochs=3"], "res", "abc123")
     assert isinstance(job, submitit.helpers.Checkpointable)
     again = job.checkpoint()
     assert isinstance(again, submitit.helpers.DelayedSubmission)
     assert isinstance(again.function, RunJob) and again.function is not job
-    assert (again.function.spec_path, again.function.overrides, again.function.results_dir,
-            again.function.run_id) == ("spec.yaml", ["train.epochs=3"], "res", "abc123")
+    assert (again.function.raw, again.function.spec_path, again.function.overrides, again.function.results_dir,
+            again.function.run_id) == (raw, "spec.yaml", ["train.epochs=3"], "res", "abc123")
     assert again.args == () and again.kwargs == {}
 
 
-@pytest.mark.parametrize("gpus,workers,cpus,mem", [(1, 0, 1, 8), (1, 2, 3, 24), (8, 10, 88, 704), (4, 5, 24, 192)])
+def submitted_jobs(results: Path) -> list[RunJob]:
+    """The RunJob of every job submitit pickled under ``results`` (what the scheduler would start)."""
+    files = sorted((results / "submitit").rglob("*_submitted.pkl"))
+    return [submitit.helpers.DelayedSubmission.load(f).function for f in files]
+
+
+def test_a_job_runs_what_was_submitted_whatever_the_spec_says_later(tmp_path, fake_slurm):
+    spec = write_spec(tmp_path)
+    assert main(["run", str(spec), "--set", "train.epochs=2"]) == 0
+    before = load_spec(spec, ["train.epochs=2"])
+    jobs = submitted_jobs(tmp_path / "res")
+    assert sorted(j.run_id for j in jobs) == sorted(r.run_id for r in before.runs)
+    # the spec is edited while the jobs wait: every run's configuration changes (new ids)
+    spec.write_text(spec.read_text().replace("train.lr: [0.001, 0.002, 0.003]", "train.lr: [0.1, 0.2, 0.3]")
+                    .replace("batch_size: 32", "batch_size: 8"))
+    assert {r.run_id for r in load_spec(spec, ["train.epochs=2"]).runs}.isdisjoint(j.run_id for j in jobs)
+    for job in jobs + [j.checkpoint().function for j in jobs]:  # the job, and the job requeued
+        run = job.experiment().run(job.run_id)
+        assert run.config == before.run(job.run_id).config
+        assert (run.config.train.epochs, run.config.train.batch_size) == (2, 32)
+        assert job.experiment().results_dir == tmp_path / "res"
+
+
+@pytest.mark.parametrize("gpus,workers,cpus,mem", [(1, 0, 1, 8), (1, 2, 3, 24), (8, 10, 64, 512), (4, 5, 24, 192),
+                                                   (8, 20, 64, 512), (2, 7, 16, 128)])
 def test_derived_resources(tmp_path, gpus, workers, cpus, mem):
     experiment = load_spec(write_spec(tmp_path, workers=workers, gpus=gpus))
     assert job_resources(experiment, experiment.runs) == {"cpus_per_task": cpus, "mem_gb": mem}
@@ -174,11 +200,131 @@ def test_derived_resources(tmp_path, gpus, workers, cpus, mem):
 def test_explicit_resources_kept_or_refused(tmp_path, fake_slurm, capsys):
     experiment = load_spec(write_spec(tmp_path, workers=10, gpus=8, extra=", cpus_per_task: 96, mem_gb: 500"))
     assert job_resources(experiment, experiment.runs) == {"cpus_per_task": 96, "mem_gb": 500}
-    spec = write_spec(tmp_path, workers=10, gpus=8, extra=", cpus_per_task: 8")
+    experiment = load_spec(write_spec(tmp_path, workers=10, gpus=8, extra=", cpus_per_gpu: 6, mem_gb: 400"))
+    assert job_resources(experiment, experiment.runs) == {"cpus_per_task": 48, "mem_gb": 400}
+    experiment = load_spec(write_spec(tmp_path, workers=10, gpus=8, extra=", cpus_per_task: 64"))
+    assert job_resources(experiment, experiment.runs) == {"cpus_per_task": 64, "mem_gb": 512}  # no longer refused
+    spec = write_spec(tmp_path, workers=10, gpus=8, extra=", cpus_per_task: 4")
     assert main(["run", str(spec)]) != 0
-    assert "executor.cpus_per_task=8 is too small: 8 GPU process(es) x (data.num_workers=10 loader workers + 1) " \
-           "need 88" in capsys.readouterr().err
+    assert "executor.cpus_per_task=4 leaves 8 training process(es) less than a CPU each" in capsys.readouterr().err
     assert sbatch_calls(fake_slurm) == [] and not (tmp_path / "res").exists()
+
+
+OFFICIAL = Path(__file__).parent.parent / "experiments" / "imagenet_official.yaml"
+
+
+def test_the_official_imagenet_spec_asks_for_what_an_8_gpu_node_has(tmp_path, fake_slurm):
+    """The README's command with --set executor.kind=slurm: 8 GPUs, at most 64 CPUs and 512 GB."""
+    assert main(["run", str(OFFICIAL), "--set", "executor.kind=slurm", "--set", "executor.slurm_partition=gpu",
+                 "--results-dir", str(tmp_path / "res")]) == 0
+    (call,) = sbatch_calls(fake_slurm)
+    lines = call["file"].splitlines()
+    assert call["tasks"] == 3
+    assert {"#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64", "#SBATCH --mem=512GB",
+            "#SBATCH --nodes=1", "#SBATCH --partition=gpu"} <= set(lines)
+    assert all(job.experiment().executor.kind == "slurm" for job in submitted_jobs(tmp_path / "res"))
+
+
+def test_explicit_cpus_memory_requeues_sbatch_options_and_setup_reach_the_submission(tmp_path, fake_slurm):
+    spec = write_spec(tmp_path, workers=10, gpus=8, extra=", cpus_per_gpu: 7, mem_gb: 480, max_num_timeout: 40, "
+                      "sbatch: {qos: high, constraint: a100, exclusive: true}, "
+                      "setup: ['module load cuda/12.1', 'source activate dynexit']")
+    assert main(["run", str(spec), "--set", "executor.slurm_account=lab"]) == 0
+    lines = sbatch_calls(fake_slurm)[0]["file"].splitlines()
+    assert {"#SBATCH --cpus-per-task=56", "#SBATCH --mem=480GB", "#SBATCH --qos=high", "#SBATCH --constraint=a100",
+            "#SBATCH --exclusive", "#SBATCH --account=lab"} <= set(lines)
+    setup = lines.index("module load cuda/12.1")
+    assert lines[setup + 1] == "source activate dynexit" and any(line.startswith("srun") for line in lines[setup:])
+    submissions = sorted((tmp_path / "res" / "submitit").rglob("*_submitted.pkl"))
+    assert len(submissions) == 6
+    for path in submissions:  # submitit requeues a timed-out job while its countdown lasts
+        assert submitit.helpers.DelayedSubmission.load(path)._timeout_countdown == 40
+
+
+def test_the_readme_executor_commands_work(tmp_path, capsys):
+    ablations = OFFICIAL.parent / "imagenet_ablations.yaml"
+    assert main(["run", str(ablations), "--set", "executor.gpus_per_run=2", "--dry-run",
+                 "--results-dir", str(tmp_path / "a")]) == 0
+    assert load_spec(ablations, ["executor.gpus_per_run=2"]).executor.gpus_per_run == 2
+    spec = write_spec(tmp_path)
+    experiment = load_spec(spec, ["executor.kind=submitit_local", "executor.gpus_per_run=2", "train.epochs=2"])
+    assert (experiment.executor.kind, experiment.executor.gpus_per_run) == ("submitit_local", 2)
+    assert {r.config.train.epochs for r in experiment.runs} == {2}
+    # executor settings are not part of a run's identity
+    assert [r.run_id for r in experiment.runs] == [r.run_id for r in load_spec(spec, ["train.epochs=2"]).runs]
+
+
+def test_loader_workers_are_not_part_of_a_run_s_identity(tmp_path):
+    ids = {w: [r.run_id for r in load_spec(write_spec(tmp_path, workers=w)).runs] for w in (0, 2, 10)}
+    assert ids[0] == ids[2] == ids[10]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (", kind: slurmm", "executor.kind must be local, slurm, submitit_local, not 'slurmm'"),
+    (", timeout_min: -5", "executor.timeout_min must be an integer >= 1, got -5"),
+    (", slurm_array_parallelism: 0", "executor.slurm_array_parallelism must be an integer >= 1, got 0"),
+    (", gpus_per_run: -1", "executor.gpus_per_run must be an integer >= 0, got -1"),
+    (", max_num_timeout: -1", "executor.max_num_timeout must be an integer >= 0, got -1"),
+    (", cpus_per_gpu: 0", "executor.cpus_per_gpu must be a positive integer or null (derived), got 0"),
+    (", mem_gb: 0", "executor.mem_gb must be a positive integer or null (derived), got 0"),
+    (", cpus_per_gpu: 4, cpus_per_task: 8", "executor.cpus_per_gpu and executor.cpus_per_task exclude each other"),
+    (", slurm_partition: 'a b'", "executor.slurm_partition must be a name without spaces, got 'a b'"),
+    (", sbatch: {mem: 10G}", "executor.sbatch.mem: dynexit sets --mem itself; use executor.mem_gb"),
+    (", sbatch: {time: 10}", "executor.sbatch.time: dynexit sets --time itself; use executor.timeout_min"),
+    (", sbatch: {qos: false}", "executor.sbatch.qos must be a value on one line (or true for a bare flag)"),
+    (", sbatch: {'Bad Key': 1}", "executor.sbatch.Bad Key: not an sbatch option name"),
+    (", setup: [\"a\\nb\"]", "executor.setup[0] must be one shell line"),
+])
+def test_every_executor_value_is_checked_by_a_dry_run(tmp_path, fake_slurm, capsys, extra, message):
+    spec = write_spec(tmp_path)
+    for item in extra[2:].split(", "):  # each key replaces the spec's own or joins the executor section
+        key = item.split(":")[0]
+        text = spec.read_text()
+        replaced = re.sub(rf"\b{key}: [^,}}]*", item.replace("\\", "\\\\"), text)
+        spec.write_text(replaced if replaced != text else text.replace("slurm_array_parallelism: 4",
+                                                                       f"slurm_array_parallelism: 4, {item}"))
+    assert main(["run", str(spec), "--dry-run"]) != 0
+    err = capsys.readouterr().err
+    assert message in err and str(spec) in err
+    assert "(line 11)" in err or "Bad Key" in message
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("option,message", [
+    ("executor.kind=gpu", "--set: executor.kind must be local, slurm, submitit_local, not 'gpu'"),
+    ("executor.nodes=0", "--set: executor.nodes must be an integer >= 1, got 0"),
+    ("executor.timeout_min=0", "--set: executor.timeout_min must be an integer >= 1, got 0"),
+    ("executor.gpu=2", "--set: key 'executor.gpu'"),
+    ("executor=slurm", "--set executor=...: give one key at a time"),
+])
+def test_executor_values_given_by_set_are_checked_naming_set(tmp_path, capsys, option, message):
+    assert main(["run", str(write_spec(tmp_path)), "--set", option, "--dry-run"]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_slurm_job_that_sees_no_gpu_fails_loudly(tmp_path, monkeypatch):
+    from dynexit.runs import slurm
+
+    experiment = load_spec(write_spec(tmp_path, gpus=2))
+    job = RunJob.of(experiment, experiment.runs[0], [])
+    ran = []
+    monkeypatch.setattr(slurm, "execute", lambda e, run, devices: ran.append(devices))
+    monkeypatch.setattr(slurm, "aggregate", lambda e: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(RuntimeError, match=r"asks for 2 GPU\(s\) \(executor.gpus_per_run\) and the job sees none"):
+        job()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="wants 2 GPUs"):
+        job()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    job()
+    assert ran == [["cuda:0", "cuda:1"]]
+    cpu = load_spec(write_spec(tmp_path, gpus=0))  # a CPU job asks for no GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    RunJob.of(cpu, cpu.runs[0], [])()
+    assert ran[-1] == ["cpu"]
 
 
 # --------------------------------------------------------------------------- runs across several nodes
@@ -208,12 +354,12 @@ def test_one_node_keeps_one_task_running_torchrun(tmp_path, fake_slurm):
 
 
 @pytest.mark.parametrize("gpus,extra,kind,message", [
-    (8, ", nodes: 0", "slurm", "executor.nodes must be at least 1, got 0"),
+    (8, ", nodes: 0", "slurm", "executor.nodes must be an integer >= 1, got 0"),
     (0, ", nodes: 2", "slurm", "executor.nodes=2 needs GPUs: executor.gpus_per_run is 0"),
     (6, ", nodes: 4", "slurm", "executor.gpus_per_run=6 cannot be split evenly over executor.nodes=4"),
     (8, ", nodes: 2", "submitit_local", "executor.nodes=2 needs executor.kind: slurm (submitit_local runs use one"),
-    (8, ", nodes: 2, cpus_per_task: 2", "slurm", "executor.cpus_per_task=2 is too small: 1 GPU process(es) x "
-                                                 "(data.num_workers=2 loader workers + 1) need 3"),
+    (8, ", nodes: 2, cpus_per_task: 2, cpus_per_gpu: 2", "slurm", "executor.cpus_per_gpu and executor.cpus_per_task "
+                                                                 "exclude each other"),
 ])
 def test_impossible_node_settings_are_refused_before_submitting(tmp_path, fake_slurm, capsys, gpus, extra, kind,
                                                                 message):
@@ -314,7 +460,8 @@ def _run_job_task(procid: int, spec: str, run_id: str, job: str, out: str):
 
     os.environ.update(slurm_task(procid, 0, ntasks=2, nodelist="localhost", job=job))
     slurm.task_device = lambda local_rank, visible: "cpu"
-    outcome = RunJob(spec, [], str(Path(spec).parent / "res"), run_id)()
+    experiment = load_spec(spec)
+    outcome = RunJob.of(experiment, experiment.run(run_id), [])()
     Path(f"{out}.{procid}").write_bytes(pickle.dumps(outcome))
 
 

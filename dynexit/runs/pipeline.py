@@ -93,7 +93,8 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = 
     if len(devices) > 1:  # several GPUs for one run: torchrun, then evaluate here
         save_yaml(cfg, folder / "config.yaml")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",
-               "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder)]
+               "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder),
+               "--device", "cuda" if devices[0].startswith("cuda") else "cpu"]  # no GPU: an error, never the CPU
         log.info("launching %s", " ".join(cmd))
         env = {**os.environ, **device_environment(devices)}  # torchrun's ranks see exactly these GPUs
         subprocess.run(cmd, check=True, env=env)

@@ -24,7 +24,7 @@ from dynexit.runs.devices import available_cores, device_environment, device_loc
 from dynexit.runs.execute import Outcome, execute
 from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, run_dir, run_state
 from dynexit.runs.slurm import job_layout, job_resources, live_job_ids, submit
-from dynexit.runs.spec import Experiment, Run, load_spec
+from dynexit.runs.spec import Experiment, Run, reload_spec
 from dynexit.training.progress_bar import NO_BAR_ENV
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,14 @@ def worker_environment(group: list[str]) -> dict[str, str]:
 RETIRED = 75  # exit code of a worker that stopped after a CUDA error (its process is replaced)
 
 
-def _worker(spec_path: str, overrides: list[str], results_dir: str, group: list[str], env: dict, queue,
+def _worker(raw: dict, spec_path: str, overrides: list[str], results_dir: str, group: list[str], env: dict, queue,
             results, log_level: int = logging.INFO) -> None:
     locks = lock_names(group)  # named by the parent's view, before the environment narrows it
     os.environ.update(env)
     os.environ[NO_BAR_ENV] = "1"  # bars of several workers would interleave: the parent's progress log shows
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
     logging.basicConfig(level=log_level, format=f"%(levelname)s [{','.join(group)} %(process)d] %(name)s: %(message)s")
-    experiment = load_spec(spec_path, overrides, results_dir)
+    experiment = reload_spec(raw, spec_path, overrides, results_dir)  # as the runner read it, not the file now
     devices = group if group[0] == "cpu" else [f"cuda:{i}" for i in range(len(group))]
     while True:
         run_id = queue.get()
@@ -91,9 +91,6 @@ def _worker(spec_path: str, overrides: list[str], results_dir: str, group: list[
             sys.exit(RETIRED)
 
 
-EXECUTORS = ("local", "slurm", "submitit_local")
-
-
 def check_experiment(experiment: Experiment) -> None:
     """What can be wrong with an experiment before it runs, checked before anything is written: every run's
     configuration (an error names the run, its variant and the key) and the executor."""
@@ -107,8 +104,6 @@ def check_experiment(experiment: Experiment) -> None:
             overrides = f" with {run.overrides}" if run.overrides else ""
             raise type(err)(f"{where}: run {run.run_id} (variant {run.variant!r}{overrides}): {err}") from None
     kind = experiment.executor.kind
-    if kind not in EXECUTORS:
-        raise ValueError(f"{where}: executor.kind must be {', '.join(EXECUTORS)}, not {kind!r}")
     if kind != "local" and experiment.path is None:
         raise ValueError(f"{where}: {kind} runs need the experiment to come from a spec file")
     try:
@@ -223,7 +218,8 @@ def _run_pool(experiment: Experiment, todo: list[Run], groups: list[list[str]],
     for run in todo:
         queue.put(run.run_id)
     def start(group: list[str]):
-        p = ctx.Process(target=_worker, args=(str(experiment.path), overrides or [], str(experiment.results_dir),
+        p = ctx.Process(target=_worker, args=(experiment.raw, str(experiment.path), overrides or [],
+                                              str(experiment.results_dir),
                                               group, worker_environment(group), queue, results,
                                               logging.getLogger().getEffectiveLevel()))
         p.start()

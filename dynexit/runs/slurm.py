@@ -9,11 +9,19 @@ and a later ``dynexit run`` submits nothing for a run whose job is still queued 
 A job that reaches its time limit or is preempted is requeued by submitit: the submitted callable is
 checkpointable (:class:`RunJob`), and the requeued job resumes the run from its folder's checkpoint.
 
-Resources are derived from the run unless the spec gives them: a run on ``g`` GPUs (``executor.gpus_per_run``)
-whose loaders start ``w`` workers per process (``data.num_workers``) gets ``cpus_per_task = g x (w + 1)`` (one
-core per loader worker and one for the training process) and ``mem_gb = 8 x cpus_per_task`` (loader workers
-each hold a batch pipeline; 8 GB per core is the usual GPU-node ratio). A spec that sets fewer CPUs than its
-loaders start is refused. On one node, one run is one task (torchrun inside it for several GPUs).
+Resources are derived from the run unless the spec gives them, and the derived ones fit an 8-GPU node: each
+training process (one per GPU, ``executor.gpus_per_run``) gets ``cpus_per_gpu`` CPUs, by default one per loader
+worker (``data.num_workers``) plus one for itself, at most ``MAX_CPUS_PER_GPU`` (8: 64 CPUs for 8 GPUs); memory
+(``executor.mem_gb``, per node) is 8 GB per CPU (512 GB for 64 CPUs). ``executor.cpus_per_gpu`` or
+``executor.cpus_per_task`` and ``executor.mem_gb`` set them. A process with fewer CPUs than its loaders ask for
+starts fewer workers (``dynexit.data.loaders.loader_workers``): loader workers change the speed, never the
+numbers, so they are not part of a run's identity. On one node, one run is one task (torchrun inside it for
+several GPUs). ``executor.max_num_timeout`` bounds how often a job that reaches its time limit is requeued;
+``executor.sbatch`` passes any other sbatch option (qos, constraint, gres, ...) and ``executor.setup`` the shell
+lines the job runs first (module load, conda activate).
+
+The job runs what was submitted: each job carries the spec as it was read at submission (and the ``--set``
+options), so editing the spec file afterwards changes neither a queued job nor a requeued one.
 
 A run on several nodes (``executor.nodes`` N > 1, ``slurm`` only, ``gpus_per_run`` a multiple of N) is one
 job of N nodes with one task per GPU (``gpus_per_run / N`` per node), started by srun; every task is one
@@ -25,6 +33,7 @@ train at all (the run may be done, or locked by another job). Resources are then
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -39,11 +48,12 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 from dynexit.runs.aggregate import aggregate
 from dynexit.runs.execute import execute
 from dynexit.runs.folders import QUEUED, read_status, run_dir, write_status
-from dynexit.runs.spec import ExecutorConfig, Experiment, Run, load_spec
+from dynexit.runs.spec import ExecutorConfig, Experiment, Run, reload_spec, validate_executor
 
 log = logging.getLogger(__name__)
 
 GB_PER_CPU = 8
+MAX_CPUS_PER_GPU = 8  # derived CPUs per training process: 8 GPUs x 8 = 64, what an 8-GPU node offers
 # Scheduler states of a job that will still run (or is running): its run is not submitted again.
 LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "PREEMPTED")
@@ -51,23 +61,42 @@ LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", 
 
 class RunJob(submitit.helpers.Checkpointable):
     """What one job runs: the run (with its own thread count, ``train.threads``), then the experiment's
-    aggregate files. On a time limit or preemption submitit calls :meth:`checkpoint` and requeues the
-    job; the run then resumes from the last checkpoint in its folder."""
+    aggregate files. It holds the spec as read at submission (``raw``, the mapping of the spec file, and the
+    ``--set`` options): the job expands that, never the file again. On a time limit or preemption submitit
+    calls :meth:`checkpoint` and requeues the job; the run then resumes from the last checkpoint in its folder."""
 
-    def __init__(self, spec_path: str, overrides: list[str], results_dir: str, run_id: str):
-        self.spec_path, self.overrides, self.results_dir, self.run_id = spec_path, overrides, results_dir, run_id
+    def __init__(self, raw: dict, spec_path: str, overrides: list[str], results_dir: str, run_id: str):
+        self.raw, self.spec_path, self.overrides = raw, spec_path, overrides
+        self.results_dir, self.run_id = results_dir, run_id
+
+    @classmethod
+    def of(cls, experiment: Experiment, run: Run, overrides: list[str] | None) -> RunJob:
+        """The job of ``run``, capturing its experiment's spec as it is now."""
+        return cls(copy.deepcopy(experiment.raw), str(experiment.path), list(overrides or []),
+                   str(experiment.results_dir), run.run_id)
+
+    def experiment(self) -> Experiment:
+        """The experiment as submitted (``KeyError`` naming the run if it no longer expands to it)."""
+        experiment = reload_spec(self.raw, self.spec_path, self.overrides, self.results_dir)
+        experiment.run(self.run_id)
+        return experiment
 
     def __call__(self):
         import torch
 
-        experiment = load_spec(self.spec_path, self.overrides, self.results_dir)
+        experiment = self.experiment()
         if experiment.executor.nodes > 1:
             return self._task(experiment)
         n = torch.cuda.device_count()
         gpus = experiment.executor.gpus_per_run
+        if gpus and not n and experiment.executor.kind == "slurm":
+            raise RuntimeError(f"run {self.run_id} asks for {gpus} GPU(s) (executor.gpus_per_run) and the job sees "
+                               f"none (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): "
+                               f"not training on the CPU instead; set executor.gpus_per_run=0 for a CPU job")
         if n and n < gpus:
             raise RuntimeError(f"run {self.run_id} wants {gpus} GPUs (executor.gpus_per_run), the job sees {n}")
-        devices = [f"cuda:{i}" for i in range(gpus)] if n else ["cpu"]
+        # submitit_local jobs run on this machine: its GPUs when it has them, else the CPU (as --devices auto)
+        devices = [f"cuda:{i}" for i in range(gpus)] if gpus and n else ["cpu"]
         outcome = execute(experiment, experiment.run(self.run_id), devices)
         aggregate(experiment)
         return outcome
@@ -106,8 +135,8 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """The same run again: training state lives in the run folder, not in this object."""
-        return submitit.helpers.DelayedSubmission(RunJob(self.spec_path, self.overrides, self.results_dir,
-                                                         self.run_id))
+        return submitit.helpers.DelayedSubmission(RunJob(self.raw, self.spec_path, self.overrides,
+                                                         self.results_dir, self.run_id))
 
 
 def _slug(text: str) -> str:
@@ -122,38 +151,33 @@ def job_name(experiment: Experiment, run: Run) -> str:
 def job_layout(ex: ExecutorConfig) -> dict:
     """``nodes``, ``tasks_per_node`` and ``gpus_per_node`` of one run's job; an impossible combination of
     ``executor.nodes``, ``kind`` and ``gpus_per_run`` is a ValueError naming the key."""
+    validate_executor(ex)
     nodes, gpus = ex.nodes, ex.gpus_per_run
-    if nodes < 1:
-        raise ValueError(f"executor.nodes must be at least 1, got {nodes}")
     if nodes == 1:
         return {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus}
-    if ex.kind != "slurm":
-        raise ValueError(f"executor.nodes={nodes} needs executor.kind: slurm ({ex.kind} runs use one machine)")
-    if gpus < 1:
-        raise ValueError(f"executor.nodes={nodes} needs GPUs: executor.gpus_per_run is {gpus}; set it to the "
-                         f"run's GPUs on all nodes together, a multiple of {nodes}")
-    if gpus % nodes:
-        raise ValueError(f"executor.gpus_per_run={gpus} cannot be split evenly over executor.nodes={nodes}: "
-                         f"gpus_per_run counts the GPUs of all nodes together, a multiple of nodes")
     return {"nodes": nodes, "tasks_per_node": gpus // nodes, "gpus_per_node": gpus // nodes}
 
 
 def job_resources(experiment: Experiment, runs: list[Run]) -> dict:
     """``cpus_per_task`` and ``mem_gb`` (per node) for the runs' jobs (the module docstring gives the rule);
-    an explicit setting smaller than the loaders need is a ValueError naming the key."""
+    an explicit setting that leaves a training process without a CPU is a ValueError naming the key."""
     ex = experiment.executor
     layout = job_layout(ex)
     workers = max(r.config.data.num_workers for r in runs)
     # processes per task: one task runs torchrun's processes on one node, or is one process of a multi-node run
-    gpus = 1 if ex.nodes > 1 else max(1, ex.gpus_per_run)
-    need = gpus * (workers + 1)
-    cpus = ex.cpus_per_task if ex.cpus_per_task is not None else need
-    if cpus < need:
-        raise ValueError(f"executor.cpus_per_task={cpus} is too small: {gpus} GPU process(es) x (data.num_workers="
-                         f"{workers} loader workers + 1) need {need}; raise it or leave it unset to derive it")
+    processes = 1 if ex.nodes > 1 else max(1, ex.gpus_per_run)
+    if ex.cpus_per_task is not None:
+        cpus = ex.cpus_per_task
+        if cpus < processes:
+            raise ValueError(f"executor.cpus_per_task={cpus} leaves {processes} training process(es) less than a "
+                             f"CPU each; give at least {processes}, or executor.cpus_per_gpu")
+    else:
+        per_process = ex.cpus_per_gpu if ex.cpus_per_gpu is not None else min(workers + 1, MAX_CPUS_PER_GPU)
+        cpus = processes * per_process
+    if cpus // processes < workers + 1:
+        log.info("%d CPU(s) per training process: its loaders start %d worker(s) instead of data.num_workers=%d "
+                 "(the same numbers, at the speed those CPUs give)", cpus // processes, cpus // processes - 1, workers)
     mem = ex.mem_gb if ex.mem_gb is not None else GB_PER_CPU * cpus * layout["tasks_per_node"]
-    if mem < 1:
-        raise ValueError(f"executor.mem_gb must be at least 1, got {mem}")
     return {"cpus_per_task": int(cpus), "mem_gb": int(mem)}
 
 
@@ -161,7 +185,8 @@ def make_executor(experiment: Experiment, runs: list[Run]):
     """A submitit executor for the runs (its files under ``<results_dir>/submitit/``)."""
     ex = experiment.executor
     cluster = "local" if ex.kind == "submitit_local" else "slurm"
-    executor = submitit.AutoExecutor(folder=experiment.results_dir / "submitit" / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=experiment.results_dir / "submitit" / "%j", cluster=cluster,
+                                     slurm_max_num_timeout=ex.max_num_timeout)
     resources, layout = job_resources(experiment, runs), job_layout(ex)
     name = job_name(experiment, runs[0]) if len(runs) == 1 else f"dynexit-{_slug(experiment.name)}"
     params = {"timeout_min": ex.timeout_min, "name": name, "cpus_per_task": resources["cpus_per_task"],
@@ -173,6 +198,10 @@ def make_executor(experiment: Experiment, runs: list[Run]):
             params["slurm_partition"] = ex.slurm_partition
         if ex.slurm_account:
             params["slurm_account"] = ex.slurm_account
+        if ex.sbatch:
+            params["slurm_additional_parameters"] = {str(k).replace("-", "_"): v for k, v in ex.sbatch.items()}
+        if ex.setup:
+            params["slurm_setup"] = list(ex.setup)
     executor.update_parameters(**params)
     return executor
 
@@ -186,8 +215,7 @@ def submit(experiment: Experiment, runs: list[Run], overrides: list[str] | None,
         raise ValueError("SLURM runs need the experiment to come from a spec file")
     executor = make_executor(experiment, runs)
     with executor.batch():
-        jobs = [executor.submit(RunJob(str(experiment.path), list(overrides or []), str(experiment.results_dir),
-                                       run.run_id)) for run in runs]
+        jobs = [executor.submit(RunJob.of(experiment, run, overrides)) for run in runs]
     for run, job in zip(runs, jobs):
         folder = run_dir(experiment, run)
         folder.mkdir(parents=True, exist_ok=True)

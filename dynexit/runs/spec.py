@@ -24,9 +24,11 @@ weights: its resolved configuration without the ``eval`` section.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +43,80 @@ from dynexit.yaml_files import line_note, read_yaml
 
 @dataclass
 class ExecutorConfig:
+    """Where and how the runs execute (the spec's ``executor`` section; ``--set executor.KEY=VALUE`` too).
+    None of it is part of a run's identity: it changes where a run computes, not what."""
+
     kind: str = "local"  # local | slurm | submitit_local
     gpus_per_run: int = 1  # > 1: each run trains through torchrun on that many GPUs (all nodes together)
     nodes: int = 1  # > 1 (slurm only): each run spans that many nodes, gpus_per_run / nodes GPUs on each
     timeout_min: int = 60 * 24  # SLURM job time limit
     slurm_partition: Optional[str] = None
     slurm_account: Optional[str] = None
-    cpus_per_task: Optional[int] = None  # None: gpus_per_run x (data.num_workers + 1) (dynexit.runs.slurm)
-    mem_gb: Optional[int] = None  # None: 8 GB per CPU
+    # CPUs of each training process (one per GPU); None: data.num_workers + 1, at most 8 (dynexit.runs.slurm)
+    cpus_per_gpu: Optional[int] = None
+    cpus_per_task: Optional[int] = None  # CPUs of the whole task instead (exclusive with cpus_per_gpu)
+    mem_gb: Optional[int] = None  # memory per node; None: 8 GB per CPU
     slurm_array_parallelism: int = 16  # runs of one submission the scheduler runs at once
+    max_num_timeout: int = 3  # requeues after reaching the time limit (preemptions are not counted)
+    # Any other sbatch option, as key: value (``true`` for a bare flag), e.g. {qos: high, constraint: a100}
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)  # shell lines the job runs first (module load, conda activate)
+
+
+EXECUTORS = ("local", "slurm", "submitit_local")
+# sbatch options dynexit writes itself: given through ``executor.sbatch`` they would contradict its fields.
+SBATCH_OWN = {"job_name": "the job name", "time": "executor.timeout_min", "partition": "executor.slurm_partition",
+              "account": "executor.slurm_account", "cpus_per_task": "executor.cpus_per_gpu or cpus_per_task",
+              "mem": "executor.mem_gb", "nodes": "executor.nodes", "ntasks_per_node": "executor.nodes",
+              "gpus_per_node": "executor.gpus_per_run", "array": "executor.slurm_array_parallelism",
+              "output": "submitit's log files", "error": "submitit's log files", "signal": "submitit's requeue",
+              "open_mode": "submitit's log files"}
+
+
+def validate_executor(ex: ExecutorConfig) -> None:
+    """Raises ValueError naming the first impossible ``executor.<key>`` (its value, the kind, the GPUs and nodes
+    against each other)."""
+    bad = ValueError
+
+    if ex.kind not in EXECUTORS:
+        raise bad(f"executor.kind must be {', '.join(EXECUTORS)}, not {ex.kind!r}")
+    for key, low in (("gpus_per_run", 0), ("nodes", 1), ("timeout_min", 1), ("slurm_array_parallelism", 1),
+                     ("max_num_timeout", 0)):
+        value = getattr(ex, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(f"executor.{key} must be an integer >= {low}, got {value!r}")
+    for key in ("cpus_per_gpu", "cpus_per_task", "mem_gb"):
+        value = getattr(ex, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise bad(f"executor.{key} must be a positive integer or null (derived), got {value!r}")
+    if ex.cpus_per_gpu is not None and ex.cpus_per_task is not None:
+        raise bad("executor.cpus_per_gpu and executor.cpus_per_task exclude each other: give one")
+    for key in ("slurm_partition", "slurm_account"):
+        value = getattr(ex, key)
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise bad(f"executor.{key} must be a name without spaces, got {value!r}")
+    for key, value in ex.sbatch.items():
+        option = str(key).replace("-", "_")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", option):
+            raise bad(f"executor.sbatch.{key}: not an sbatch option name (e.g. qos, constraint, gres)")
+        if option in SBATCH_OWN:
+            raise bad(f"executor.sbatch.{key}: dynexit sets --{option.replace('_', '-')} itself; use "
+                      f"{SBATCH_OWN[option]}")
+        if value is False or value is None or not isinstance(value, (str, int, float)) or (
+                isinstance(value, str) and (not value or "\n" in value)):
+            raise bad(f"executor.sbatch.{key} must be a value on one line (or true for a bare flag), got {value!r}")
+    for i, line in enumerate(ex.setup):
+        if not isinstance(line, str) or "\n" in line:
+            raise bad(f"executor.setup[{i}] must be one shell line, got {line!r}")
+    if ex.nodes > 1:
+        if ex.kind != "slurm":
+            raise bad(f"executor.nodes={ex.nodes} needs executor.kind: slurm ({ex.kind} runs use one machine)")
+        if ex.gpus_per_run < 1:
+            raise bad(f"executor.nodes={ex.nodes} needs GPUs: executor.gpus_per_run is {ex.gpus_per_run}; set it to "
+                      f"the run's GPUs on all nodes together, a multiple of {ex.nodes}")
+        if ex.gpus_per_run % ex.nodes:
+            raise bad(f"executor.gpus_per_run={ex.gpus_per_run} cannot be split evenly over executor.nodes="
+                      f"{ex.nodes}: gpus_per_run counts the GPUs of all nodes together, a multiple of nodes")
 
 
 @dataclass
@@ -98,16 +165,26 @@ IDENTITY_SECTIONS = ("model", "data", "train", "seed")
 # Train fields added after results were committed under ids without them: part of the identity only when
 # set to something other than their default.
 IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False, "compile": False, "eval_calib": "every"}
+# Settings that change how fast a run computes, never its numbers, so never its identity: hashed at one fixed
+# value (the value the committed results were hashed with, so that their ids stay valid), or left out.
+SPEED_SETTINGS = {"data": {"num_workers": 0}, "train": {}}
+SPEED_SETTINGS_LEFT_OUT = {"data": ("stage_to",), "train": ("checkpoint_minutes", "dist_timeout_min")}
 
 
 def run_id(cfg: RunConfig) -> str:
     """A short, stable hash of what determines a run's trained weights: its resolved configuration
-    without the ``eval`` section (``IDENTITY_SECTIONS``)."""
+    without the ``eval`` section (``IDENTITY_SECTIONS``) and without the settings of speed alone
+    (``SPEED_SETTINGS``: loader workers, staging, checkpoint interval, process-group timeout)."""
     tree = to_container(cfg)
     identity = {key: tree[key] for key in IDENTITY_SECTIONS}
     for key, default in IDENTITY_IF_SET.items():  # left out at their default: earlier ids stay valid
         if identity["train"].get(key, default) == default:
             identity["train"].pop(key, None)
+    for section, fixed in SPEED_SETTINGS.items():
+        identity[section].update(fixed)
+    for section, keys in SPEED_SETTINGS_LEFT_OUT.items():
+        for key in keys:
+            identity[section].pop(key, None)
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -126,10 +203,31 @@ def load_spec(path: str | Path, overrides: list[str] | None = None,
     return experiment
 
 
+def reload_spec(raw: dict[str, Any], path: str | Path | None, overrides: list[str] | None,
+                results_dir: str | Path) -> Experiment:
+    """The experiment of a spec as read earlier (``raw``, its mapping, e.g. an ``Experiment.raw``): what a
+    worker process or a SLURM job runs, whatever the spec file says by now."""
+    experiment = expand(copy.deepcopy(raw), Path(path) if path is not None else None, overrides)
+    experiment.results_dir = Path(results_dir)
+    return experiment
+
+
 def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None) -> Experiment:
     where = str(path) if path else "spec"
     spec: SpecFile = merge(SpecFile, check_sections(raw, where), where=where)
     cli = to_plain(parse_set(overrides)) if overrides else {}
+    cli_executor: dict[str, Any] = {}
+    if "executor" in cli:  # --set executor.KEY=VALUE: the spec's executor section, not the runs' configuration
+        cli_executor = cli.pop("executor")
+        if not isinstance(cli_executor, dict):
+            raise ValueError("--set executor=...: give one key at a time, e.g. --set executor.kind=slurm")
+        spec = merge(spec, {"executor": cli_executor}, where="--set")
+    try:
+        validate_executor(spec.executor)
+    except ValueError as err:
+        key = re.match(r"executor\.(\w+)", str(err))
+        given = key is not None and key.group(1) in cli_executor
+        raise ValueError(f"{'--set' if given else where}: {err}{'' if given else line_note(path, str(err))}") from None
     variants = spec.variants or {"base": {}}
     axes: list[list[dict[str, Any]]] = [[{k: v} for v in _values(spec.grid[k], k, where)] for k in spec.grid]
     for g, group in enumerate(spec.zip):
