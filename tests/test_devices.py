@@ -39,6 +39,17 @@ def test_a_torchrun_group_trains_on_its_own_gpus(tmp_path, monkeypatch, visible,
     pipeline._train(RunConfig(), tmp_path, ["cuda:4", "cuda:5", "cuda:6", "cuda:7"])
     (cmd, env), = launched
     assert "--nproc_per_node=4" in cmd and env["CUDA_VISIBLE_DEVICES"] == expected
+    assert cmd[cmd.index("--device") + 1] == "cuda"  # torchrun's ranks that see no GPU fail, never train on the CPU
+
+
+def test_a_process_asked_for_a_gpu_that_sees_none_fails(monkeypatch):
+    import torch
+
+    from dynexit.training.distributed import setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device cuda requested, but CUDA is not available"):
+        setup("cuda")
 
 
 def test_one_group_of_four_gpus_runs_in_this_process_on_those_gpus(monkeypatch, tmp_path):
@@ -46,9 +57,50 @@ def test_one_group_of_four_gpus_runs_in_this_process_on_those_gpus(monkeypatch, 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda i: SimpleNamespace(uuid=f"uuid-of-{i}"))
     groups = runner.plan_workers("cuda:4,cuda:5,cuda:6,cuda:7", None, 8, 4)
     assert groups == [["cuda:4", "cuda:5", "cuda:6", "cuda:7"]]
-    assert dev.lock_names(groups[0]) == ["4", "5", "6", "7"]
+    assert dev.lock_names(groups[0]) == ["GPU-uuid-of-4", "GPU-uuid-of-5", "GPU-uuid-of-6", "GPU-uuid-of-7"]
+
+
+def test_gpu_locks_are_keyed_by_uuid_not_by_the_index_a_process_sees(monkeypatch, tmp_path):
+    """Two SLURM jobs on one node each see their GPU as cuda:0 (cgroups): different GPUs, different locks;
+    two processes that see one GPU under different indices share its lock."""
+    import torch
+
+    def sees(uuids):  # the GPUs this process sees, in its own index order
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=uuids[i]))
+
+    sees(["GPU-aaaa"])
+    job_a = dev.lock_names(["cuda:0"])
+    sees(["GPU-bbbb"])
+    job_b = dev.lock_names(["cuda:0"])
+    assert job_a == ["GPU-aaaa"] and job_b == ["GPU-bbbb"]
+    sees(["MIG-cccc", "GPU-aaaa"])
+    assert dev.lock_names(["cuda:1", "cuda:0"]) == ["GPU-aaaa", "MIG-cccc"]
+    assert dev.lock_names(["cpu"]) == []
+    with dev.device_locks(job_a, tmp_path):
+        with dev.device_locks(job_b, tmp_path):  # the other GPU: no wait
+            pass
+        with open(tmp_path / "gpu-GPU-aaaa.lock", "a") as fh, pytest.raises(BlockingIOError):
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the same GPU, whatever index: held
+
+
+def test_the_runner_reads_the_uuids_before_a_worker_narrows_its_devices(tmp_path, monkeypatch):
+    """The locks a worker holds come from its parent (a worker reading them would initialise CUDA before its
+    CUDA_VISIBLE_DEVICES is narrowed); the pool hands each worker its group's UUIDs."""
+    import torch
+
+    fork = mp.get_context("fork")
+    monkeypatch.setattr(runner.mp, "get_context", lambda kind: fork)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"uuid-{i}"))
+    started = []
+    monkeypatch.setattr(fork, "Process", lambda target, args: started.append(args) or SimpleNamespace(
+        start=lambda: None, is_alive=lambda: False, exitcode=0, join=lambda: None))
+    experiment = SimpleNamespace(path=tmp_path / "spec.yaml", results_dir=tmp_path, raw={})
+    runner._run_pool(experiment, [SimpleNamespace(run_id="a")], [["cuda:0"], ["cuda:1"]], [],
+                     runner.Progress(1, 0, 1, 2))
+    assert [(args[4], args[6]) for args in started] == [(["cuda:0"], ["GPU-uuid-0"]), (["cuda:1"], ["GPU-uuid-1"])]
 
 
 def test_a_gpu_is_locked_while_a_run_uses_it(tmp_path):
@@ -101,7 +153,8 @@ def test_a_worker_stops_after_a_cuda_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as stop:
-        runner._worker({}, "spec.yaml", [], str(tmp_path), ["cuda:1"], {"CUDA_VISIBLE_DEVICES": "1"}, q, results)
+        runner._worker({}, "spec.yaml", [], str(tmp_path), ["cuda:1"], {"CUDA_VISIBLE_DEVICES": "1"}, ["GPU-x"], q,
+                       results)
     assert stop.value.code == runner.RETIRED
     assert results.get_nowait().run_id == "a" and q.get_nowait() == "b"  # the next run waits for a new worker
 

@@ -4,8 +4,9 @@ worker, and the CPU cores this process may use.
 
 Devices are named as this process sees them (``cuda:N`` indexes the parent's ``CUDA_VISIBLE_DEVICES``); a
 child process is shown the parent's own entries for them, so ``cuda:4`` of a parent restricted to GPUs
-``2,3,4,5,6,7`` is GPU 6 for the child too. Locks are named by those entries, so two ``dynexit run`` started
-with the same ``CUDA_VISIBLE_DEVICES`` (or none) wait for each other on a GPU instead of doubling up.
+``2,3,4,5,6,7`` is GPU 6 for the child too. Locks are named by the GPU's UUID, which every process sees the
+same whatever its ``CUDA_VISIBLE_DEVICES`` or cgroup shows it (under SLURM every job's GPU is ``0``), so two
+``dynexit`` processes wait for each other on one GPU instead of doubling up, and never on two different GPUs.
 """
 from __future__ import annotations
 
@@ -56,9 +57,21 @@ def lock_dir() -> Path:
     return folder
 
 
-def lock_names(devices: list[str], visible: str | None = None) -> list[str]:
-    """The names of the locks of ``devices`` (their ``CUDA_VISIBLE_DEVICES`` entries; none for the CPU)."""
-    return [] if devices[0] == "cpu" else physical_ids(devices, visible)
+def lock_names(devices: list[str]) -> list[str]:
+    """The names of the locks of ``devices``: their GPUs' UUIDs (``GPU-...``; ``MIG-...`` for a MIG slice), none
+    for the CPU. Reading them initialises CUDA in this process: call it in a process that picks its GPUs
+    before (the runner, before it starts its workers), not in a worker that narrows its devices afterwards."""
+    if devices[0] == "cpu":
+        return []
+    import torch
+
+    names = []
+    for device in devices:
+        if not re.fullmatch(r"cuda:\d+", device):
+            raise ValueError(f"not a CUDA device: {device!r} (expected cuda:N)")
+        uuid = str(torch.cuda.get_device_properties(int(device[5:])).uuid)
+        names.append(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    return names
 
 
 @contextmanager

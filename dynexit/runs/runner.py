@@ -68,9 +68,10 @@ def worker_environment(group: list[str]) -> dict[str, str]:
 RETIRED = 75  # exit code of a worker that stopped after a CUDA error (its process is replaced)
 
 
-def _worker(raw: dict, spec_path: str, overrides: list[str], results_dir: str, group: list[str], env: dict, queue,
-            results, log_level: int = logging.INFO) -> None:
-    locks = lock_names(group)  # named by the parent's view, before the environment narrows it
+def _worker(raw: dict, spec_path: str, overrides: list[str], results_dir: str, group: list[str], env: dict,
+            locks: list[str], queue, results, log_level: int = logging.INFO) -> None:
+    """Runs the queue's runs on ``group`` (shown to it by ``env``), holding the GPU locks ``locks`` (the UUIDs
+    the parent read: reading them here would initialise CUDA before ``env`` narrows the devices)."""
     os.environ.update(env)
     os.environ[NO_BAR_ENV] = "1"  # bars of several workers would interleave: the parent's progress log shows
     # A spawned process starts with logging unconfigured: show its progress as the parent would, tagged.
@@ -220,11 +221,13 @@ def _run_pool(experiment: Experiment, todo: list[Run], groups: list[list[str]],
     def start(group: list[str]):
         p = ctx.Process(target=_worker, args=(experiment.raw, str(experiment.path), overrides or [],
                                               str(experiment.results_dir),
-                                              group, worker_environment(group), queue, results,
+                                              group, worker_environment(group), locks[tuple(group)], queue,
+                                              results,
                                               logging.getLogger().getEffectiveLevel()))
         p.start()
         return p
 
+    locks = {tuple(group): lock_names(group) for group in groups}  # GPU UUIDs, read here before any worker starts
     procs = []
     for group in groups:
         queue.put(None)
