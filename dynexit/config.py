@@ -276,6 +276,9 @@ class TrainConfig:
     eval_calib: str = "every"
     progress: Optional[bool] = None  # tqdm bar per epoch; None: only on a terminal
     tensorboard: bool = True  # scalars under <run_dir>/tb
+    # Long runs (neither is part of a run's identity: they change what a requeue costs, not the weights).
+    checkpoint_minutes: Optional[float] = None  # also checkpoint within an epoch every N minutes; None: at epoch ends
+    dist_timeout_min: float = 30.0  # how long the processes of a run wait for each other (NCCL, gloo)
 
 
 def _positive_int(cfg: TrainConfig, name: str, allow_none: bool = False) -> None:
@@ -344,6 +347,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
     _number(cfg, "ema_decay", 0.0, 1.0)
     if cfg.eval_calib not in EVAL_CALIB:
         raise ValueError(f"train.eval_calib must be one of {', '.join(EVAL_CALIB)}, got {cfg.eval_calib!r}")
+    _number(cfg, "checkpoint_minutes", 0.0, low_open=True, allow_none=True)
+    _number(cfg, "dist_timeout_min", 0.0, low_open=True)
     _positive_int(cfg, "reference_batch", allow_none=True)
     if cfg.scale_lr and cfg.reference_batch is None:
         raise ValueError("train.scale_lr needs train.reference_batch (the global batch the lr is for)")

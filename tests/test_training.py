@@ -481,3 +481,160 @@ def test_tensorboard_has_the_run_name_id_and_hparams(tmp_path):
     assert {"test/acc_merge", "train/loss"} <= metrics
     # the metrics point at logged scalars whose last value is the final result
     assert events.Scalars("test/acc_merge")[-1].value == pytest.approx(result.metrics["test_acc_merge"], rel=1e-6)
+
+
+# ------------------------------------------------------------------- long runs: host syncs, mid-epoch resume
+
+class SyncCounter:
+    """Counts the calls that make the host wait for the device (a tensor's value read on the host, a
+    collective of the process group) while the training step runs: a CUDA-free stand-in for what
+    ``torch.cuda.set_sync_debug_mode`` reports on a GPU. Only calls within an epoch's training count;
+    loading its batches does not (the loader's work, on the host anyway), nor torch's optimizer steps (they
+    read their step counters, CPU tensors also when the parameters are on a GPU)."""
+
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+
+    def __init__(self, monkeypatch):
+        import dynexit.training.loop as loop
+        from dynexit.training.distributed import DistContext
+
+        self.calls: list[str] = []
+        self.paused = 1  # counting only within _train_epoch
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name), f"Tensor.{name}"))
+        for name in ("all_reduce", "broadcast_flag", "gather", "barrier"):
+            monkeypatch.setattr(DistContext, name, self._counted(getattr(DistContext, name), name))
+        monkeypatch.setattr(loop._Session, "_train_epoch", self._paused(loop._Session._train_epoch, -1))
+        loader_iter = torch.utils.data.dataloader._BaseDataLoaderIter
+        for owner, name in ((loader_iter, "__next__"), (torch.optim.AdamW, "step"), (torch.optim.SGD, "step")):
+            monkeypatch.setattr(owner, name, self._paused(getattr(owner, name)))
+
+    def _counted(self, method, label):
+        def counted(*args, **kwargs):
+            if not self.paused:
+                self.calls.append(label)
+            return method(*args, **kwargs)
+        return counted
+
+    def _paused(self, method, change: int = 1):
+        def paused(*args, **kwargs):
+            self.paused += change
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.paused -= change
+        return paused
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_training_step_does_not_wait_for_the_device(tmp_path, monkeypatch, accum):
+    """An epoch of 12 optimizer steps waits for the device as often as an epoch of 3: at its end only (the
+    finiteness check, the epoch's metrics), not once per step or micro-batch."""
+    counts = {}
+    for steps in (3, 12):
+        counter = SyncCounter(monkeypatch)
+        cfg = small_config("train.epochs=1", f"train.accum_steps={accum}", f"train.batch_size={32 // accum}",
+                           f"data.train_subset={32 * steps}", "data.calib_size=200", "train.mixup=0.8",
+                           "train.cutmix=1.0", "train.clip_grad=1.0")
+        train(cfg, tmp_path / f"{steps}_{accum}", device="cpu")
+        counts[steps] = list(counter.calls)
+        monkeypatch.undo()
+    assert counts[3] == counts[12], counts
+    assert len(counts[12]) <= 6, counts[12]
+
+
+def test_the_loss_weights_live_on_the_training_device(tmp_path, monkeypatch):
+    moved = []
+    to = MultiExitLoss.to
+    monkeypatch.setattr(MultiExitLoss, "to", lambda self, *a, **k: moved.append((a, k)) or to(self, *a, **k))
+    train(small_config("train.epochs=1"), tmp_path / "run", device="cpu")
+    assert moved == [((torch.device("cpu"),), {})]
+
+
+def stop_after_checkpoint_within_epoch(cfg, folder: Path, monkeypatch, epoch: int, batch: int) -> None:
+    """Trains ``cfg`` into ``folder`` and stops it right after the checkpoint written within ``epoch`` after
+    ``batch`` micro-batches."""
+    save = dynexit.models.checkpoint.save_model
+    written = []
+
+    def save_then_stop(path, model, **extra):
+        save(path, model, **extra)
+        written.append((extra["epoch"], extra.get("batch", 0)))
+        if (extra["epoch"] + 1, extra.get("batch")) == (epoch, batch):
+            raise Stop
+
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save_then_stop)
+    with pytest.raises(Stop):
+        train(cfg, folder, device="cpu")
+    monkeypatch.setattr(dynexit.models.checkpoint, "save_model", save)
+    return written
+
+
+@pytest.mark.parametrize("setting", [
+    ("train.mixup=0.8", "train.cutmix=1.0", "train.ema=true"),  # in memory: the batch transform's global RNG
+    ("train.accum_steps=2", "train.batch_size=16", "train.ema=true", "train.optimizer=sgd", "train.lr=0.05"),
+    ("data.recipe=imagenet", "data.num_workers=2", "train.ema=true"),  # per-sample seeds, persistent workers
+])
+def test_a_run_stopped_within_an_epoch_resumes_to_the_bit(tmp_path, monkeypatch, setting):
+    """Checkpoints every optimizer step (train.checkpoint_minutes tiny, two steps between host syncs): a
+    run stopped after the checkpoint 4 micro-batches into epoch 2 resumes there and ends with exactly the
+    checkpoint and metrics of a run never stopped, and of a run that never checkpointed within an epoch."""
+    import dynexit.training.loop as loop
+
+    monkeypatch.setattr(loop, "LOG_EVERY", 1)
+    args = ("data.train_subset=192", "train.epochs=2", *setting)
+    plain = train(small_config(*args), tmp_path / "plain", device="cpu")
+    cfg = small_config(*args, "train.checkpoint_minutes=1e-9")
+    whole = train(cfg, tmp_path / "whole", device="cpu")
+    written = stop_after_checkpoint_within_epoch(cfg, tmp_path / "stopped", monkeypatch, epoch=2, batch=4)
+    assert (1, 0) in written and written[-1] == (1, 4) and (0, 2) in written  # within epochs 1 and 2
+    ckpt = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 4) and set(ckpt["train_metrics"]) >= {"loss_sum", "count"}
+    resumed = train(cfg, tmp_path / "stopped", device="cpu")
+    assert resumed.start_epoch == 1 and resumed.steps == whole.steps == plain.steps
+    reference = checkpoint_tensors(plain.checkpoint)
+    for result in (whole, resumed):
+        tensors = checkpoint_tensors(result.checkpoint)
+        assert tensors.keys() == reference.keys()
+        unequal = [k for k in reference if not torch.equal(reference[k], tensors[k])]
+        assert not unequal, f"differs in {unequal[:5]}"
+        metrics = pd.read_csv(result.metrics_csv).drop(columns="epoch_time")
+        pd.testing.assert_frame_equal(metrics, pd.read_csv(plain.metrics_csv).drop(columns="epoch_time"))
+    assert len(pd.read_csv(resumed.metrics_csv)) == 2
+
+
+@pytest.mark.parametrize("recipe", ["small", "imagenet"])
+def test_loader_workers_change_the_speed_not_the_weights(tmp_path, recipe):
+    runs = [train(small_config("train.epochs=1", f"data.recipe={recipe}", f"data.num_workers={w}"),
+                  tmp_path / f"w{w}", device="cpu") for w in (0, 2)]
+    a, b = (checkpoint_tensors(r.checkpoint) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_comes_before_the_ddp_wrap(tmp_path, monkeypatch):
+    import dynexit.training.loop as loop
+
+    compiled, wrapped = [], []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    wrap = loop._Session._wrap
+    monkeypatch.setattr(loop._Session, "_wrap", lambda self, model: wrapped.append(model) or wrap(self, model))
+    train(small_config("train.epochs=1", "train.compile=true"), tmp_path / "run", device="cpu")
+    assert len(compiled) == 1 and wrapped == compiled  # the compiled model is what DDP would wrap
+
+
+def test_long_run_settings_are_checked_and_leave_the_run_id(tmp_path, monkeypatch):
+    from dynexit.runs.spec import run_id
+    from dynexit.training import distributed
+
+    base = run_id(small_config())
+    assert run_id(small_config("train.checkpoint_minutes=20", "train.dist_timeout_min=90",
+                               "data.num_workers=8")) == base
+    for bad in ("train.checkpoint_minutes=0", "train.checkpoint_minutes=-1", "train.dist_timeout_min=0"):
+        with pytest.raises(ValueError, match=bad.split("=")[0].replace(".", r"\.")):
+            validate_train_config(small_config(bad).train)
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        distributed.setup("cpu", timeout_min=90)
+    assert seen["timeout"].total_seconds() == 90 * 60 and seen["backend"] == "gloo"

@@ -9,8 +9,10 @@ import gzip
 import logging
 import os
 import pickle
+import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -57,11 +59,34 @@ _INFO = {
 # Split views
 
 
+@contextmanager
+def sample_rng(seed: int) -> Iterator[None]:
+    """Python's, numpy's and torch's global generators seeded with ``seed`` (one sample's augmentation, as
+    timm's and torchvision's transforms draw from them), then restored: the caller's streams go on unchanged."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+def _seeded(item: Any) -> tuple[int, Optional[int]]:
+    """``(position, seed)`` of a sampler's item: a position, or a position with its augmentation seed."""
+    return (int(item[0]), int(item[1])) if isinstance(item, tuple) else (int(item), None)
+
+
 class InMemoryImages(Dataset):
     """The images ``indices`` of a uint8 (N, C, H, W) tensor, transformed batch-wise.
 
     ``__getitems__`` (used by DataLoader) transforms a whole batch in one call and returns the list of
-    ``(image, target)`` samples that the default collate function expects.
+    ``(image, target)`` samples that the default collate function expects. A transform that works image by
+    image (not ``batched``, e.g. the imagenet recipe's) draws each image's augmentation from the seed its
+    sampler gives it with the position (``(position, seed)``; see ``dynexit.data.loaders``).
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray,
@@ -72,18 +97,31 @@ class InMemoryImages(Dataset):
         self.transform = transform
 
     @property
+    def batched(self) -> bool:
+        """Whether the transform works on whole batches (random draws from the global generator)."""
+        return bool(getattr(self.transform, "batched", False))
+
+    @property
     def targets(self) -> torch.Tensor:
         return self.all_targets[self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i) -> tuple[torch.Tensor, int]:
         return self.__getitems__([i])[0]
 
-    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int]]:
-        rows = self.indices[torch.as_tensor(positions, dtype=torch.int64)]
-        images = self.transform(self.images[rows])
+    def __getitems__(self, positions: list) -> list[tuple[torch.Tensor, int]]:
+        items = [_seeded(p) for p in positions]
+        rows = self.indices[torch.as_tensor([p for p, _ in items], dtype=torch.int64)]
+        if any(seed is not None for _, seed in items):
+            images = []
+            for row, (_, seed) in zip(rows, items):
+                with sample_rng(seed) if seed is not None else nullcontext():
+                    images.append(self.transform(self.images[row:row + 1]))
+            images = torch.cat(images)
+        else:
+            images = self.transform(self.images[rows])
         return list(zip(images.unbind(0), self.all_targets[rows].tolist()))
 
 
@@ -102,9 +140,11 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, target = self.base[int(self.indices[i])]
-        return self.transform(image), int(target)
+    def __getitem__(self, i) -> tuple[torch.Tensor, int]:
+        position, seed = _seeded(i)
+        image, target = self.base[int(self.indices[position])]
+        with sample_rng(seed) if seed is not None else nullcontext():
+            return self.transform(image), int(target)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ class TensorTransform:
 
     Training: each image gets its own random crop of the zero-padded batch (offsets in [0, 2p]) and,
     if ``hflip``, a mirror with probability 1/2; both are one gather over the batch. Randomness comes
-    from torch's global generator (seeded per DataLoader worker by torch).
+    from torch's global generator (the training loader runs it in the training process: see
+    ``dynexit.data.loaders``).
     """
+
+    batched = True  # one call transforms a whole batch
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0,
                  hflip: bool = False):

@@ -110,9 +110,9 @@ class RunJob(submitit.helpers.Checkpointable):
 
         task = task_environment()
         device = task_device(task.local_rank, torch.cuda.device_count())
-        ctx = join_task_group(task, device)
+        run = experiment.run(self.run_id)
+        ctx = join_task_group(task, device, run.config.train.dist_timeout_min)
         try:
-            run = experiment.run(self.run_id)
             if not ctx.is_main:
                 if ctx.broadcast_flag(False):
                     train(run.config, run_dir(experiment, run), device=device, resume=True)
@@ -310,13 +310,14 @@ def task_device(local_rank: int, visible: int) -> str:
     return f"cuda:{local_rank}"
 
 
-def join_task_group(task: TaskEnvironment, device: str):
+def join_task_group(task: TaskEnvironment, device: str, timeout_min: float | None = None):
     """Joins the run's process group as ``task`` on ``device`` (NCCL on CUDA, gloo on the CPU); the
-    returned ``DistContext`` closes it. The variables stay set for the training loop, which joins the group."""
+    returned ``DistContext`` closes it. The variables stay set for the training loop, which joins the group.
+    ``timeout_min``: how long collectives wait for the other tasks (``train.dist_timeout_min``)."""
     from dynexit.training.distributed import setup
 
     os.environ.update(task.torch_variables())
-    ctx = setup(device)
+    ctx = setup(device, timeout_min=timeout_min)
     log.info("task %d of %d (local rank %d) on %s, master %s:%d", task.rank, task.world_size, task.local_rank,
              device, task.master_addr, task.master_port)
     return ctx

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -93,11 +94,13 @@ def _resolve_device(device: str | torch.device | None, local_rank: int, distribu
     return device
 
 
-def setup(device: str | torch.device | None = None) -> DistContext:
+def setup(device: str | torch.device | None = None, timeout_min: float | None = None) -> DistContext:
     """The process group of this run (see the module docstring) and this process's device.
 
     ``device`` None picks CUDA when there is one (``cuda:LOCAL_RANK`` under torchrun), else the CPU; a
-    bare "cuda" gets the local rank's index.
+    bare "cuda" gets the local rank's index. ``timeout_min``: how long a collective waits for the other
+    processes before failing (``train.dist_timeout_min``; None: torch's default, 10 minutes for NCCL), e.g.
+    while the main process scans an image folder the others will read.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
@@ -110,6 +113,7 @@ def setup(device: str | torch.device | None = None) -> DistContext:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     resolved = _resolve_device(device, local_rank, True)
     backend = "nccl" if resolved.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None)
+    timeout = {} if timeout_min is None else {"timeout": timedelta(minutes=timeout_min)}
+    dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None, **timeout)
     log.info("process group: %s, rank %d of %d on %s", backend, dist.get_rank(), world, resolved)
     return DistContext(dist.get_rank(), dist.get_world_size(), resolved, owns_group=True)

@@ -60,6 +60,9 @@ from dynexit.utils import atomic_write_text
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
+# Optimizer steps between the moments the training step waits for the device (the finiteness check, the
+# progress bar, the clock of train.checkpoint_minutes); the epoch's end is always one.
+LOG_EVERY = 50
 
 
 @dataclass
@@ -102,7 +105,7 @@ def train(cfg, run_dir: str | Path, device: str | torch.device | None = None, re
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"train() needs a dynexit.config.RunConfig, got {type(cfg).__name__}")
     validate_train_config(cfg.train)
-    ctx = setup(device)
+    ctx = setup(device, timeout_min=cfg.train.dist_timeout_min)
     try:
         with run_threads(cfg.train.threads, deterministic_cpu=ctx.device.type == "cpu"):
             return _Session(cfg, Path(run_dir), ctx, resume, on_epoch_end, run_name).run()
@@ -126,6 +129,9 @@ class _Session:
         self.on_epoch_end = on_epoch_end
         self.ckpt_path = run_dir / CHECKPOINT_FILE
         self.checkpoint_epoch = 0
+        self.within_epoch: Optional[dict] = None  # where a checkpoint written within an epoch left it
+        self.last_row: dict[str, float] = {}  # the last finished epoch's row of metrics.csv
+        self.last_save = time.monotonic()
 
     # ------------------------------------------------------------------ setup
 
@@ -162,9 +168,9 @@ class _Session:
         elif ctx.rank:
             seed_everything(cfg.seed + ctx.rank)  # own augmentation/mixup streams per process
         self.checkpoint_epoch = start_epoch
-        self.net = self._wrap(self.model)
-        if tc.compile:  # the checkpoint and evaluation keep using the eager self.model (same parameters)
-            self.net = torch.compile(self.net)
+        # Compiled first, then wrapped (as timm): DDP's gradient hooks stay outside the compiled graph, and
+        # no_sync() is DDP's own. The checkpoint and evaluation keep using the eager self.model (same parameters).
+        self.net = self._wrap(torch.compile(self.model) if tc.compile else self.model)
         return self._epochs(start_epoch, step, wall_time)
 
     def _build_model(self) -> None:
@@ -173,7 +179,8 @@ class _Session:
         self.exit_names = tuple(model.exit_names)
         weights = exit_loss_weights(self.exit_names, tc.loss_weights)  # default: 1.0 per exit unless Perceiver
         self.loss_fn = MultiExitLoss(self.exit_names, weights, distill_alpha=tc.distill_alpha,
-                                     temperature=tc.distill_temperature, label_smoothing=tc.label_smoothing)
+                                     temperature=tc.distill_temperature,
+                                     label_smoothing=tc.label_smoothing).to(ctx.device)  # its weights too
         if tc.sync_bn and ctx.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(ctx.device)
@@ -183,6 +190,7 @@ class _Session:
 
     def _build_data(self) -> None:
         from dynexit.data import build_datasets, build_loaders
+        from dynexit.data.loaders import loader_workers
 
         cfg, ctx = self.cfg, self.ctx
         splits = None
@@ -204,16 +212,16 @@ class _Session:
         self.num_classes = splits.num_classes
         eval_bs = self.tc.eval_batch_size or 2 * self.tc.batch_size
         pin = ctx.device.type == "cuda"
-        self.loaders = build_loaders(splits, self.tc.batch_size, num_workers=cfg.data.num_workers,
+        workers = loader_workers(cfg.data.num_workers)  # within this process's CPUs: the same images, fewer workers
+        self.loaders = build_loaders(splits, self.tc.batch_size, num_workers=workers,
                                      distributed=ctx.distributed, seed=cfg.seed, eval_batch_size=eval_bs,
                                      pin_memory=pin)
         if ctx.distributed:  # each process evaluates every world_size-th sample; sums are reduced
             for name in ("calib", "test"):
                 dataset = getattr(splits, name)
                 shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-                self.loaders[name] = DataLoader(shard, batch_size=eval_bs, shuffle=False,
-                                                num_workers=cfg.data.num_workers, pin_memory=pin,
-                                                persistent_workers=cfg.data.num_workers > 0)
+                self.loaders[name] = DataLoader(shard, batch_size=eval_bs, shuffle=False, num_workers=workers,
+                                                pin_memory=pin, persistent_workers=workers > 0)
 
     def _build_mixup(self):
         if not uses_mixup(self.tc):
@@ -226,16 +234,23 @@ class _Session:
                      num_classes=self.num_classes)
 
     def _restore(self, checkpoint: dict) -> tuple[int, int, float]:
+        """The training state of ``checkpoint``; one written within an epoch also leaves the batch to go on
+        from, which the next epoch starts at (``self.within_epoch``)."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.ema is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
         restore_scaler(self.scaler, checkpoint)
         epoch = int(checkpoint["epoch"])
+        self.last_row = dict(checkpoint["metrics"])
         rngs = checkpoint["rng"]
         if len(rngs) == self.ctx.world_size:
             set_rng_state(rngs[self.ctx.rank], self.loaders["train"].generator)
-        else:
+            if checkpoint.get("batch"):
+                self.within_epoch = {key: checkpoint[key] for key in ("batch", "train_metrics", "epoch_time")}
+                log.info("resuming %s within epoch %d, after %d batches", self.run_dir, int(checkpoint["epoch"]) + 1,
+                         int(checkpoint["batch"]))
+        else:  # a checkpoint written within an epoch restarts that epoch: its batches were sharded otherwise
             log.warning("checkpoint written by %d processes, resuming with %d: data order and augmentation "
                         "of the remaining epochs differ from an uninterrupted run", len(rngs), self.ctx.world_size)
             seed_everything(self.cfg.seed + 7919 * epoch + self.ctx.rank)
@@ -259,21 +274,19 @@ class _Session:
         row: dict[str, float] = {}
         try:
             for epoch in range(start_epoch + 1, tc.epochs + 1):
-                t0 = time.perf_counter()
-                sampler = self.loaders["train"].sampler
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
+                self.epoch_start, self.wall_before = time.perf_counter(), wall_time
                 train_metrics, step, lr = self._train_epoch(epoch, step)
                 row = {"epoch": epoch, "step": step, "lr": lr, **train_metrics}
                 if epoch % tc.eval_every == 0 or epoch == tc.epochs:
                     row.update(self._evaluate(last=epoch == tc.epochs))
-                row["epoch_time"] = time.perf_counter() - t0
+                row["epoch_time"] = self._epoch_seconds()
                 wall_time += row["epoch_time"]
                 rngs = ctx.gather(rng_state(self.loaders["train"].generator))
                 if ctx.is_main:
                     history.append(row)
                     self._save(epoch, step, rngs, row, wall_time)
                     log.info("epoch %d/%d: %s", epoch, tc.epochs, _summary(row, self.exit_names))
+                self.last_row, self.last_save = row, time.monotonic()
                 self.checkpoint_epoch = epoch
                 if self.on_epoch_end is not None:
                     with torch.random.fork_rng(devices=self._cuda_indices()):
@@ -285,17 +298,33 @@ class _Session:
         return self._finish(tc.epochs, step, wall_time, row, start_epoch)
 
     def _train_epoch(self, epoch: int, step: int) -> tuple[dict[str, float], int, float]:
+        """One epoch (from the batch a checkpoint written within it left, if any). The host waits for the
+        device only every ``LOG_EVERY`` optimizer steps and at the epoch's end: losses, accuracies and the
+        finiteness of the loss accumulate on the device in between."""
         tc, ctx = self.tc, self.ctx
         loader = self.loaders["train"]
+        sampler = loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        self.epoch_loader_state = loader.generator.get_state()  # a checkpoint within the epoch starts it again
+        metrics = ExitMetrics(self.exit_names, ctx.device)
+        start, self.epoch_time_before = 0, 0.0
+        if self.within_epoch is not None:
+            resume = self.within_epoch
+            start, self.epoch_time_before = int(resume["batch"]), float(resume["epoch_time"])
+            metrics.load_state(resume["train_metrics"])
+            sampler.skip = start * loader.batch_size  # skipped without loading them
+            self.within_epoch = None
         self.net.train()
         if tc.freeze_bn:
             _freeze_batchnorm(self.model)
-        metrics = ExitMetrics(self.exit_names, ctx.device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=ctx.device)  # first micro-batch with a bad loss
         n = len(loader)
         show = show_progress_bar(tc.progress, ctx.is_main)
-        bar = tqdm(total=n, desc=f"epoch {epoch}/{tc.epochs}", disable=not show, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n, initial=start, desc=f"epoch {epoch}/{tc.epochs}", disable=not show, leave=False,
+                   dynamic_ncols=True)
         lr = learning_rate(tc, step, self.steps_per_epoch)
-        for i, (images, labels) in enumerate(loader):
+        for i, (images, labels) in enumerate(loader, start):
             images = prepare_images(images, ctx.device, tc.channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
             targets = labels
@@ -309,7 +338,7 @@ class _Session:
                 with autocast(ctx.device, tc.amp):
                     logits = self.net(images)
                 out = self.loss_fn(logits, targets)
-                self._check_finite(out.total, epoch, i, n, step)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out.total.detach()), i, first_bad)
                 self.scaler.scale(out.total / group).backward()
             metrics.update(logits, labels, out.per_exit, out.total)
             if boundary:
@@ -325,19 +354,52 @@ class _Session:
                 if self.ema is not None:
                     self.ema.update(self.model, step)
             bar.update(1)
-            if show and (i % 10 == 0 or i == n - 1):
-                bar.set_postfix(loss=f"{out.total.item():.3f}", lr=f"{lr:.2e}")
+            if boundary and (step % LOG_EVERY == 0 or i == n - 1):  # the host waits for the device here only
+                self._check_finite(first_bad, epoch, n, step)
+                if show:
+                    bar.set_postfix(loss=f"{metrics.running_loss():.3f}", lr=f"{lr:.2e}")
+                if i < n - 1 and self._checkpoint_due():
+                    self._save_within_epoch(epoch, step, i + 1, metrics)
         bar.close()
         return metrics.reduce(ctx).as_dict("train", objective=True), step, lr
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, i: int, n: int, step: int) -> None:
-        bad = (~torch.isfinite(loss.detach())).float()
-        if not self.ctx.all_reduce(bad, op="max").item():  # every process stops together
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int, n: int, step: int) -> None:
+        """Raises FloatingPointError on every process if any process had a non-finite loss since the epoch
+        began (before anything of those steps is saved: the last checkpoint is kept)."""
+        bad = self.ctx.all_reduce((first_bad >= 0).to(torch.int32), op="max")
+        if not bad.item():  # every process stops together
             return
         kept = (f"the last good checkpoint {self.ckpt_path} (epoch {self.checkpoint_epoch}) is kept"
-                if self.checkpoint_epoch else "no checkpoint had been written yet")
-        raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {i + 1} of "
-                                 f"{n} (optimizer step {step + 1}); training stopped, {kept}")
+                if self.checkpoint_epoch or self.ckpt_path.exists() else "no checkpoint had been written yet")
+        index = int(first_bad.item())
+        where = f"step {index + 1} of {n}" if index >= 0 else "another process's batch"
+        raise FloatingPointError(f"non-finite training loss at epoch {epoch}, {where} (before optimizer step "
+                                 f"{step + 1}); training stopped, {kept}")
+
+    def _checkpoint_due(self) -> bool:
+        """Whether ``train.checkpoint_minutes`` have passed since the last checkpoint (rank 0's clock decides
+        for every process)."""
+        minutes = self.tc.checkpoint_minutes
+        if minutes is None:
+            return False
+        return self.ctx.broadcast_flag(time.monotonic() - self.last_save >= 60.0 * minutes)
+
+    def _epoch_seconds(self) -> float:
+        return self.epoch_time_before + time.perf_counter() - self.epoch_start
+
+    def _save_within_epoch(self, epoch: int, step: int, batch: int, metrics: ExitMetrics) -> None:
+        """A checkpoint after ``batch`` micro-batches of ``epoch`` (at an optimizer step): a requeued job goes
+        on from there, exactly as if it had not stopped."""
+        state = rng_state()
+        state["loader"] = self.epoch_loader_state
+        rngs = self.ctx.gather(state)
+        if self.ctx.is_main:
+            seconds = self._epoch_seconds()
+            self._save(epoch - 1, step, rngs, self.last_row, self.wall_before + seconds, batch=batch,
+                       train_metrics=metrics.state(), epoch_time=seconds)
+            log.info("checkpoint within epoch %d, after %d of %d batches", epoch, batch,
+                     len(self.loaders["train"]))
+        self.last_save = time.monotonic()
 
     def _evaluate(self, last: bool) -> dict[str, float]:
         """The metrics of the evaluated splits; with ``train.eval_calib: end`` the calibration split only
@@ -367,10 +429,10 @@ class _Session:
 
     # ------------------------------------------------------------------ files
 
-    def _save(self, epoch: int, step: int, rngs: list, row: dict, wall_time: float) -> None:
+    def _save(self, epoch: int, step: int, rngs: list, row: dict, wall_time: float, **within_epoch: Any) -> None:
         from dynexit.models.checkpoint import save_model
 
-        extra: dict[str, Any] = scaler_state(self.scaler)
+        extra: dict[str, Any] = {**scaler_state(self.scaler), **within_epoch}
         if self.ema is not None:
             extra["ema"] = self.ema.module.state_dict()
         save_model(self.ckpt_path, self.model, format=FORMAT, optimizer=self.optimizer.state_dict(),

@@ -52,15 +52,35 @@ class ExitMetrics:
             self.objective_sum += objective.detach().double() * n
         self.count += n
 
+    def running_loss(self) -> float:
+        """This process's mean objective so far (the progress bar's; the host waits for the device)."""
+        return float((self.objective_sum / self.count.clamp(min=1.0)).item())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The sums so far (a mid-epoch checkpoint keeps them, on the CPU)."""
+        return {key: getattr(self, key).detach().cpu() for key in ("loss_sum", "correct", "objective_sum", "count")}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> ExitMetrics:
+        for key, value in state.items():
+            getattr(self, key).copy_(value)
+        return self
+
     def reduce(self, ctx: DistContext) -> ExitMetrics:
-        for t in (self.loss_sum, self.correct, self.objective_sum, self.count):
-            ctx.all_reduce(t)
+        """The sums over all processes: one collective for all of them."""
+        k = len(self.exit_names)
+        flat = ctx.all_reduce(torch.cat([self.loss_sum, self.correct, self.objective_sum[None], self.count[None]]))
+        self.loss_sum, self.correct = flat[:k], flat[k:2 * k]
+        self.objective_sum, self.count = flat[2 * k], flat[2 * k + 1]
         return self
 
     def as_dict(self, prefix: str, objective: bool = False) -> dict[str, float]:
-        n = max(float(self.count.item()), 1.0)
-        loss, correct = (self.loss_sum / n).tolist(), (self.correct * 100.0 / n).tolist()
-        out = {f"{prefix}_loss": float(self.objective_sum.item()) / n} if objective else {}
+        """The means as numbers: one copy from the device."""
+        k = len(self.exit_names)
+        values = torch.cat([self.loss_sum, self.correct, self.objective_sum[None], self.count[None]]).tolist()
+        n = max(values[2 * k + 1], 1.0)
+        loss = [v / n for v in values[:k]]
+        correct = [v * 100.0 / n for v in values[k:2 * k]]
+        out = {f"{prefix}_loss": values[2 * k] / n} if objective else {}
         for name, exit_loss, exit_acc in zip(self.exit_names, loss, correct):
             out[f"{prefix}_loss_{name}"] = exit_loss
             out[f"{prefix}_acc_{name}"] = exit_acc

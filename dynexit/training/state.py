@@ -5,7 +5,10 @@ The checkpoint (``checkpoint.pt``) is a dynexit model checkpoint (``dynexit.mode
 ``optimizer``, ``epoch`` (completed), ``step`` (optimizer steps), ``rng`` (one entry per process:
 python, numpy, torch, CUDA and train-loader generator states), ``config`` (the resolved RunConfig),
 ``metrics`` (the last epoch's row of metrics.csv), ``wall_time`` and ``world_size``; with fp16 on CUDA also
-``scaler`` (the gradient scaler's scale and growth tracker, plain numbers).
+``scaler`` (the gradient scaler's scale and growth tracker, plain numbers). A checkpoint written within an epoch
+(``train.checkpoint_minutes``) also holds ``batch`` (the micro-batches of epoch ``epoch + 1`` done),
+``train_metrics`` (that epoch's sums so far) and ``epoch_time`` (its seconds so far); its ``rng`` entries hold
+the generators as they are at that batch, and the train loader's as it was when the epoch began.
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
 FORMAT = "dynexit-train-1"
 # Config keys a run may resume with other values of: evaluation and reporting (evaluation runs on a
-# forked RNG, so they leave the weights unchanged) and the loader worker count.
+# forked RNG, so they leave the weights unchanged), the loader worker count (workers change the speed, not the
+# images: dynexit.data.loaders), the checkpoint interval and the process-group timeout.
 RESUMABLE_KEYS = ("eval", "data.num_workers", "train.progress", "train.tensorboard", "train.eval_batch_size",
-                  "train.eval_every", "train.eval_calib")
+                  "train.eval_every", "train.eval_calib", "train.checkpoint_minutes", "train.dist_timeout_min")
 
 
 def seed_everything(seed: int) -> None:
