@@ -444,3 +444,44 @@ def test_data_config_is_a_structured_omegaconf_section():
     assert cfg.data.calib_size == 500.0 and cfg.data.fallback == "digits" and cfg.data.hflip is None
     with pytest.raises(ValueError, match="calib_sise"):
         merge(RunConfig, {"data": {"calib_sise": 0.2}})
+
+
+# ------------------------------------------------------------------ uint8 training batches, normalized on the device
+
+def test_uint8_training_batches_normalized_on_the_device_are_the_float_batches():
+    """The small recipe: the same random crops and flips (torch's global generator), normalized in the loader
+    or after it: the same float32 numbers, bit for bit, from a quarter of the bytes."""
+    cfg = DataConfig(train_subset=64, calib_size=10, test_subset=20, hflip=True)
+    floats, uint8 = build_datasets(cfg), build_datasets(cfg, uint8_train=True)
+    assert floats.train_input is None and uint8.train_input is not None
+    torch.manual_seed(3)
+    expected = next(iter(build_loaders(floats, batch_size=16, seed=1)["train"]))[0]
+    torch.manual_seed(3)
+    raw = next(iter(build_loaders(uint8, batch_size=16, seed=1)["train"]))[0]
+    assert raw.dtype == torch.uint8 and raw.shape == (16, 1, 32, 32)  # grey digits: one channel travels
+    assert raw.nbytes * 12 == expected.nbytes
+    got = uint8.train_input(raw)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(uint8.calib[0][0], floats.calib[0][0])  # evaluation splits unchanged
+
+
+def test_uint8_imagenet_recipe_leaves_random_erasing_to_the_device():
+    cfg = DataConfig(train_subset=32, calib_size=10, test_subset=20, recipe="imagenet", image_size=32,
+                     random_erasing=0.0)
+    floats, uint8 = build_datasets(cfg), build_datasets(cfg, uint8_train=True)
+    for position, seed in ((0, 11), (5, 12)):
+        image, target = uint8.train[(position, seed)]
+        assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+        reference, reference_target = floats.train[(position, seed)]  # the same per-sample seed: the same crop
+        assert target == reference_target
+        assert torch.allclose(uint8.train_input(image[None])[0], reference, atol=1e-5)
+    erasing = build_datasets(DataConfig(train_subset=32, calib_size=10, test_subset=20, recipe="imagenet",
+                                        image_size=32, random_erasing=1.0), uint8_train=True)
+    assert "RandomErasing" not in repr(erasing.train.transform)
+    batch = torch.stack([erasing.train[(i, i)][0] for i in range(4)])
+    torch.manual_seed(0)
+    erased = erasing.train_input(batch)
+    plain = build_datasets(cfg, uint8_train=True).train_input(batch)
+    changed = (erased != plain).flatten(1).any(1)
+    assert changed.all()  # probability 1: every image has an erased patch
+    assert ((erased == plain).flatten(1).float().mean(1) > 0.5).all()  # a patch, not the whole image

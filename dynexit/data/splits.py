@@ -27,6 +27,7 @@ from dynexit.data.datasets import (
     _load,
 )
 from dynexit.data.transforms import (
+    ModelInput,
     PilTransform,
     TensorTransform,
     _crop_padding,
@@ -55,6 +56,9 @@ class Splits:
     classes: list[str] = field(default_factory=list)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # With build_datasets(uint8_train=True): the train split yields uint8 images and this finishes them on the
+    # training device (normalization, and the imagenet recipe's random erasing); None otherwise.
+    train_input: Optional[ModelInput] = None
 
 
 def _calib_count(cfg: DataConfig, n_train: int) -> int:
@@ -121,7 +125,7 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     return out
 
 
-def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None) -> Splits:
+def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None, uint8_train: bool = False) -> Splits:
     """Loads ``cfg.name`` and returns its disjoint train / calibration / test splits.
 
     Files are looked for in ``cfg.root``, or by default: Fashion-MNIST in /usr/share/datasets/fashion-mnist
@@ -130,6 +134,8 @@ def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None) -> Splits
     download through torchvision if ``cfg.download``, else use ``cfg.fallback`` if set, else raise
     FileNotFoundError. The calibration split is drawn from the training set (see
     ``calibration_indices``); ``train_subset`` then thins the rest and ``test_subset`` the test set.
+    With ``uint8_train`` (the training loop) the train split yields augmented uint8 images and
+    ``Splits.train_input`` normalizes them on the training device (the same numbers, a quarter of the bytes).
     """
     validate_data_config(cfg)
     try:
@@ -154,25 +160,28 @@ def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None) -> Splits
     test_idx = _subset(np.arange(n_test), cfg.test_subset, [cfg.split_seed, 2], "test images", "test_subset")
 
     if isinstance(source, _Arrays):
-        train, calib, test = _in_memory_splits(cfg, source, info, train_idx, calib_idx, test_idx)
+        train, calib, test = _in_memory_splits(cfg, source, info, train_idx, calib_idx, test_idx, uint8_train)
     else:
         make = imagenet_transform if cfg.recipe == "imagenet" else _small_folder_transform
-        train_tf, eval_tf = make(cfg, True, info.mean, info.std), make(cfg, False, info.mean, info.std)
+        train_tf = make(cfg, True, info.mean, info.std, uint8=uint8_train)
+        eval_tf = make(cfg, False, info.mean, info.std)
         train = FolderImages(source[0], train_idx, train_tf)
         calib = FolderImages(source[0], calib_idx, eval_tf)
         test = FolderImages(source[1], test_idx, eval_tf)
     log.info("%s: %d train, %d calibration, %d test images, %d classes, %d px, %s recipe", name, len(train),
              len(calib), len(test), num_classes, cfg.image_size, cfg.recipe)
+    erasing = cfg.random_erasing if cfg.recipe == "imagenet" else 0.0  # timm's, moved after normalization
     return Splits(train=train, calib=calib, test=test, num_classes=num_classes, image_size=cfg.image_size,
                   calib_indices=calib_idx, train_indices=train_idx, test_indices=test_idx, name=name,
-                  classes=classes, mean=info.mean, std=info.std)
+                  classes=classes, mean=info.mean, std=info.std,
+                  train_input=ModelInput(info.mean, info.std, erasing) if uint8_train else None)
 
 
 def _in_memory_splits(cfg: DataConfig, src: _Arrays, info: _Info, train_idx: np.ndarray,
-                      calib_idx: np.ndarray, test_idx: np.ndarray):
+                      calib_idx: np.ndarray, test_idx: np.ndarray, uint8_train: bool = False):
     train_x, test_x = src.train_images, src.test_images
     if cfg.recipe == "imagenet":  # timm crops and resizes each PIL image from the stored original
-        train_tf = PilTransform(imagenet_transform(cfg, True, info.mean, info.std))
+        train_tf = PilTransform(imagenet_transform(cfg, True, info.mean, info.std, uint8=uint8_train))
         eval_tf = PilTransform(imagenet_transform(cfg, False, info.mean, info.std))
     else:  # resize once, then only tensor work per batch
         s = cfg.image_size
@@ -181,7 +190,8 @@ def _in_memory_splits(cfg: DataConfig, src: _Arrays, info: _Info, train_idx: np.
             raise ValueError(f"data.image_size={s}: the small recipe would hold {need / 2**30:.1f} GiB of "
                              f"resized {cfg.name} images in memory; use data.recipe=imagenet or a smaller size")
         train_x, test_x = _resize(train_x, s), _resize(test_x, s)
-        train_tf = TensorTransform(info.mean, info.std, _crop_padding(cfg), _hflip(cfg, cfg.name))
+        train_tf = TensorTransform(info.mean, info.std, _crop_padding(cfg), _hflip(cfg, cfg.name),
+                                   normalize=not uint8_train)
         eval_tf = TensorTransform(info.mean, info.std)
     return (InMemoryImages(train_x, src.train_targets, train_idx, train_tf),
             InMemoryImages(train_x, src.train_targets, calib_idx, eval_tf),

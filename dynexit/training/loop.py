@@ -195,10 +195,11 @@ class _Session:
         cfg, ctx = self.cfg, self.ctx
         splits = None
         if ctx.is_main:  # the main process draws and saves the calibration split; the others read it
-            splits = build_datasets(cfg.data, self.run_dir)
+            splits = build_datasets(cfg.data, self.run_dir, uint8_train=True)
         ctx.barrier()
         if splits is None:
-            splits = build_datasets(cfg.data, self.run_dir)
+            splits = build_datasets(cfg.data, self.run_dir, uint8_train=True)
+        self.to_input = splits.train_input  # training batches: uint8 through the loader, normalized on the device
         from dynexit.models.interface import model_setting
 
         classes = model_setting(self.model, "num_classes")
@@ -325,7 +326,7 @@ class _Session:
                    dynamic_ncols=True)
         lr = learning_rate(tc, step, self.steps_per_epoch)
         for i, (images, labels) in enumerate(loader, start):
-            images = prepare_images(images, ctx.device, tc.channels_last)
+            images = prepare_images(images, ctx.device, tc.channels_last, self.to_input)
             labels = labels.to(ctx.device, non_blocking=True)
             targets = labels
             if self.mixup is not None and images.shape[0] % 2 == 0:  # timm mixes a batch with its mirror

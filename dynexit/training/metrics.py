@@ -9,7 +9,7 @@ for the EMA weights. ``train_loss`` is the full training objective. A split not 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -87,8 +87,13 @@ class ExitMetrics:
         return out
 
 
-def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool,
+                   to_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """A loader's batch on ``device``, finished there by ``to_input`` (uint8 -> normalized float; see
+    ``dynexit.data.Splits.train_input``) if given, in channels-last layout if asked."""
     images = images.to(device, non_blocking=True)
+    if to_input is not None:
+        images = to_input(images)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
