@@ -462,6 +462,8 @@ def test_uint8_training_batches_normalized_on_the_device_are_the_float_batches()
     assert raw.nbytes * 12 == expected.nbytes
     got = uint8.train_input(raw)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
+    mean, std = uint8.mean[0], uint8.std[0]  # an independent reference: (x / 255 - mean) / std, grey to RGB
+    assert torch.allclose(got, ((raw.double() / 255 - mean) / std).expand(-1, 3, -1, -1).float(), atol=1e-5)
     assert torch.equal(uint8.calib[0][0], floats.calib[0][0])  # evaluation splits unchanged
 
 
