@@ -487,3 +487,22 @@ def test_uint8_imagenet_recipe_leaves_random_erasing_to_the_device():
     changed = (erased != plain).flatten(1).any(1)
     assert changed.all()  # probability 1: every image has an erased patch
     assert ((erased == plain).flatten(1).float().mean(1) > 0.5).all()  # a patch, not the whole image
+
+
+def test_the_official_randaugment_survives_posterize_at_magnitude_10():
+    """RandAugment's increasing posterize keeps 4 - int(4 m / 10) bits: 0 at magnitude 10, which m9 with std
+    0.5 draws about 2 % of the time; Pillow refuses 0 bits. The recipe's posterize blacks the image out."""
+    from PIL import Image
+
+    from dynexit.data.transforms import imagenet_transform
+
+    cfg = DataConfig(recipe="imagenet", image_size=32, auto_augment="rand-m10-n1-inc1")
+    transform = imagenet_transform(cfg, True, (0.5,) * 3, (0.5,) * 3, uint8=True)
+    ops = {op.name: op for step in transform.transforms for op in getattr(step, "ops", ())}
+    op = ops["PosterizeIncreasing"]
+    op.prob = 1.0
+    image = Image.new("RGB", (40, 40), (200, 100, 50))
+    assert op.level_fn(10, op.hparams) == (0,)
+    assert np.asarray(op(image)).max() == 0  # kept no bit: black
+    op.magnitude = 5  # 4 - int(2.0) = 2 bits kept: 200 -> 192, 100 -> 64, 50 -> 0
+    assert np.asarray(op(image))[0, 0].tolist() == [192, 64, 0]
