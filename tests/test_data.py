@@ -395,6 +395,41 @@ def test_imagefolder_splits(tmp_path, recipe):
     assert batch.shape == (4, 3, 16, 16) and targets.tolist() == [0, 0, 1, 1]
 
 
+def test_the_file_list_of_an_image_folder_is_scanned_once_and_shared(tmp_path, monkeypatch):
+    import os
+
+    import torchvision.datasets.folder as tv_folder
+    from torchvision.datasets import ImageFolder
+
+    from dynexit.data import datasets
+
+    monkeypatch.setattr(datasets, "DATA_CACHE", tmp_path / "cache")
+    make_folder(tmp_path / "data")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "data"), image_size=16, calib_size=3)
+    scans = []
+    real = tv_folder.make_dataset
+    monkeypatch.setattr(tv_folder, "make_dataset", lambda *a, **k: scans.append(a[0]) or real(*a, **k))
+    first = build_datasets(cfg)
+    assert len(scans) == 2 and len(list((tmp_path / "cache" / "index").glob("*.json"))) == 2  # train and val
+    again = build_datasets(cfg)  # another process, another run: the index, no scan
+    assert len(scans) == 2
+    reference = ImageFolder(str(tmp_path / "data" / "train"))  # torchvision's own listing (a scan)
+    del scans[2:]
+    assert again.train.base.samples == first.train.base.samples == reference.samples
+    assert again.train.base.classes == reference.classes and again.test.base.targets == first.test.base.targets
+    assert torch.equal(again.test[4][0], first.test[4][0])
+    # a file added to one class folder changes that folder's time: the folder is scanned again
+    bee = tmp_path / "data" / "train" / "bee"
+    (bee / "4.png").write_bytes((bee / "0.png").read_bytes())
+    stamp = (tmp_path / "data" / "train" / "bee").stat().st_mtime_ns
+    os.utime(tmp_path / "data" / "train" / "bee", ns=(stamp + 10**9, stamp + 10**9))  # coarse file system clocks
+    grown = build_datasets(cfg)
+    assert len(scans) == 3 and len(grown.train) + len(grown.calib) == 13
+    assert grown.train.base.samples == ImageFolder(str(tmp_path / "data" / "train")).samples
+    (next((tmp_path / "cache" / "index").glob("*.json"))).write_text("{not json")
+    assert len(build_datasets(cfg).train) == len(grown.train)  # a damaged index: scanned again, with a warning
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "val" / "bee" / "broken.png").write_bytes(b"\x89PNG not really")

@@ -6,11 +6,14 @@ from __future__ import annotations
 import codecs
 import functools
 import gzip
+import hashlib
+import json
 import logging
 import os
 import pickle
 import random
 import struct
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
 from dynexit.config import DataConfig
 
@@ -378,9 +382,71 @@ def _download(name: str, root: Path) -> None:
                                 f"place the files in data.root instead.{hint}") from None
 
 
-def _load_imagefolder(cfg: DataConfig):
-    from torchvision.datasets import ImageFolder
+INDEX_VERSION = 1
 
+
+def index_dir() -> Path:
+    """Where image-folder indexes are kept: ``$DYNEXIT_DATA/index`` (``DATA_CACHE``)."""
+    return DATA_CACHE / "index"
+
+
+def folder_index(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes and ``(path, class index)`` samples of an image folder (``folder/<class>/<image>``), as
+    torchvision's ImageFolder lists them. The list is kept in :func:`index_dir`, one JSON file per folder, and
+    read from there while every class folder keeps the modification time it had when it was scanned (adding,
+    removing or renaming a file changes its folder's): ImageNet's 1.28 M names are scanned once, not by every
+    process of every run."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    folder = folder.resolve()
+    path = index_dir() / f"{hashlib.sha1(str(folder).encode()).hexdigest()[:16]}.json"
+    classes, _ = find_classes(folder)
+    mtimes = {c: (folder / c).stat().st_mtime_ns for c in classes}
+    if path.is_file():
+        try:
+            index = json.loads(path.read_text())
+            if (index.get("version"), index.get("folder"), index.get("mtimes")) == (INDEX_VERSION, str(folder),
+                                                                                    mtimes):
+                samples = [(str(folder / c / name), i) for i, c in enumerate(classes) for name in index["files"][c]]
+                log.info("%s: %d files from the index %s", folder, len(samples), path)
+                return classes, samples
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s is not a readable folder index; scanning %s again", path, folder)
+    start = time.perf_counter()
+    samples = make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
+    files: dict[str, list[str]] = {c: [] for c in classes}
+    for sample, target in samples:
+        files[classes[target]].append(Path(sample).name)
+    try:
+        from dynexit.utils import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"version": INDEX_VERSION, "folder": str(folder), "mtimes": mtimes,
+                                            "files": files}))
+        log.info("%s: scanned %d files in %.1f s; index kept in %s", folder, len(samples),
+                 time.perf_counter() - start, path)
+    except OSError as err:
+        log.warning("%s: scanned %d files, but cannot keep the index in %s (%s): the next process scans again",
+                    folder, len(samples), path, err)
+    return classes, samples
+
+
+class IndexedImageFolder(ImageFolder):
+    """torchvision's ImageFolder of ``root`` (images read by :func:`_load_image`) whose classes and samples
+    are given (by :func:`folder_index`) instead of scanned."""
+
+    def __init__(self, root: Path, classes: list[str], samples: list[tuple[str, int]]):
+        self.index = classes, samples
+        super().__init__(str(root), loader=_load_image)
+
+    def find_classes(self, directory):
+        return list(self.index[0]), {c: i for i, c in enumerate(self.index[0])}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return list(self.index[1])
+
+
+def _load_imagefolder(cfg: DataConfig):
     if cfg.root is None:
         raise ValueError("data.root must name the folder holding train/ and val/ for data.name=imagefolder")
     root = Path(cfg.root).expanduser()
@@ -391,7 +457,7 @@ def _load_imagefolder(cfg: DataConfig):
             raise FileNotFoundError(f"imagefolder: folder {folder} not found (data.root must hold train/ "
                                     f"and val/, one subfolder per class)")
         try:
-            bases.append(ImageFolder(str(folder), loader=_load_image))
+            bases.append(IndexedImageFolder(folder, *folder_index(folder)))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"imagefolder: {folder}: {err}") from None
     train, val = bases
