@@ -174,7 +174,10 @@ class DataConfig:
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # imagenet recipe: timm auto-augment policy
     random_erasing: float = 0.25  # imagenet recipe: random-erasing probability (pixel mode)
     eval_crop_pct: float = 0.875  # imagenet recipe: eval resize to S / eval_crop_pct, centre crop S
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes (each training process's; speed only, not part of a run's id)
+    # Copy data.root to this folder (a node's local disk, e.g. $SLURM_TMPDIR; environment variables expanded
+    # where the run runs) once per node, and read it from there (speed only, not part of a run's id).
+    stage_to: Optional[str] = None
 
 
 def validate_data_config(cfg: DataConfig) -> None:
@@ -203,6 +206,11 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.stage_to is not None:
+        if not cfg.stage_to.strip():
+            raise ValueError("data.stage_to must name a folder (a node's local disk), or be null")
+        if cfg.root is None:
+            raise ValueError("data.stage_to needs data.root: the folder it copies")
 
 
 # Official README: the CNN and merged exits weigh 1, the two latent exits 0.5 each.

@@ -541,3 +541,38 @@ def test_the_official_randaugment_survives_posterize_at_magnitude_10():
     assert np.asarray(op(image)).max() == 0  # kept no bit: black
     op.magnitude = 5  # 4 - int(2.0) = 2 bits kept: 200 -> 192, 100 -> 64, 50 -> 0
     assert np.asarray(op(image))[0, 0].tolist() == [192, 64, 0]
+
+
+def test_stage_to_copies_the_files_once_per_node_and_reads_them_from_there(tmp_path, monkeypatch):
+    import shutil
+
+    from dynexit.data import datasets, staging
+
+    monkeypatch.setattr(datasets, "DATA_CACHE", tmp_path / "cache")
+    make_folder(tmp_path / "nfs" / "imagenet")
+    copies = []
+    copytree = shutil.copytree
+    monkeypatch.setattr(staging, "shutil", type("Shutil", (), {"copytree": staticmethod(
+        lambda a, b: copies.append(a) or copytree(a, b)), "rmtree": staticmethod(shutil.rmtree)}))
+    monkeypatch.setenv("NODE_TMP", str(tmp_path / "local"))
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "nfs" / "imagenet"), image_size=16, calib_size=3,
+                     stage_to="$NODE_TMP/data")
+    plain = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "nfs" / "imagenet"), image_size=16,
+                                      calib_size=3))
+    staged = build_datasets(cfg)
+    (copy,) = (tmp_path / "local" / "data").glob("imagenet-*")
+    assert copies == [(tmp_path / "nfs" / "imagenet").resolve()]
+    assert all(Path(path).is_relative_to(copy) for path, _ in staged.train.base.samples + staged.test.base.samples)
+    assert [Path(p).relative_to(copy) for p, _ in staged.test.base.samples] == \
+        [Path(p).relative_to((tmp_path / "nfs" / "imagenet").resolve()) for p, _ in plain.test.base.samples]
+    assert torch.equal(staged.test[3][0], plain.test[3][0])
+    build_datasets(cfg)  # another process of the node, another run: the copy is there
+    assert len(copies) == 1
+    (copy / staging.MARKER).unlink()  # an interrupted copy (no marker): made again
+    build_datasets(cfg)
+    assert len(copies) == 2 and (copy / staging.MARKER).is_file()
+    monkeypatch.delenv("NODE_TMP")
+    with pytest.raises(ValueError, match=r"data.stage_to='\$NODE_TMP/data': an environment variable"):
+        build_datasets(cfg)
+    with pytest.raises(ValueError, match="data.stage_to needs data.root"):
+        build_datasets(DataConfig(name="imagefolder", stage_to="/tmp/x"))

@@ -629,6 +629,7 @@ def test_long_run_settings_are_checked_and_leave_the_run_id(tmp_path, monkeypatc
     base = run_id(small_config())
     assert run_id(small_config("train.checkpoint_minutes=20", "train.dist_timeout_min=90",
                                "data.num_workers=8")) == base
+    assert run_id(small_config("data.root=/d", "data.stage_to=/tmp/x")) == run_id(small_config("data.root=/d"))
     for bad in ("train.checkpoint_minutes=0", "train.checkpoint_minutes=-1", "train.dist_timeout_min=0"):
         with pytest.raises(ValueError, match=bad.split("=")[0].replace(".", r"\.")):
             validate_train_config(small_config(bad).train)

@@ -138,6 +138,10 @@ def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None, uint8_tra
     ``Splits.train_input`` normalizes them on the training device (the same numbers, a quarter of the bytes).
     """
     validate_data_config(cfg)
+    if cfg.stage_to is not None:
+        from dynexit.data.staging import stage
+
+        cfg = replace(cfg, root=str(stage(cfg.root, cfg.stage_to)))
     try:
         source = _load(cfg)
     except FileNotFoundError as err:

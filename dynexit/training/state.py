@@ -27,9 +27,10 @@ CONFIG_FILE = "config.yaml"
 FORMAT = "dynexit-train-1"
 # Config keys a run may resume with other values of: evaluation and reporting (evaluation runs on a
 # forked RNG, so they leave the weights unchanged), the loader worker count (workers change the speed, not the
-# images: dynexit.data.loaders), the checkpoint interval and the process-group timeout.
-RESUMABLE_KEYS = ("eval", "data.num_workers", "train.progress", "train.tensorboard", "train.eval_batch_size",
-                  "train.eval_every", "train.eval_calib", "train.checkpoint_minutes", "train.dist_timeout_min")
+# images: dynexit.data.loaders), where the files are staged, the checkpoint interval and the process-group timeout.
+RESUMABLE_KEYS = ("eval", "data.num_workers", "data.stage_to", "train.progress", "train.tensorboard",
+                  "train.eval_batch_size", "train.eval_every", "train.eval_calib", "train.checkpoint_minutes",
+                  "train.dist_timeout_min")
 
 
 def seed_everything(seed: int) -> None:
