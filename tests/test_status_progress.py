@@ -107,8 +107,8 @@ def test_runner_worker_turns_the_progress_bar_off(experiment, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the worker narrows it; restored after the test
     work, results = queue.Queue(), queue.Queue()
     work.put(None)  # no run: the worker sets itself up and returns
-    _worker(str(experiment.path), [], str(experiment.results_dir), ["cpu"], {"CUDA_VISIBLE_DEVICES": ""},
-            work, results)
+    _worker(experiment.raw, str(experiment.path), [], str(experiment.results_dir), ["cpu"],
+            {"CUDA_VISIBLE_DEVICES": ""}, [], work, results)
     assert show_progress_bar(True) is False
     assert results.empty()
     # the switch is the environment, not the configuration: the runs keep their ids

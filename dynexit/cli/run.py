@@ -15,7 +15,9 @@ checkpoint. A run's id covers what determines its weights (model, data, train, s
 section: when only eval settings change, finished runs are evaluated again without training. Each run
 computes with its own train.threads CPU threads, so --workers changes the speed, not the numbers.
 With executor.kind slurm the runs are submitted as one job array and the command returns (--wait blocks);
-running it again submits only runs whose jobs are no longer queued or running.
+running it again submits only runs whose jobs are no longer queued or running. Here --set also takes the
+spec's executor keys (--set executor.kind=slurm --set executor.gpus_per_run=2 --set executor.cpus_per_gpu=8);
+they do not change run ids. A submitted job runs the spec as it was when submitted, also when requeued.
 Results: <results_dir>/runs.csv and curves.csv, one folder per run under runs/.
 
 """ + SET_RULE

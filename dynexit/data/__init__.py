@@ -8,12 +8,18 @@ Public API:
   choosing exit thresholds) and ``test`` (the data set's own test/val split), both with evaluation
   transforms. Each is a torch Dataset yielding ``(float32 image (3, S, S), int target)``. The
   calibration indices are written to ``run_dir/calib_indices.json`` and reused when that file exists.
+  With ``uint8_train=True`` (the training loop) the train split yields augmented uint8 images and
+  ``Splits.train_input`` finishes them on the training device (normalization, the imagenet recipe's
+  random erasing). ``data.stage_to`` copies ``data.root`` to a node's local disk first
+  (``dynexit.data.staging``); an image folder's file list is scanned once and kept in an index
+  (``$DYNEXIT_DATA/index``).
 - ``Splits``: ``train``, ``calib``, ``test``, ``num_classes``, ``image_size``, ``calib_indices``,
   ``train_indices``, ``test_indices``, ``name`` (the data set actually loaded), ``classes``, ``mean``,
   ``std``.
 - ``build_loaders(splits, batch_size, num_workers=0, distributed=False, seed=0, ...)``: a dict of
   DataLoaders keyed ``"train"``, ``"calib"``, ``"test"``: train shuffled by a seeded generator (or a
-  DistributedSampler: call ``loader.sampler.set_epoch(epoch)`` each epoch), the others in order.
+  DistributedSampler: call ``loader.sampler.set_epoch(epoch)`` each epoch; its ``skip`` starts the next pass
+  within the epoch), the others in order. The number of workers changes the speed, never the images.
 - ``DATASETS``: the known names; ``read_idx(path)``: an IDX file (MNIST format) as a NumPy array.
 
 Data sets: ``digits`` (scikit-learn's 1,797 8x8 digits; bundled, no download), ``fashion_mnist``

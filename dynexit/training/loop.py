@@ -128,7 +128,8 @@ class _Session:
         self.run_name = run_name
         self.on_epoch_end = on_epoch_end
         self.ckpt_path = run_dir / CHECKPOINT_FILE
-        self.checkpoint_epoch = 0
+        self.checkpoint_epoch = 0  # the epochs and batches (of the next epoch) of the last checkpoint
+        self.checkpoint_batch = 0
         self.within_epoch: Optional[dict] = None  # where a checkpoint written within an epoch left it
         self.last_row: dict[str, float] = {}  # the last finished epoch's row of metrics.csv
         self.last_save = time.monotonic()
@@ -249,6 +250,7 @@ class _Session:
             set_rng_state(rngs[self.ctx.rank], self.loaders["train"].generator)
             if checkpoint.get("batch"):
                 self.within_epoch = {key: checkpoint[key] for key in ("batch", "train_metrics", "epoch_time")}
+                self.checkpoint_batch = int(checkpoint["batch"])
                 log.info("resuming %s within epoch %d, after %d batches", self.run_dir, int(checkpoint["epoch"]) + 1,
                          int(checkpoint["batch"]))
         else:  # a checkpoint written within an epoch restarts that epoch: its batches were sharded otherwise
@@ -288,7 +290,7 @@ class _Session:
                     self._save(epoch, step, rngs, row, wall_time)
                     log.info("epoch %d/%d: %s", epoch, tc.epochs, _summary(row, self.exit_names))
                 self.last_row, self.last_save = row, time.monotonic()
-                self.checkpoint_epoch = epoch
+                self.checkpoint_epoch, self.checkpoint_batch = epoch, 0
                 if self.on_epoch_end is not None:
                     with torch.random.fork_rng(devices=self._cuda_indices()):
                         self.on_epoch_end(epoch=epoch, model=self.model, metrics=dict(row),
@@ -370,8 +372,9 @@ class _Session:
         bad = self.ctx.all_reduce((first_bad >= 0).to(torch.int32), op="max")
         if not bad.item():  # every process stops together
             return
-        kept = (f"the last good checkpoint {self.ckpt_path} (epoch {self.checkpoint_epoch}) is kept"
-                if self.checkpoint_epoch or self.ckpt_path.exists() else "no checkpoint had been written yet")
+        within = f" and {self.checkpoint_batch} batches of the next" if self.checkpoint_batch else ""
+        kept = (f"the last good checkpoint {self.ckpt_path} (epoch {self.checkpoint_epoch}{within}) is kept"
+                if self.checkpoint_epoch or self.checkpoint_batch else "no checkpoint had been written yet")
         index = int(first_bad.item())
         where = f"step {index + 1} of {n}" if index >= 0 else "another process's batch"
         raise FloatingPointError(f"non-finite training loss at epoch {epoch}, {where} (before optimizer step "
@@ -400,7 +403,7 @@ class _Session:
                        train_metrics=metrics.state(), epoch_time=seconds)
             log.info("checkpoint within epoch %d, after %d of %d batches", epoch, batch,
                      len(self.loaders["train"]))
-        self.last_save = time.monotonic()
+        self.last_save, self.checkpoint_batch = time.monotonic(), batch
 
     def _evaluate(self, last: bool) -> dict[str, float]:
         """The metrics of the evaluated splits; with ``train.eval_calib: end`` the calibration split only
