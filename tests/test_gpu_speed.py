@@ -110,7 +110,7 @@ def test_one_process_keeps_its_statistics():
 
 def test_distributed_evaluation_loaders_keep_their_workers():
     source = open(loop.__file__).read()
-    assert "persistent_workers=cfg.data.num_workers > 0" in source
+    assert "persistent_workers=workers > 0" in source
 
 
 def test_the_global_batch_is_checked_against_the_recipe(caplog):

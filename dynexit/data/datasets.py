@@ -106,6 +106,11 @@ class InMemoryImages(Dataset):
         return bool(getattr(self.transform, "batched", False))
 
     @property
+    def takes_seeds(self) -> bool:
+        """Whether samples may come as ``(position, seed)`` (images transformed one by one)."""
+        return not self.batched
+
+    @property
     def targets(self) -> torch.Tensor:
         return self.all_targets[self.indices]
 
@@ -131,6 +136,8 @@ class InMemoryImages(Dataset):
 
 class FolderImages(Dataset):
     """The samples ``indices`` of a torchvision ImageFolder (loaded without a transform), transformed."""
+
+    takes_seeds = True  # samples may come as (position, seed): see InMemoryImages
 
     def __init__(self, base: Any, indices: np.ndarray, transform: Callable):
         self.base = base

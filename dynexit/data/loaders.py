@@ -78,7 +78,10 @@ def build_loaders(splits: Splits, batch_size: int, num_workers: int = 0, distrib
     (seeded with ``seed``; call ``set_epoch``). Images transformed one by one (image folders, the imagenet
     recipe) load in ``num_workers`` persistent workers, in an epoch-keyed order (``seed`` + epoch; call
     ``set_epoch``), each image's augmentation drawn from its own seed (:func:`sample_seed`): the same images
-    with any number of workers. The train sampler's ``skip`` starts its next pass that many samples in.
+    with any number of workers. Another data set (one without ``takes_seeds``) draws from its worker's
+    random state: its workers start afresh each epoch, seeded from ``generator`` (which checkpoints hold), so
+    a run resumed at an epoch's end draws what an uninterrupted one draws. The train sampler's ``skip``
+    starts its next pass that many samples in.
     ``drop_last`` (None: drop the last incomplete batch when the split holds at least one full batch)
     applies to train only. Calibration and test keep their order, are not sharded, and use
     ``eval_batch_size`` (default ``batch_size``).
@@ -91,6 +94,7 @@ def build_loaders(splits: Splits, batch_size: int, num_workers: int = 0, distrib
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
     train = splits.train
     batched = getattr(train, "batched", False)
+    seeded = getattr(train, "takes_seeds", False) and not batched
     generator = torch.Generator()
     replicas, rank = 1, 0
     if distributed:
@@ -105,16 +109,16 @@ def build_loaders(splits: Splits, batch_size: int, num_workers: int = 0, distrib
         generator.manual_seed(seed)
     if drop_last is None:
         drop_last = -(-len(train) // replicas) >= batch_size
-    if batched and not distributed:
-        sampler = ResumableRandomSampler(train, generator=generator)
-    else:
+    if distributed or seeded:
         sampler = ResumableDistributedSampler(train, num_replicas=replicas, rank=rank, shuffle=True, seed=seed,
                                               drop_last=drop_last)
-        sampler.seeded = not batched
+        sampler.seeded = seeded
+    else:
+        sampler = ResumableRandomSampler(train, generator=generator)
     workers = 0 if batched else num_workers
     loaders = {"train": DataLoader(train, batch_size=batch_size, sampler=sampler, generator=generator,
                                    drop_last=drop_last, num_workers=workers, pin_memory=pin_memory,
-                                   persistent_workers=workers > 0)}
+                                   persistent_workers=seeded and workers > 0)}
     for name in ("calib", "test"):
         loaders[name] = DataLoader(getattr(splits, name), batch_size=eval_batch_size or batch_size,
                                    shuffle=False, drop_last=False, **common)
