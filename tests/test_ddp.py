@@ -71,3 +71,64 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
 
     ddp_rows, one_rows = pd.read_csv(tmp_path / "ddp" / "metrics.csv"), pd.read_csv(single.metrics_csv)
     pd.testing.assert_frame_equal(ddp_rows[COMPARED], one_rows[COMPARED], rtol=1e-4, atol=1e-5)
+
+
+def _ddp_within_epoch_worker(rank: int, init_file: str, folder: str, keep: str, minutes):
+    """One of two processes (gloo) training config(16) for 2 epochs of 2 steps each, host syncs every step,
+    checkpoints within epochs when ``minutes`` is set; rank 0 keeps a copy of the checkpoint written after
+    the first batch of epoch 2 in ``keep``."""
+    import shutil
+
+    import dynexit.models.checkpoint
+    import dynexit.training.loop as loop
+
+    torch.set_num_threads(1)
+    loop.LOG_EVERY = 1
+    save = dynexit.models.checkpoint.save_model
+
+    def save_and_keep(path, model, **extra):
+        save(path, model, **extra)
+        if keep and (extra["epoch"], extra.get("batch")) == (1, 1):
+            shutil.copy(path, keep)
+
+    dynexit.models.checkpoint.save_model = save_and_keep
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = config(16)
+    cfg.train.epochs, cfg.train.checkpoint_minutes = 2, minutes
+    try:
+        train(cfg, folder, device="cpu")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_processes_checkpoint_within_an_epoch_and_resume_there_to_the_bit(tmp_path):
+    """Two processes agree on when to checkpoint within an epoch (rank 0's clock) and save every rank's random
+    state; a pair resumed from the checkpoint after batch 1 of epoch 2 ends with the weights and metrics of
+    the pair never stopped, and of a pair that never checkpointed within an epoch."""
+    import shutil
+
+    import torch.multiprocessing as tmp
+
+    keep = tmp_path / "within.pt"
+    runs = {"plain": None, "within": 1e-9}
+    for name, minutes in runs.items():
+        tmp.spawn(_ddp_within_epoch_worker, nprocs=2, join=True,
+                  args=(str(tmp_path / f"init_{name}"), str(tmp_path / name), str(keep) if minutes else "", minutes))
+    ckpt = torch.load(keep, weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["world_size"], len(ckpt["rng"])) == (1, 1, 2, 2)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("config.yaml", "calib_indices.json", "metrics.csv"):
+        shutil.copy(tmp_path / "within" / name, resumed / name)
+    shutil.copy(keep, resumed / "checkpoint.pt")
+    tmp.spawn(_ddp_within_epoch_worker, nprocs=2, join=True,
+              args=(str(tmp_path / "init_resumed"), str(resumed), "", 1e-9))
+    plain = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    for name in ("within", "resumed"):
+        other = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        assert other["step"] == plain["step"] == 4
+        for part in ("model", "ema"):
+            assert all(torch.equal(plain[part][k], other[part][k]) for k in plain[part]), (name, part)
+        rows = pd.read_csv(tmp_path / name / "metrics.csv").drop(columns="epoch_time")
+        pd.testing.assert_frame_equal(rows, pd.read_csv(tmp_path / "plain" / "metrics.csv").drop(columns="epoch_time"))

@@ -315,7 +315,7 @@ class _Session:
         if self.within_epoch is not None:
             resume = self.within_epoch
             start, self.epoch_time_before = int(resume["batch"]), float(resume["epoch_time"])
-            metrics.load_state(resume["train_metrics"])
+            metrics.load_state(resume["train_metrics"][ctx.rank])
             sampler.skip = start * loader.batch_size  # skipped without loading them
             self.within_epoch = None
         self.net.train()
@@ -397,10 +397,11 @@ class _Session:
         state = rng_state()
         state["loader"] = self.epoch_loader_state
         rngs = self.ctx.gather(state)
+        sums = self.ctx.gather(metrics.state())  # each process's own sums, reduced at the epoch's end
         if self.ctx.is_main:
             seconds = self._epoch_seconds()
             self._save(epoch - 1, step, rngs, self.last_row, self.wall_before + seconds, batch=batch,
-                       train_metrics=metrics.state(), epoch_time=seconds)
+                       train_metrics=sums, epoch_time=seconds)
             log.info("checkpoint within epoch %d, after %d of %d batches", epoch, batch,
                      len(self.loaders["train"]))
         self.last_save, self.checkpoint_batch = time.monotonic(), batch

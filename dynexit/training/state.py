@@ -7,8 +7,9 @@ python, numpy, torch, CUDA and train-loader generator states), ``config`` (the r
 ``metrics`` (the last epoch's row of metrics.csv), ``wall_time`` and ``world_size``; with fp16 on CUDA also
 ``scaler`` (the gradient scaler's scale and growth tracker, plain numbers). A checkpoint written within an epoch
 (``train.checkpoint_minutes``) also holds ``batch`` (the micro-batches of epoch ``epoch + 1`` done),
-``train_metrics`` (that epoch's sums so far) and ``epoch_time`` (its seconds so far); its ``rng`` entries hold
-the generators as they are at that batch, and the train loader's as it was when the epoch began.
+``train_metrics`` (that epoch's sums so far, one entry per process) and ``epoch_time`` (its seconds so far);
+its ``rng`` entries hold the generators as they are at that batch, and the train loader's as it was when the
+epoch began.
 """
 from __future__ import annotations
 
