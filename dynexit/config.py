@@ -437,13 +437,23 @@ def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) 
     return [float(weights[k]) for k in names]
 
 
-def validate_run_config(cfg: RunConfig) -> None:
+def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
     """Every check of a run's values that needs no data: the model (preset and overrides, or factory; a
     model other than a Dyn-Perceiver is built to learn its exits), data, train (with the loss weights against
     the model's exits) and eval sections (the grid against the number of exits). Raises ValueError/TypeError
-    naming the first bad key."""
+    naming the first bad key.
+
+    ``import_factories=False`` (a configuration read from a run or results folder: data, not code): a
+    factory's name is checked for its form but never imported, so the checks that need its model's exits
+    are skipped."""
     from dynexit.yaml_files import key_in_message
 
+    if cfg.model.factory is not None and not import_factories:
+        _check_factory_section(cfg.model)
+        validate_data_config(cfg.data)
+        validate_train_config(cfg.train)
+        validate_eval_config(cfg.eval)
+        return
     try:
         exit_names = _checked_model(cfg.model)
     except (ValueError, TypeError) as err:  # the model families speak of their own fields: name the key
@@ -463,6 +473,25 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"eval.grid: {err} (the model has {len(exit_names)} exits)") from None
 
 
+def _check_factory_section(cfg: Any) -> None:
+    """The checks of a factory's model section that import nothing: the name's form and the given costs."""
+    from dynexit.models.interface import check_factory_name
+
+    try:
+        check_factory_name(cfg.factory)
+    except ValueError as err:
+        raise ValueError(f"model.factory: {err}") from None
+    if cfg.costs is not None:
+        _check_costs(list(cfg.costs), None)
+
+
+def _check_costs(costs: list[float], names: tuple[str, ...] | None) -> None:
+    if (names is not None and len(costs) != len(names)) or not all(
+            math.isfinite(c) and c > 0 for c in costs) or any(b <= a for a, b in zip(costs, costs[1:])):
+        count = f"{len(names)} positive GMACs, one per exit ({', '.join(names)})" if names else "positive GMACs"
+        raise ValueError(f"model.costs must be {count}, increasing, got {costs!r}")
+
+
 def _checked_model(cfg: Any) -> tuple[str, ...]:
     """The exit names of the model section ``cfg``, after checking that it builds and that its costs can be
     known (counted through its segments, or given in ``model.costs``)."""
@@ -473,11 +502,7 @@ def _checked_model(cfg: Any) -> tuple[str, ...]:
     model = build_configured_model(cfg)
     names = tuple(model.exit_names)
     if cfg.costs is not None:
-        costs = list(cfg.costs)
-        if len(costs) != len(names) or not all(math.isfinite(c) and c > 0 for c in costs) or any(
-                b <= a for a, b in zip(costs, costs[1:])):
-            raise ValueError(f"model.costs must be {len(names)} positive GMACs, one per exit ({', '.join(names)}), "
-                             f"increasing, got {costs!r}")
+        _check_costs(list(cfg.costs), names)
     elif not has_segments(model):
         raise ValueError(f"model.costs: {type(model).__name__} has no init_state/run_segment, so dynexit cannot "
                          f"count its per-exit costs; give them as model.costs: [GMACs of {', '.join(names)}]")
@@ -539,8 +564,11 @@ def parse_set(items: list[str] | None) -> Any:
     return OmegaConf.from_dotlist(items)
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Reads a run configuration YAML file (plus ``--set`` overrides) into a validated RunConfig."""
+def load_run_config(path: str | Path, overrides: list[str] | None = None, import_factories: bool = True) -> RunConfig:
+    """Reads a run configuration YAML file (plus ``--set`` overrides) into a validated RunConfig.
+
+    ``import_factories=False`` for a file dynexit wrote (a run folder's config.yaml): a factory it names is
+    data, never imported (see validate_run_config)."""
     from dynexit.yaml_files import key_in_message, line_note, read_yaml
 
     path = Path(path)
@@ -557,7 +585,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if overrides:
         cfg = merge(cfg, parse_set(overrides), where="--set")
     try:
-        validate_run_config(cfg)  # errors now, before anything runs
+        validate_run_config(cfg, import_factories)  # errors now, before anything runs
     except (ValueError, TypeError) as err:
         key = key_in_message(str(err))
         given = set(_dotted_keys(OmegaConf.to_container(parse_set(overrides)))) if overrides else set()

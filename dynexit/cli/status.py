@@ -87,7 +87,7 @@ def run(args) -> int:
         spec_copy = target / "experiment.yaml"
         if not spec_copy.is_file():
             raise FileNotFoundError(f"{target} holds no experiment.yaml; is it an experiment's results folder?")
-        experiment = load_spec(spec_copy)
+        experiment = load_spec(spec_copy, import_factories=False)  # a results folder is data
         experiment.results_dir = target
     else:
         experiment = load_spec(target)

@@ -5,8 +5,9 @@ as a dict), ``model_kind`` (which architecture that configuration is for: ``perc
 files that name none, ``msdnet``, ``branchy``, or ``factory`` for a model made by a ``module:function`` factory, whose
 ``model_config`` holds ``factory`` and its keyword arguments ``kwargs``) and, when it comes from training,
 ``ema`` and the training state.
-``load_model`` rebuilds the model from the file alone (a factory's module is imported again, so it must be
-importable where the file is loaded).
+``load_model`` rebuilds the model from the file. A factory named in the file is data: it is called only with
+the caller's consent (``factory=`` or ``DYNEXIT_TRUSTED_MODULES``, see :mod:`dynexit.models.interface`), and its
+module must be importable where the file is loaded.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from dynexit.models import BranchyConfig, BranchyNet, MSDNet, MSDNetConfig, MultiExitModel, PerceiverConfig, build_model
-from dynexit.models.interface import build_from_factory
+from dynexit.models.interface import build_from_factory, check_factory_name, consented_factory
 from dynexit.utils import UnsafeFileError, atomic_write, load_torch_file
 
 # model_kind -> (configuration class, builder)
@@ -88,17 +89,28 @@ def read(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model(path: str | Path, ema: bool = False) -> MultiExitModel:
-    """The model stored in a dynexit checkpoint (its EMA weights with ``ema=True``), in eval mode."""
+def load_model(path: str | Path, ema: bool = False, factory: str | None = None) -> MultiExitModel:
+    """The model stored in a dynexit checkpoint (its EMA weights with ``ema=True``), in eval mode.
+
+    A checkpoint of a factory's model is rebuilt only with the caller's consent: ``factory`` names the
+    ``module:function`` to call (with the keyword arguments the file records), or the factory the file names
+    has its module in ``DYNEXIT_TRUSTED_MODULES``; otherwise UntrustedFactoryError, naming the file and the
+    factory. ``factory`` is refused for a checkpoint of a preset (it names no code to run)."""
     checkpoint = read(path)
     kind = checkpoint.get("model_kind", "perceiver")
+    if factory is not None:
+        check_factory_name(factory)
+        if kind != FACTORY_KIND:
+            raise ValueError(f"{path} holds a {kind} model, built from its configuration: it needs no factory, "
+                             f"but factory={factory!r} was given")
     if kind == FACTORY_KIND:
         spec = checkpoint["model_config"]
         if not isinstance(spec, dict) or not isinstance(spec.get("factory"), str) or not isinstance(
                 spec.get("kwargs"), dict):
             raise ValueError(f"{path}: model_kind 'factory' needs model_config with 'factory' (module:function) "
                              f"and 'kwargs' (a dict)")
-        model = build_from_factory(spec["factory"], **spec["kwargs"])
+        name = consented_factory(spec["factory"], str(path), factory)
+        model = build_from_factory(name, **spec["kwargs"])
     elif kind not in ARCHITECTURES:
         raise ValueError(f"{path}: unknown model_kind {kind!r}; valid: {', '.join([*ARCHITECTURES, FACTORY_KIND])}")
     else:

@@ -23,11 +23,17 @@ provides ``forward`` from the segments, but any class with these members works: 
 
 Name a model factory as ``"package.module:function"`` wherever a preset name is accepted
 (:func:`dynexit.create_model`, ``dynexit costs``, ``dynexit bench``, a spec's ``model: {factory: ...}``): the
-module is imported and the function called with the keyword arguments given.
+module is imported and the function called with the keyword arguments given. What you name yourself (an
+argument, a command-line option, the spec you pass) is your own code, like a Python script. A factory named
+inside a file dynexit reads (a checkpoint, a run or results folder) is data: it is imported only when you
+consent to it, by naming it yourself (``load_model(path, factory=...)``, ``--factory``) or by listing its module
+in the environment variable ``DYNEXIT_TRUSTED_MODULES`` (comma-separated module names; a package trusts its
+submodules). Otherwise the load is refused with :class:`UntrustedFactoryError`, naming the file and the factory.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -91,13 +97,51 @@ def is_factory_name(name: str) -> bool:
     return isinstance(name, str) and ":" in name
 
 
+TRUST_ENV = "DYNEXIT_TRUSTED_MODULES"
+
+
+class UntrustedFactoryError(ValueError):
+    """A file names a model factory (code to run) that the caller has not consented to."""
+
+
+def trusted_modules() -> tuple[str, ...]:
+    """The module names listed in ``DYNEXIT_TRUSTED_MODULES`` (comma-separated; blanks ignored)."""
+    return tuple(m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip())
+
+
+def is_trusted(name: str) -> bool:
+    """Whether the factory ``name``'s module, or a package above it, is listed in ``DYNEXIT_TRUSTED_MODULES``."""
+    module = name.partition(":")[0]
+    return any(module == m or module.startswith(m + ".") for m in trusted_modules())
+
+
+def consented_factory(asked: str, source: str, given: str | None = None) -> str:
+    """The factory to call for a model that the file ``source`` asks to be built by ``asked``: ``given`` when
+    the caller named one (their consent), else ``asked`` when its module is trusted; else
+    UntrustedFactoryError naming the file, the factory and how to consent."""
+    if given is not None:
+        return given
+    if is_trusted(asked):
+        return asked
+    module = asked.partition(":")[0] if isinstance(asked, str) else "?"
+    raise UntrustedFactoryError(
+        f"{source} asks to build its model by calling {asked!r}: code that dynexit does not run because a file "
+        f"names it. If you trust it, name it yourself (load_model(path, factory={asked!r}), or --factory "
+        f"{asked} on the command line) or list its module: {TRUST_ENV}={module}")
+
+
+def check_factory_name(name: str) -> None:
+    """ValueError unless ``name`` has the form ``package.module:function`` (nothing is imported)."""
+    if not isinstance(name, str) or not FACTORY_PATTERN.match(name):
+        raise ValueError(f"model factory {name!r} is not of the form 'package.module:function' "
+                         f"(dotted Python names, one colon)")
+
+
 def load_factory(name: str) -> Callable[..., Any]:
     """The function ``"package.module:function"`` names: the module imported with importlib, the function
     taken from it (never evaluated). ValueError for any other string, a module that cannot be imported or a
     function it lacks."""
-    if not isinstance(name, str) or not FACTORY_PATTERN.match(name):
-        raise ValueError(f"model factory {name!r} is not of the form 'package.module:function' "
-                         f"(dotted Python names, one colon)")
+    check_factory_name(name)
     module_name, _, function_name = name.partition(":")
     if module_name.split(".")[0] == "dynexit":  # the package's own models are named by their presets
         raise ValueError(f"model factory {name!r}: a factory names a module of your own, not one of dynexit's "

@@ -59,7 +59,7 @@ def plan_migration(spec_path: str | Path, results_dir: str | Path | None = None,
         if not config_path.is_file():
             raise ValueError(f"{folder} has no config.yaml: it cannot be given its current run id")
         raw = yaml.safe_load(config_path.read_text()) or {}
-        cfg = load_run_config(config_path)
+        cfg = load_run_config(config_path, import_factories=False)
         if "threads" not in (raw.get("train") or {}):
             recorded = read_status(folder).get("threads")
             if recorded is not None and threads is not None and int(recorded) != threads:
@@ -96,7 +96,7 @@ def migrate_run_ids(spec_path: str | Path, results_dir: str | Path | None = None
     runs_dir = experiment.results_dir / "runs"
     for rename in plan:
         old, new = runs_dir / rename.old_id, runs_dir / rename.new_id
-        cfg = load_run_config(old / "config.yaml")
+        cfg = load_run_config(old / "config.yaml", import_factories=False)
         cfg.train.threads = rename.threads
         if not (old / EVAL_FILE).is_file():
             atomic_write_text(old / EVAL_FILE, _json(evaluation_record(cfg.eval)))

@@ -119,7 +119,7 @@ def _trained_model(cfg: RunConfig, folder: Path):
         raise FileNotFoundError(f"{path} is missing: the run's logits must be collected again (they are "
                                 f"missing, or eval.{' or eval.'.join(LOGIT_SETTINGS)} changed) and that needs "
                                 f"its checkpoint; restore it, or delete {folder} to train the run again")
-    return load_model(path, ema=cfg.eval.use_ema)
+    return load_model(path, ema=cfg.eval.use_ema, factory=cfg.model.factory)  # the spec names the factory
 
 
 def _logit_paths(folder: Path) -> dict[str, Path]:

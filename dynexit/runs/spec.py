@@ -113,20 +113,23 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None,
-              results_dir: str | Path | None = None) -> Experiment:
+              results_dir: str | Path | None = None, import_factories: bool = True) -> Experiment:
     """Reads, validates and expands a spec file; ``overrides`` (``key=value``) apply to every run;
-    ``results_dir`` replaces the spec's own."""
+    ``results_dir`` replaces the spec's own. A spec the user passes is their own code: its factories are
+    imported to check their models. ``import_factories=False`` for a spec read from a results folder
+    (``experiment.yaml``): data, whose factories are never imported."""
     path = Path(path)
     raw = read_yaml(path, "spec file")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a spec is a mapping with at least 'name' and 'base'")
-    experiment = expand(raw, path, overrides)
+    experiment = expand(raw, path, overrides, import_factories)
     if results_dir is not None:
         experiment.results_dir = Path(results_dir)
     return experiment
 
 
-def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None) -> Experiment:
+def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None,
+           import_factories: bool = True) -> Experiment:
     where = str(path) if path else "spec"
     spec: SpecFile = merge(SpecFile, check_sections(raw, where), where=where)
     cli = to_plain(parse_set(overrides)) if overrides else {}
@@ -153,7 +156,7 @@ def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] |
                 if seed is not None:
                     dotted["seed"] = seed
                 label = f"{where}: variant {variant!r}" + (f" with {dotted}" if dotted else "")
-                cfg = build_run_config(spec.base, dotted, cli, label, path)
+                cfg = build_run_config(spec.base, dotted, cli, label, path, import_factories)
                 rid = run_id(cfg)
                 if rid in seen:
                     raise ValueError(f"{where}: runs {seen[rid]} and {label} have the same configuration, "
@@ -210,14 +213,15 @@ def _describe_value(value: Any) -> str:
     return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
-def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, path: Path | None) -> RunConfig:
+def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, path: Path | None,
+                     import_factories: bool = True) -> RunConfig:
     """base + dotted overrides + command-line overrides, validated; errors name the key (and line)."""
     try:
         cfg = merge(RunConfig, base, where="base")
         cfg = merge(cfg, OmegaConf.from_dotlist([f"{k}={_yaml(v)}" for k, v in dotted.items()]), where="grid")
         if cli:
             cfg = merge(cfg, cli, where="--set")
-        validate_run_config(cfg)
+        validate_run_config(cfg, import_factories)
     except (ValueError, TypeError) as err:
         line = line_note(path, str(err))
         raise ValueError(f"{label}: {err}{line}") from None

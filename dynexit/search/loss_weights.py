@@ -315,7 +315,7 @@ def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, 
 def _load_trained(cfg, folder: Path):
     from dynexit.models.checkpoint import load_model
 
-    return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema)
+    return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema, factory=cfg.model.factory)
 
 
 # ------------------------------------------------------------------------------------------ outputs
