@@ -155,7 +155,7 @@ def test_a_spec_with_the_readme_factory_runs_end_to_end(user_modules, tmp_path):
     assert checkpoint["model_kind"] == "factory"
     assert checkpoint["model_config"] == {"factory": "tiny_exits:make_model",
                                           "kwargs": {"num_classes": 10, "input_size": 28, "width": 8}}
-    model = load_model(folder / "checkpoint.pt")
+    model = load_model(folder / "checkpoint.pt", factory="tiny_exits:make_model")  # the caller consents
     assert type(model).__name__ == "TinyExits" and model.exit_names == ("low", "mid", "high")
     test_logits, _ = load_logits(folder / "logits_test.npz")
     accuracy = (test_logits.argmax(-1) == load_logits(folder / "logits_test.npz")[1]).mean(axis=1) * 100
