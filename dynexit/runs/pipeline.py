@@ -24,6 +24,7 @@ from dynexit.config import RunConfig, save_yaml
 from dynexit.curves import accuracy_at_budget
 from dynexit.runs.folders import (
     EVAL_FILE,
+    LOCK_HELD_ENV,
     LOGIT_SETTINGS,
     SUMMARY_FILE,
     evaluation_record,
@@ -69,13 +70,17 @@ def _evaluate(cfg: RunConfig, folder: Path, device: str) -> dict:
     record = read_evaluation_record(folder)
     model = None
     logit_paths = _logit_paths(folder)
-    if record.get("logits") == want["logits"] and all(p.is_file() for p in logit_paths.values()):
+    logits_current = record.get("logits") == want["logits"] and all(p.is_file() for p in logit_paths.values())
+    # What this evaluation rewrites is marked out of date before any of it is touched, and the record is
+    # written whole last: a kill at any point leaves the run to be evaluated again, never done with outputs
+    # of two evaluations (calibration logits of one set of weights, test logits of another).
+    _write_record(folder, {"logits": want["logits"]} if logits_current else {})
+    if logits_current:
         calib, test = _load_logits(logit_paths)
     else:
         model = _trained_model(cfg, folder)
         calib, test = _collect_logits(cfg, folder, model, device)
-        record = {"logits": want["logits"]}  # the outputs computed from the old logits are stale now
-        _write_record(folder, record)
+        _write_record(folder, {"logits": want["logits"]})
     costs = _costs(cfg, folder, model)
     curve, anytime = _curves(cfg, folder, calib, test, costs)
     names = [str(e) for e in costs["exit"]]
@@ -95,7 +100,8 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",
                "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder)]
         log.info("launching %s", " ".join(cmd))
-        env = {**os.environ, **device_environment(devices)}  # torchrun's ranks see exactly these GPUs
+        # torchrun's ranks see exactly these GPUs, and train under this process's lock on the folder
+        env = {**os.environ, **device_environment(devices), LOCK_HELD_ENV: str(folder.resolve())}
         subprocess.run(cmd, check=True, env=env)
         return
     train(cfg, folder, device=devices[0], resume=True, run_name=name)
