@@ -245,3 +245,35 @@ def test_status_lists_a_run_whose_status_is_done(trained, tmp_path):
     experiment, folder = copy_of(trained, tmp_path)
     assert [row["state"] for row in experiment_status(experiment)] == [DONE]
     assert read_status(folder)["state"] == DONE
+
+
+# --------------------------------------------------------------------------- TensorBoard links, migration
+
+def test_tensorboard_links_are_unique_per_run(tmp_path):
+    from dynexit.runs.execute import tensorboard_name
+
+    raw = yaml.safe_load(textwrap.dedent(SPEC.format(out=tmp_path / "r", seed=0)))
+    raw["variants"] = {"lr/hi": {"train.lr": 0.002}, "lr-hi": {"train.lr": 0.003}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    experiment = load_spec(spec)
+    names = [tensorboard_name(experiment, run) for run in experiment.runs]
+    assert len(set(names)) == 2 and all("/" not in n for n in names)
+    assert [n.endswith(run.run_id) for n, run in zip(names, experiment.runs)] == [True, True]
+
+
+def test_migration_moves_tensorboard_links_and_reports_unreadable_folders(trained, tmp_path, caplog):
+    from dynexit.runs.migration import _relink_tensorboard, plan_migration
+
+    experiment, folder = copy_of(trained, tmp_path)
+    (experiment.results_dir / "runs" / "junk").mkdir()  # no config.yaml
+    assert plan_migration(experiment.path, threads=1) == []  # reported, not a stop
+    assert str(experiment.results_dir / "runs" / "junk") in caplog.text
+    links = experiment.results_dir / "tb"
+    links.mkdir()
+    (folder / "tb").mkdir()
+    os.symlink(os.path.relpath(folder / "tb", links), links / "base_seed0", target_is_directory=True)
+    new = folder.parent / "0000000000"
+    folder.rename(new)
+    _relink_tensorboard(experiment.results_dir, folder, new)
+    assert (links / "base_seed0").resolve() == (new / "tb").resolve()

@@ -96,11 +96,14 @@ TB_LINKS = "tb"  # <results_dir>/tb/<variant>_seed<k>: links to each run's event
 
 
 def tensorboard_name(experiment: Experiment, run: Run) -> str:
-    """``<variant>_seed<k>``, with the grid keys the run sets beyond its variant and seed (``_key=value``)."""
+    """``<variant>_seed<k>_<run id>``, with the grid keys the run sets beyond its variant and seed
+    (``_key=value``); the run id keeps names unique when two differ only in characters a file name cannot
+    hold (``lr/hi`` and ``lr-hi``)."""
     variant_keys = set(((experiment.raw.get("variants") or {}).get(run.variant) or {}).keys())
     extra = [f"_{key}={value}" for key, value in sorted(run.overrides.items())
              if key != "seed" and key not in variant_keys]
-    return f"{run.variant}{''.join(extra)}_seed{run.config.seed}".replace("/", "-")
+    readable = f"{run.variant}{''.join(extra)}_seed{run.config.seed}".replace("/", "-").replace("\0", "")
+    return f"{readable}_{run.run_id}"
 
 
 def link_tensorboard(experiment: Experiment, folder, name: str) -> None:
