@@ -203,6 +203,42 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+    check_seed(cfg.split_seed, "data.split_seed")
+    from dynexit.data.datasets import known_sizes
+
+    sizes = known_sizes(cfg.name)
+    if sizes is not None:  # a built-in data set: its size is known without loading it
+        calibration_count(cfg.calib_size, sizes[0], cfg.name)
+
+
+def calibration_count(calib_size: float, n_train: int, dataset: str = "the data set") -> int:
+    """How many training images ``data.calib_size`` holds out of ``n_train``; ValueError when none would
+    be left for training."""
+    n = max(1, round(calib_size * n_train)) if calib_size < 1 else int(calib_size)
+    if n >= n_train:
+        raise ValueError(f"data.calib_size={calib_size:g} asks for {n} calibration images, but the training set "
+                         f"of {dataset} has {n_train}; at least one must stay for training")
+    return n
+
+
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators all take
+
+
+def check_seed(seed: Any, key: str) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"{key} must be an integer in [0, 2**32 - 1], got {seed!r}")
+
+
+def check_finite(tree: Any, key: str = "") -> None:
+    """ValueError naming the first key of a configuration tree whose number is not finite (inf, nan)."""
+    if isinstance(tree, Mapping):
+        for name, value in tree.items():
+            check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            check_finite(value, f"{key}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ValueError(f"{key} must be a finite number, got {tree!r}")
 
 
 # Official README: the CNN and merged exits weigh 1, the two latent exits 0.5 each.
@@ -448,6 +484,8 @@ def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
     are skipped."""
     from dynexit.yaml_files import key_in_message
 
+    check_finite(to_container(cfg))
+    check_seed(cfg.seed, "seed")
     if cfg.model.factory is not None and not import_factories:
         _check_factory_section(cfg.model)
         validate_data_config(cfg.data)

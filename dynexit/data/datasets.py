@@ -42,15 +42,21 @@ class _Info:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool  # whether mirror images are still members of their class
+    sizes: Optional[tuple[int, int]] = None  # (training, test) images; None: known only once loaded
 
 
 _INFO = {
-    "digits": _Info(10, (0.3053,) * 3, (0.3759,) * 3, hflip=False),
-    "fashion_mnist": _Info(10, (0.2860,) * 3, (0.3530,) * 3, hflip=True),
-    "cifar10": _Info(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True),
-    "cifar100": _Info(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True),
+    "digits": _Info(10, (0.3053,) * 3, (0.3759,) * 3, hflip=False, sizes=(1797 - DIGITS_TEST_SIZE, DIGITS_TEST_SIZE)),
+    "fashion_mnist": _Info(10, (0.2860,) * 3, (0.3530,) * 3, hflip=True, sizes=(60000, 10000)),
+    "cifar10": _Info(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True, sizes=(50000, 10000)),
+    "cifar100": _Info(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True, sizes=(50000, 10000)),
     "imagefolder": _Info(0, IMAGENET_MEAN, IMAGENET_STD, hflip=True),  # classes from the folders
 }
+
+
+def known_sizes(name: str) -> Optional[tuple[int, int]]:
+    """(training, test) image counts of a built-in data set, known without loading it (None: imagefolder)."""
+    return _INFO[name].sizes
 
 
 # ----------------------------------------------------------------------------------------------------

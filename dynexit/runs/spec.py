@@ -132,6 +132,8 @@ def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] |
            import_factories: bool = True) -> Experiment:
     where = str(path) if path else "spec"
     spec: SpecFile = merge(SpecFile, check_sections(raw, where), where=where)
+    check_names(spec, where)
+    check_keys_given_once(spec, overrides or [], where)
     cli = to_plain(parse_set(overrides)) if overrides else {}
     variants = spec.variants or {"base": {}}
     axes: list[list[dict[str, Any]]] = [[{k: v} for v in _values(spec.grid[k], k, where)] for k in spec.grid]
@@ -206,6 +208,76 @@ def check_sections(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one file or folder name (None when it can)."""
+    if not name.strip():
+        return "it is blank"
+    if name in (".", ".."):
+        return "it names a folder's parent or itself"
+    bad = sorted({c for c in name if c in "/\\" or ord(c) < 32})
+    if bad:
+        return f"it holds {', '.join(repr(c) for c in bad)}"
+    if len(name.encode()) > 200:
+        return "it is longer than 200 bytes"
+    return None
+
+
+def check_names(spec: SpecFile, where: str) -> None:
+    """The experiment's and the variants' names become folder and file names: each must be one."""
+    problem = file_name_problem(spec.name)
+    if problem:
+        raise ValueError(f"{where}: name {spec.name!r} cannot name the results folder: {problem}")
+    for variant in spec.variants:
+        problem = file_name_problem(variant.replace("/", "-"))  # a '/' becomes '-' in file names
+        if problem:
+            raise ValueError(f"{where}: variant name {variant!r} cannot be part of a file name: {problem}")
+
+
+def dotted_leaves(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys that ``tree`` sets, written nested or dotted alike (``{a: {b: 1}}`` and ``{a.b: 1}``)."""
+    leaves = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        leaves += dotted_leaves(value, f"{path}.") if isinstance(value, dict) and value else [path]
+    return leaves
+
+
+def _clash(keys: list[str]) -> tuple[str, str] | None:
+    """Two keys that set the same value (equal, or one inside the other), if any."""
+    ordered = sorted(keys)
+    for a, b in zip(ordered, ordered[1:]):
+        if a == b or b.startswith(a + "."):
+            return a, b
+    return None
+
+
+def check_keys_given_once(spec: SpecFile, overrides: list[str], where: str) -> None:
+    """ValueError naming a key given twice in any form: within a variant or ``--set`` (dotted and nested), or
+    by two of variant, grid, zip groups and seeds, where one would silently win over the other."""
+    for variant, tree in spec.variants.items():
+        clash = _clash(dotted_leaves(tree or {}))
+        if clash:
+            raise ValueError(f"{where}: variant {variant!r} sets {clash[0]!r} twice ({' and '.join(clash)}); "
+                             f"give each key once")
+    if overrides:
+        clash = _clash([key for item in overrides for key in dotted_leaves(to_plain(parse_set([item])))])
+        if clash:
+            raise ValueError(f"--set gives {clash[0]!r} twice ({' and '.join(clash)}); give each key once")
+    sources = {"grid": list(spec.grid), **{f"zip group {g}": list(group) for g, group in enumerate(spec.zip)}}
+    if spec.seeds:
+        sources["seeds"] = ["seed"]
+    for variant, tree in spec.variants.items():
+        sources[f"variant {variant!r}"] = dotted_leaves(tree or {})
+    names = list(sources)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if first.startswith("variant") and second.startswith("variant"):
+                continue  # variants are alternatives, not layers
+            clash = _clash(sources[first] + sources[second])
+            if clash and not (_clash(sources[first]) or _clash(sources[second])):
+                raise ValueError(f"{where}: {first} and {second} both set {clash[0]!r}; set it in one place")
+
+
 def _describe_value(value: Any) -> str:
     kind = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(type(value))
     kind = kind or ("nothing" if value is None else type(value).__name__)
@@ -223,6 +295,11 @@ def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, 
             cfg = merge(cfg, cli, where="--set")
         validate_run_config(cfg, import_factories)
     except (ValueError, TypeError) as err:
+        from dynexit.yaml_files import key_in_message
+
+        key = key_in_message(str(err))
+        if cli and key is not None and any(key == k or key.startswith(k + ".") for k in dotted_leaves(cli)):
+            raise ValueError(f"{label}: --set: {err}") from None  # the option's value, not the spec's line
         line = line_note(path, str(err))
         raise ValueError(f"{label}: {err}{line}") from None
     return cfg
