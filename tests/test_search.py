@@ -486,3 +486,29 @@ def test_loss_weight_figures_from_trials_csv(tmp_path, caplog):
         written = write_loss_weight_figures(few, tmp_path / "few")
     assert {p.name for p in written} == {"optimization_history.png", "optimization_history.csv"}
     assert "fewer than 4: no parameter importances" in caplog.text
+
+
+def test_an_extended_or_resumed_loss_weight_study_never_repeats_a_setting(tmp_path):
+    """2 trials, then the study extended to 4 in a new call (a new process's sampler), then a second study
+    of 4 trials at once: every trial has its own values and run folder, and the same study gives the same
+    trials however it was run."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(out=tmp_path / "res", epochs=1))
+    folders = []
+
+    def trainer(cfg, run_dir, device=None, resume=True, on_epoch_end=None):
+        folders.append(Path(run_dir).name)
+        on_epoch_end(epoch=1, model=None, ema=None)
+
+    def scorer(model, cfg, folder):
+        return 50.0 + cfg.train.distill_alpha
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    search_loss_weights(spec, n_trials=2, storage=storage, trainer=trainer, scorer=scorer)
+    extended = search_loss_weights(spec, n_trials=4, storage=storage, trainer=trainer, scorer=scorer).trials
+    params = ["weight_early3", "weight_att", "weight_cnn", "distill_alpha", "distill_temperature"]
+    assert len(extended) == 4 and not extended.duplicated(subset=params).any()
+    assert len(set(folders)) == 4 and len(folders) == 4  # no trial trained into another's folder
+    at_once = search_loss_weights(spec, n_trials=4, storage=f"sqlite:///{tmp_path / 'b.db'}", trainer=trainer,
+                                  scorer=scorer, study_dir=tmp_path / "b").trials
+    np.testing.assert_array_equal(at_once[params].to_numpy(), extended[params].to_numpy())

@@ -194,7 +194,7 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = storage if isinstance(storage, SearchStorage) else open_storage(storage)
     name = study_name or f"loss-weights-{experiment.name}"
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    sampler = trial_sampler(seed, 0)
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
     # a study holds the trials of one base configuration, cost range, objective and search space (checked on
     # resume); the run id leaves eval out, and the objective's curve follows eval.criterion and eval.grid
@@ -224,8 +224,17 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
         trial.set_user_attr("run_id", rid)
         return _train_and_score(trial, cfg, folder, trainer, callback, scorer, device)
 
-    run_trials(storage, study, objective, n_trials, desc=f"study {name}")
+    run_trials(storage, study, objective, n_trials, desc=f"study {name}",
+               sampler_for=lambda number: trial_sampler(seed, number))
     return export(study, study_dir, names, cost_range, storage.url)
+
+
+def trial_sampler(seed: int, number: int) -> optuna.samplers.TPESampler:
+    """The sampler of trial ``number``: TPE over the study's finished trials, its randomness drawn from
+    ``(seed, number)``, so that no two trials of a study (resumed, extended or shared by workers) repeat
+    one draw, and the same study gives the same trials."""
+    trial_seed = int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=trial_seed, multivariate=True, constant_liar=True)
 
 
 def _default_trainer() -> Callable:
