@@ -123,7 +123,9 @@ def test_status_of_a_results_folder_imports_no_factory(tmp_path, planted, capsys
     factory, marker = planted
     folder = results_folder(tmp_path, factory)
     assert cli_main(["status", str(folder)]) == 0
-    assert "pending: 1" in capsys.readouterr().out  # the spec's one run, computed without its model
+    out = capsys.readouterr().out
+    assert "pending: 2" in out  # the spec's one run and the run folder, both read as data
+    assert "0123456789" in out
     assert not marker.exists()
 
 
@@ -181,3 +183,11 @@ def test_a_run_of_the_users_own_spec_still_builds_its_factory(tmp_path, planted)
     experiment = load_spec(spec)  # the user's own file: like a Python script, its factory is checked by building
     assert marker.exists()
     assert experiment.runs[0].config.model.factory == factory
+
+
+def test_report_and_costs_of_a_shared_folder_import_no_factory(tmp_path, planted, capsys):
+    factory, marker = planted
+    folder = results_folder(tmp_path, factory)
+    (folder / "runs.csv").write_text("run_id,variant,model.name\n0123456789,base," + factory + "\n")
+    cli_main(["report", str(folder), "--formats", "png"])  # whatever it makes of so little, it runs no code
+    assert not marker.exists()
