@@ -31,7 +31,8 @@ def _model_config_fields():
         fields.append((f.name, Optional[hints[f.name]], field(default=None)))
     fields += [("factory", Optional[str], field(default=None)),
                ("costs", Optional[list[float]], field(default=None)),
-               ("options", Optional[dict[str, Any]], field(default=None))]
+               ("options", Optional[dict[str, Any]], field(default=None)),
+               ("op_handles", Optional[dict[str, str]], field(default=None))]
     return fields
 
 
@@ -40,14 +41,15 @@ def _model_config_fields():
 # other keys as keyword arguments (``name`` is then unused). Dyn-Perceiver's fields are typed here; any other
 # key (another family's knob, a factory's argument) is gathered into ``options`` when a file or ``--set`` is
 # merged and checked by the model's own configuration. ``costs``: per-exit GMACs given by the user, for a model
-# without segments (see dynexit.models.interface); None: counted by fvcore.
+# without segments (see dynexit.models.interface); None: counted by fvcore. ``op_handles``: how fvcore counts an
+# op it has no handle for, ``{"aten::op": zero}`` or ``{"aten::op": "package.module:function"}``.
 ModelConfig = dataclasses.make_dataclass("ModelConfig", _model_config_fields())
 ModelConfig.__doc__ = ("A preset ``name`` of any family or a ``factory`` (``module:function``), with overrides or "
                        "keyword arguments (None: the preset's value); ``costs``: user-given per-exit GMACs.")
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 # Keys added to the model section after the first committed results; left out of a config's plain form (and so
 # of run ids) while unused, so the runs of existing specs keep their ids.
-NEW_MODEL_KEYS = ("factory", "costs", "options")
+NEW_MODEL_KEYS = ("factory", "costs", "options", "op_handles")
 FAMILIES = ("perceiver", "msdnet", "branchy", "factory")
 
 
@@ -486,6 +488,7 @@ def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
 
     check_finite(to_container(cfg))
     check_seed(cfg.seed, "seed")
+    _check_op_handles(cfg.model, import_factories)
     if cfg.model.factory is not None and not import_factories:
         _check_factory_section(cfg.model)
         validate_data_config(cfg.data)
@@ -509,6 +512,15 @@ def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
             resolve_grid(cfg.eval.grid, len(exit_names))
         except ValueError as err:
             raise ValueError(f"eval.grid: {err} (the model has {len(exit_names)} exits)") from None
+
+
+def _check_op_handles(cfg: Any, import_functions: bool) -> None:
+    from dynexit.costs import resolve_handles
+
+    try:
+        resolve_handles(cfg.op_handles, import_functions)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"model.op_handles: {err}") from None
 
 
 def _check_factory_section(cfg: Any) -> None:

@@ -68,6 +68,26 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     add_set(parser, model_only=True)
 
 
+def add_op_handles(parser: argparse.ArgumentParser) -> None:
+    """``--op-handle OP=zero|package.module:function`` (repeatable): how fvcore counts an op it cannot."""
+    parser.add_argument("--op-handle", action="append", default=[], metavar="OP=HANDLE", dest="op_handles",
+                        help="count the op OP (e.g. aten::cumsum) as zero multiply-adds (OP=zero) or with your "
+                             "fvcore handle (OP=package.module:function); repeatable")
+
+
+def op_handles(items: list[str]) -> dict:
+    """The handles of ``--op-handle`` items (see :func:`dynexit.costs.resolve_handles`)."""
+    from dynexit.costs import resolve_handles
+
+    named = {}
+    for item in items:
+        op, sep, handle = item.partition("=")
+        if not sep or not op or not handle:
+            raise ValueError(f"--op-handle {item!r}: expected OP=zero or OP=package.module:function")
+        named[op] = handle
+    return resolve_handles(named)
+
+
 def model_arguments(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """The overrides of the preset given by --set, --input-size and --num-classes."""
     overrides = model_set(args.set, command)

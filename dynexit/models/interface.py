@@ -15,8 +15,10 @@ For per-exit costs counted by fvcore and for real early exit (``dynexit.early_ex
 - ``init_state(x) -> state``: the state before segment 0;
 - ``run_segment(k, state) -> state``: runs segment k (the work between exit k-1 and exit k) and returns the
   new state, with exit k's logits appended to ``state.logits`` (a tuple);
-- the state is a ``NamedTuple`` whose fields are tensors or tuples of tensors, batch first, with a ``logits``
-  field and a ``select(index)`` method that keeps only the samples at ``index``.
+- the state is a ``NamedTuple``, a dataclass or a dict whose values are tensors (batch first), tuples of
+  tensors or constants, with the exits' logits as ``logits``; a ``select(index)`` method that keeps only the
+  samples at ``index`` is optional (without it, every batch-first tensor is indexed). See
+  :mod:`dynexit.models.state`. Whatever ``init_state`` computes counts in the first exit's cost.
 
 ``forward`` must give what running the segments 0..K-1 gives. :class:`MultiExitModel` is a base class that
 provides ``forward`` from the segments, but any class with these members works: nothing checks the type.
@@ -87,7 +89,8 @@ def check_multi_exit_model(model: Any, need_segments: bool = False, purpose: str
         if missing:
             raise TypeError(f"{needs} a model that runs exit by exit, but {name} has no {' and no '.join(missing)} "
                             f"(init_state(x) -> state; run_segment(k, state) -> state with exit k's logits "
-                            f"appended to state.logits; state.select(index)); see dynexit.models.interface. "
+                            f"appended to state.logits; a NamedTuple, dataclass or dict); see "
+                            f"dynexit.models.interface. "
                             f"Without them, give its per-exit costs yourself (model.costs in a spec, or a costs CSV)")
     return tuple(names)
 
@@ -137,23 +140,23 @@ def check_factory_name(name: str) -> None:
                          f"(dotted Python names, one colon)")
 
 
-def load_factory(name: str) -> Callable[..., Any]:
+def load_factory(name: str, what: str = "model factory") -> Callable[..., Any]:
     """The function ``"package.module:function"`` names: the module imported with importlib, the function
-    taken from it (never evaluated). ValueError for any other string, a module that cannot be imported or a
-    function it lacks."""
+    taken from it (never evaluated). ValueError, naming ``what``, for any other string, a module that cannot
+    be imported or a function it lacks. Only for names the user gave (see the module docstring)."""
     check_factory_name(name)
     module_name, _, function_name = name.partition(":")
     if module_name.split(".")[0] == "dynexit":  # the package's own models are named by their presets
-        raise ValueError(f"model factory {name!r}: a factory names a module of your own, not one of dynexit's "
+        raise ValueError(f"{what} {name!r}: a factory names a module of your own, not one of dynexit's "
                          f"(name dynexit's models by their presets, see 'dynexit models')")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"model factory {name!r}: cannot import module {module_name!r} ({err}); is it on "
+        raise ValueError(f"{what} {name!r}: cannot import module {module_name!r} ({err}); is it on "
                          f"PYTHONPATH?") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(f"model factory {name!r}: module {module_name!r} has no function {function_name!r}")
+        raise ValueError(f"{what} {name!r}: module {module_name!r} has no function {function_name!r}")
     return function
 
 

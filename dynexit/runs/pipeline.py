@@ -168,7 +168,7 @@ def _parameters(cfg: RunConfig, model) -> int:
 
 
 def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
-    from dynexit.costs import exit_costs
+    from dynexit.costs import exit_costs, resolve_handles
 
     path = folder / "costs.csv"
     if path.is_file():
@@ -178,7 +178,7 @@ def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
     if cfg.model.costs is not None:  # given by the user (a model without segments)
         costs = given_costs(model.exit_names, cfg.model.costs)
     else:
-        costs = exit_costs(model.cpu(), input_size=cfg.data.image_size)
+        costs = exit_costs(model.cpu(), input_size=cfg.data.image_size, handles=resolve_handles(cfg.model.op_handles))
     atomic_write(path, lambda tmp: costs.to_csv(tmp, index=False))
     return costs
 

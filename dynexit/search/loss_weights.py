@@ -251,12 +251,12 @@ def _parse_overrides(overrides: Optional[list[str]]):
 
 def _exit_costs(cfg) -> tuple[tuple[str, ...], np.ndarray]:
     from dynexit.config import build_configured_model
-    from dynexit.costs import exit_costs
+    from dynexit.costs import exit_costs, resolve_handles
 
     model = build_configured_model(cfg.model)
     if cfg.model.costs is not None:  # a model without segments: its costs come from the spec
         return tuple(model.exit_names), np.asarray(cfg.model.costs, dtype=float)
-    table = exit_costs(model, input_size=cfg.data.image_size)
+    table = exit_costs(model, input_size=cfg.data.image_size, handles=resolve_handles(cfg.model.op_handles))
     return tuple(model.exit_names), table["gmacs"].to_numpy(dtype=float)
 
 
