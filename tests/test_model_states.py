@@ -124,3 +124,25 @@ def test_the_command_line_and_a_spec_give_op_handles(tmp_path, capsys):
                                       "op_handles": {"aten::cumsum": "not a function"}}, "eval": {"grid": "msdnet"}})
     with pytest.raises(ValueError, match="model.op_handles"):
         validate_run_config(bad)
+
+
+@pytest.mark.parametrize("names", [("first", "final"), ("at_0.1", "second")])
+def test_exit_names_that_collide_with_summary_columns_are_refused_naming_them(names):
+    from dynexit.models.interface import check_multi_exit_model
+
+    model = TwoExits("dict")
+    model.exit_names = names
+    with pytest.raises(TypeError, match=f"exit name {names[0] if names[0] != 'first' else names[1]!r} is reserved"):
+        check_multi_exit_model(model)
+
+
+def test_a_failed_runs_error_says_which_setting_explains_it():
+    from types import SimpleNamespace
+
+    from dynexit.runs.execute import failure_hint
+
+    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(channels_last=True)))
+    err = RuntimeError("view size is not compatible with input tensor's size and stride")
+    assert "train.channels_last: false" in failure_hint(err, run)
+    run.config.train.channels_last = False
+    assert failure_hint(err, run) == ""

@@ -44,6 +44,9 @@ import torch
 
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 SEGMENT_MEMBERS = ("init_state", "run_segment")
+# Exit names that would collide with the summary columns of runs.csv (acc_<exit> beside acc_final, acc_at_<B>).
+RESERVED_EXIT_NAMES = frozenset({"final"})
+RESERVED_EXIT_PREFIXES = ("at_",)
 
 
 @runtime_checkable
@@ -84,6 +87,10 @@ def check_multi_exit_model(model: Any, need_segments: bool = False, purpose: str
             or len(set(names)) != len(names)):
         raise TypeError(f"{name} has no valid exit_names: a multi-exit model needs exit_names, a tuple of "
                         f"distinct non-empty str in exit order (got {names!r}); see dynexit.models.interface")
+    reserved = [n for n in names if n in RESERVED_EXIT_NAMES or n.startswith(RESERVED_EXIT_PREFIXES)]
+    if reserved:
+        raise TypeError(f"{name}: exit name {reserved[0]!r} is reserved (runs.csv has the columns acc_final, "
+                        f"gmacs_final and acc_at_<budget> beside acc_<exit>); rename the exit")
     if need_segments:
         missing = [m for m in SEGMENT_MEMBERS if not callable(getattr(model, m, None))]
         if missing:
