@@ -21,7 +21,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dynexit.models.presets import PerceiverConfig, preset_config
+from dynexit.models.presets import PerceiverConfig
 
 
 def _model_config_fields():
@@ -50,26 +50,17 @@ MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 # Keys added to the model section after the first committed results; left out of a config's plain form (and so
 # of run ids) while unused, so the runs of existing specs keep their ids.
 NEW_MODEL_KEYS = ("factory", "costs", "options", "op_handles")
-FAMILIES = ("perceiver", "msdnet", "branchy", "factory")
-
-
 def model_family(cfg: Any) -> str:
-    """Which family the model section ``cfg`` builds: perceiver, msdnet, branchy or factory."""
-    from dynexit.models.branchy import BRANCHY_PRESETS
-    from dynexit.models.msdnet import MSDNET_PRESETS
-    from dynexit.models.presets import PRESETS
+    """Which family the model section ``cfg`` builds: a registered family's name (perceiver, msdnet, branchy,
+    ...; see dynexit.models.registry) or factory."""
+    from dynexit.models import family_of
 
     if cfg.factory is not None:
         return "factory"
-    if cfg.name in PRESETS:
-        return "perceiver"
-    if cfg.name in MSDNET_PRESETS:
-        return "msdnet"
-    if cfg.name in BRANCHY_PRESETS:
-        return "branchy"
-    known = sorted([*PRESETS, *MSDNET_PRESETS, *BRANCHY_PRESETS])
-    raise ValueError(f"model.name: unknown preset {cfg.name!r}; valid presets: {', '.join(known)}; or give "
-                     f"model.factory: 'package.module:function'")
+    try:
+        return family_of(cfg.name).name
+    except ValueError as err:
+        raise ValueError(f"model.name: {err}; or give model.factory: 'package.module:function'") from None
 
 
 def model_overrides(cfg: Any) -> dict[str, Any]:
@@ -90,26 +81,20 @@ def resolve_model(cfg: Any) -> PerceiverConfig:
 
 def _family_config(cfg: Any) -> Any:
     """The configuration of a preset model section; errors name the key as ``model.<key>``."""
-    from dynexit.models.branchy import BRANCHY_OVERRIDES, branchy_config
-    from dynexit.models.msdnet import OVERRIDES as MSDNET_OVERRIDES
-    from dynexit.models.msdnet import msdnet_config
-    from dynexit.models.presets import OVERRIDES
+    from dynexit.models import FAMILIES
 
-    family = model_family(cfg)
-    build, valid = {"perceiver": (preset_config, OVERRIDES), "msdnet": (msdnet_config, MSDNET_OVERRIDES),
-                    "branchy": (branchy_config, BRANCHY_OVERRIDES)}[family]
+    family = FAMILIES[model_family(cfg)]
     overrides = model_overrides(cfg)
-    unknown = sorted(set(overrides) - set(valid))
+    unknown = sorted(set(overrides) - set(family.settings))
     if unknown:
-        raise ValueError(f"model.{unknown[0]}: not a setting of {cfg.name} ({family}); its settings: "
-                         f"{', '.join(valid)}")
-    return build(cfg.name, **overrides)
+        raise ValueError(f"model.{unknown[0]}: not a setting of {cfg.name} ({family.name}); its settings: "
+                         f"{', '.join(family.settings)}")
+    return family.config(cfg.name, **overrides)
 
 
 def build_configured_model(cfg: Any):
     """The model a model section describes (a preset of any family, or a factory's model)."""
-    from dynexit.models import MSDNet, build_model
-    from dynexit.models.branchy import BranchyNet
+    from dynexit.models import FAMILIES
     from dynexit.models.interface import build_from_factory
 
     family = model_family(cfg)
@@ -118,16 +103,16 @@ def build_configured_model(cfg: Any):
             return build_from_factory(cfg.factory, **model_overrides(cfg))
         except ValueError as err:
             raise ValueError(f"model.factory: {err}") from None
-    config = _family_config(cfg)
-    return {"perceiver": build_model, "msdnet": MSDNet, "branchy": BranchyNet}[family](config)
+    return FAMILIES[family].build(_family_config(cfg))
 
 
 def model_exit_names(cfg: Any) -> tuple[str, ...]:
-    """The exit names of the model a model section describes (a Dyn-Perceiver's without building it)."""
-    if model_family(cfg) == "perceiver":
-        from dynexit.models.perceiver import model_class
+    """The exit names of the model a model section describes (without building it where its family can tell)."""
+    from dynexit.models import FAMILIES
 
-        return tuple(model_class(resolve_model(cfg)).exit_names)
+    family = model_family(cfg)
+    if family != "factory" and FAMILIES[family].exit_names is not None:
+        return tuple(FAMILIES[family].exit_names(_family_config(cfg)))
     return tuple(build_configured_model(cfg).exit_names)
 
 
@@ -154,6 +139,10 @@ def _fold_model_options(source: Any) -> Any:
 
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+# (training, test) images of the built-in data sets, known without loading them (imagefolder: once read).
+# digits has no test split of its own: 360 of its 1,797 images (dynexit.data.datasets).
+DATASET_SIZES = {"digits": (1437, 360), "fashion_mnist": (60000, 10000), "cifar10": (50000, 10000),
+                 "cifar100": (50000, 10000)}
 RECIPES = ("small", "imagenet")
 
 
@@ -206,11 +195,8 @@ def validate_data_config(cfg: DataConfig) -> None:
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
     check_seed(cfg.split_seed, "data.split_seed")
-    from dynexit.data.datasets import known_sizes
-
-    sizes = known_sizes(cfg.name)
-    if sizes is not None:  # a built-in data set: its size is known without loading it
-        calibration_count(cfg.calib_size, sizes[0], cfg.name)
+    if cfg.name in DATASET_SIZES:  # a built-in data set: its size is known without loading it
+        calibration_count(cfg.calib_size, DATASET_SIZES[cfg.name][0], cfg.name)
 
 
 def calibration_count(calib_size: float, n_train: int, dataset: str = "the data set") -> int:
@@ -545,9 +531,11 @@ def _check_costs(costs: list[float], names: tuple[str, ...] | None) -> None:
 def _checked_model(cfg: Any) -> tuple[str, ...]:
     """The exit names of the model section ``cfg``, after checking that it builds and that its costs can be
     known (counted through its segments, or given in ``model.costs``)."""
+    from dynexit.models import FAMILIES
     from dynexit.models.interface import has_segments
 
-    if model_family(cfg) == "perceiver" and cfg.costs is None:
+    family = model_family(cfg)
+    if family != "factory" and FAMILIES[family].exit_names is not None and cfg.costs is None:
         return model_exit_names(cfg)
     model = build_configured_model(cfg)
     names = tuple(model.exit_names)

@@ -217,7 +217,15 @@ def _argv(example: str, root: Path) -> list[str]:
     words = shlex.split(example, comments=True)[1:]
     for command, extra in SHORTER.items():
         if tuple(words[: len(command)]) == command:
-            words += extra
+            # a key the example sets itself keeps the shorter value (a key given twice is refused)
+            shorter = {extra[i + 1].partition("=")[0] for i, w in enumerate(extra) if w == "--set"}
+            kept = []
+            for word in words:
+                if kept and kept[-1] == "--set" and word.partition("=")[0] in shorter:
+                    kept.pop()
+                    continue
+                kept.append(word)
+            words = kept + extra
     # a database server is not at hand: the same study in a SQLite file
     return [f"sqlite:///{root / 'shared.db'}" if w.startswith("postgresql://") else w for w in words]
 

@@ -118,3 +118,11 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path, capsys):
     lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10^9 values expanded
     code, err = dry_run(tmp_path, capsys, text="\n".join(lines) + "\n")
     assert code == 1 and "more than 100,000 values" in err and "spec.yaml" in err
+
+
+def test_the_known_size_of_digits_is_its_real_size():
+    from dynexit.config import DATASET_SIZES, DataConfig
+    from dynexit.data import build_datasets
+
+    splits = build_datasets(DataConfig(name="digits", image_size=8, calib_size=1))
+    assert (len(splits.train) + len(splits.calib), len(splits.test)) == DATASET_SIZES["digits"]

@@ -8,7 +8,7 @@ EPILOG = """examples:
   dynexit costs resnet50_0375_perceiver_t128 --input-size 160 --num-classes 100
   dynexit costs tiny_perceiver_t16 --input-size 28 --set model.x2z=false --set model.depth_factor=[1,1,1,1]
   dynexit costs reg800m_perceiver_t128 --set model.static=true      # the backbone alone, one exit
-  dynexit costs branchy_resnet_tiny --input-size 28 --set model.exit_stages=[2,3]   # exits on the backbone
+  dynexit costs branchy_resnet_tiny --input-size 28 --set model.exits_after=[2,3]   # exits on the backbone
   dynexit costs mypkg.models:build --op-handle aten::cumsum=zero       # an op fvcore has no handle for
 
 Costs are per image and cumulative in exit order: exit k counts every segment up to it, including the

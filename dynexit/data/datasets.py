@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dynexit.config import DataConfig
+from dynexit.config import DATASET_SIZES, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The in-memory copy resized for the small recipe must stay reasonable; above this, use recipe=imagenet.
 MAX_IN_MEMORY_BYTES = 4 << 30
-DIGITS_TEST_SIZE = 360  # digits has no test split of its own: a fixed 20%, the same for every seed
+DIGITS_TEST_SIZE = DATASET_SIZES["digits"][1]  # digits has no test split of its own: a fixed 20%, for every seed
 _DIGITS_TEST_SEED = 20230611
 
 
@@ -42,21 +42,15 @@ class _Info:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool  # whether mirror images are still members of their class
-    sizes: Optional[tuple[int, int]] = None  # (training, test) images; None: known only once loaded
 
 
 _INFO = {
-    "digits": _Info(10, (0.3053,) * 3, (0.3759,) * 3, hflip=False, sizes=(1797 - DIGITS_TEST_SIZE, DIGITS_TEST_SIZE)),
-    "fashion_mnist": _Info(10, (0.2860,) * 3, (0.3530,) * 3, hflip=True, sizes=(60000, 10000)),
-    "cifar10": _Info(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True, sizes=(50000, 10000)),
-    "cifar100": _Info(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True, sizes=(50000, 10000)),
+    "digits": _Info(10, (0.3053,) * 3, (0.3759,) * 3, hflip=False),
+    "fashion_mnist": _Info(10, (0.2860,) * 3, (0.3530,) * 3, hflip=True),
+    "cifar10": _Info(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True),
+    "cifar100": _Info(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True),
     "imagefolder": _Info(0, IMAGENET_MEAN, IMAGENET_STD, hflip=True),  # classes from the folders
 }
-
-
-def known_sizes(name: str) -> Optional[tuple[int, int]]:
-    """(training, test) image counts of a built-in data set, known without loading it (None: imagefolder)."""
-    return _INFO[name].sizes
 
 
 # ----------------------------------------------------------------------------------------------------

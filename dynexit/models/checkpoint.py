@@ -1,10 +1,11 @@
 """dynexit model checkpoints: weights plus the architecture they belong to.
 
 A dynexit checkpoint is a dict with ``model`` (state dict), ``model_config`` (the model's configuration
-as a dict), ``model_kind`` (which architecture that configuration is for: ``perceiver``, the default for
-files that name none, ``msdnet``, ``branchy``, or ``factory`` for a model made by a ``module:function`` factory, whose
-``model_config`` holds ``factory`` and its keyword arguments ``kwargs``) and, when it comes from training,
-``ema`` and the training state.
+as a dict), ``model_kind`` (which architecture that configuration is for: the name of a registered model
+family, :mod:`dynexit.models.registry` (``perceiver``, the default for files that name none, ``msdnet``,
+``branchy``, ...), or ``factory`` for a model made by a ``module:function`` factory, whose ``model_config``
+holds ``factory`` and its keyword arguments ``kwargs``) and, when it comes from training, ``ema`` and the
+training state.
 ``load_model`` rebuilds the model from the file. A factory named in the file is data: it is called only with
 the caller's consent (``factory=`` or ``DYNEXIT_TRUSTED_MODULES``, see :mod:`dynexit.models.interface`), and its
 module must be importable where the file is loaded.
@@ -17,28 +18,23 @@ from typing import Any
 
 import torch
 
-from dynexit.models import BranchyConfig, BranchyNet, MSDNet, MSDNetConfig, MultiExitModel, PerceiverConfig, build_model
+from dynexit.models import FAMILIES, MultiExitModel
 from dynexit.models.interface import build_from_factory, check_factory_name, consented_factory
+from dynexit.models.registry import FACTORY, family_of_model
 from dynexit.utils import UnsafeFileError, atomic_write, load_torch_file
 
-# model_kind -> (configuration class, builder)
-ARCHITECTURES = {"perceiver": (PerceiverConfig, build_model), "msdnet": (MSDNetConfig, MSDNet),
-                 "branchy": (BranchyConfig, BranchyNet)}
-
-
-FACTORY_KIND = "factory"
+FACTORY_KIND = FACTORY
 
 
 def model_kind(model: MultiExitModel) -> str:
-    """The ``model_kind`` that rebuilds ``model`` (Dyn-Perceiver and its static backbone: ``perceiver``; a
-    model made by a ``module:function`` factory: ``factory``). TypeError for a model dynexit cannot rebuild."""
+    """The ``model_kind`` that rebuilds ``model``: its registered family (whose configuration class its
+    ``config`` is), or ``factory`` for a model made by a ``module:function`` factory. TypeError for a model
+    dynexit cannot rebuild."""
     if getattr(model, "dynexit_factory", None) is not None:
         return FACTORY_KIND
-    for kind, (_, build) in ARCHITECTURES.items():
-        if isinstance(build, type) and isinstance(model, build):
-            return kind
-    if isinstance(getattr(model, "config", None), PerceiverConfig):
-        return "perceiver"
+    family = family_of_model(model)
+    if family is not None:
+        return family.name
     raise TypeError(f"cannot save a {type(model).__name__} as a dynexit checkpoint: it was made neither from a "
                     f"preset nor by a 'module:function' factory through dynexit.create_model, so nothing "
                     f"says how to rebuild it")
@@ -111,11 +107,12 @@ def load_model(path: str | Path, ema: bool = False, factory: str | None = None) 
                              f"and 'kwargs' (a dict)")
         name = consented_factory(spec["factory"], str(path), factory)
         model = build_from_factory(name, **spec["kwargs"])
-    elif kind not in ARCHITECTURES:
-        raise ValueError(f"{path}: unknown model_kind {kind!r}; valid: {', '.join([*ARCHITECTURES, FACTORY_KIND])}")
+    elif kind not in FAMILIES:
+        raise ValueError(f"{path}: unknown model_kind {kind!r}; valid: {', '.join([*FAMILIES, FACTORY_KIND])} (a "
+                         f"family registers when its module is imported)")
     else:
-        config_class, build = ARCHITECTURES[kind]
-        model = build(config_class(**checkpoint["model_config"]))
+        family = FAMILIES[kind]
+        model = family.build(family.config_class(**checkpoint["model_config"]))
     key = "ema" if ema else "model"
     if key not in checkpoint:
         raise ValueError(f"{path} holds no {key!r} weights")

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dynexit.models.backbones import BACKBONES, StagedBackbone, build_backbone
+from dynexit.models.backbones import BACKBONES, StagedBackbone, backbone_spec, build_backbone
 from dynexit.models.layers import (
     FeaturesToLatents,
     LatentsToFeatures,
@@ -29,7 +29,8 @@ from dynexit.models.layers import (
     TokenExpander,
     TokenMixer,
 )
-from dynexit.models.presets import PerceiverConfig
+from dynexit.models.presets import PRESETS, PerceiverConfig
+from dynexit.models.registry import ModelFamily, register_family
 
 
 class State(NamedTuple):
@@ -152,10 +153,10 @@ SEGMENT_PLAN: tuple[tuple[tuple[str, int | str], ...], ...] = (
 
 def _backbone(cfg: PerceiverConfig) -> tuple[StagedBackbone, float]:
     """The configured backbone and the dropout before its classifier (backbone defaults where unset)."""
-    spec = BACKBONES[cfg.backbone]
+    spec = backbone_spec(cfg.backbone)
     drop_path = spec.drop_path if cfg.drop_path is None else cfg.drop_path
     cnn_dropout = spec.cnn_dropout if cfg.cnn_dropout is None else cfg.cnn_dropout
-    return build_backbone(cfg.backbone, drop_path), cnn_dropout
+    return build_backbone(cfg.backbone, drop_path, cfg.input_size), cnn_dropout
 
 
 class MultiExitModel(nn.Module):
@@ -265,3 +266,9 @@ def model_class(cfg: PerceiverConfig) -> type[MultiExitModel]:
 
 def build_model(cfg: PerceiverConfig) -> MultiExitModel:
     return model_class(cfg)(cfg)
+
+
+register_family(ModelFamily(
+    name="perceiver", config_class=PerceiverConfig, build=build_model, presets=PRESETS,
+    description="Dynamic Perceiver (CNN and latent branches, four exits), or its backbone alone (static=true)",
+    exit_names=lambda cfg: tuple(model_class(cfg).exit_names)))

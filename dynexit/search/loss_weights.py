@@ -190,6 +190,11 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
         raise ValueError(f"cost range {cost_range} must be increasing and start at or above the first exit's cost "
                          f"({costs[0]:g} GMACs; the exits cost {', '.join(f'{c:.4g}' for c in costs)})")
 
+    if study_dir is None:  # inside the experiment's results folder, which must be new or this experiment's
+        from dynexit.runs.folders import check_results_folder, mark_results_folder
+
+        check_results_folder(experiment)
+        mark_results_folder(experiment)
     study_dir = Path(study_dir) if study_dir is not None else experiment.results_dir / "search" / "loss_weights"
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = storage if isinstance(storage, SearchStorage) else open_storage(storage)
