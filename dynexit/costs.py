@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from dynexit.models.base import MultiExitModel
 from dynexit.models.interface import check_multi_exit_model, model_setting
-from dynexit.models.perceiver import MultiExitModel
 from dynexit.models.state import flatten
 from dynexit.utils import atomic_write_text
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynexit.models.base import MultiExitModel
 from dynexit.models.interface import check_multi_exit_model
-from dynexit.models.perceiver import MultiExitModel
 from dynexit.models.state import logits_of, select
 from dynexit.policies import ExitPolicy, check_criterion, confidence, exit_scores, find_thresholds
 

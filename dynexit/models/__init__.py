@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dynexit.models.backbones import BACKBONES, BackboneSpec, load_backbone_weights, register_backbone
+from dynexit.models.base import MultiExitModel, State
 from dynexit.models.branchy import BRANCHY_PRESETS, BranchyConfig, BranchyNet, branchy_config
 from dynexit.models.interface import (
     MultiExitModule,
@@ -16,7 +17,7 @@ from dynexit.models.interface import (
 from dynexit.models.msdnet import MSDNET_PRESETS, MSDNet, MSDNetConfig, msdnet_config
 from dynexit.models.msdnet_weights import load_msdnet
 from dynexit.models.official import convert_state_dict, load_official
-from dynexit.models.perceiver import DynPerceiver, MultiExitModel, State, StaticClassifier, build_model
+from dynexit.models.perceiver import DynPerceiver, StaticClassifier, build_model
 from dynexit.models.presets import PRESETS, PerceiverConfig, preset_config
 from dynexit.models.registry import FAMILIES, ModelFamily, family_of, list_models, register_family
 from dynexit.models.state import flatten, logits_of, select

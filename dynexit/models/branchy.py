@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dynexit.models.backbones import BACKBONES, backbone_spec, is_library_backbone
-from dynexit.models.perceiver import CNNExit, MultiExitModel, State, _backbone
+from dynexit.models.base import CNNExit, MultiExitModel, State, configured_backbone
 from dynexit.models.presets import check_preset
 from dynexit.models.registry import ModelFamily, register_family
 
@@ -140,7 +140,7 @@ class BranchyNet(MultiExitModel):
     def __init__(self, cfg: BranchyConfig):
         super().__init__()
         self.config = cfg
-        self.backbone, cnn_dropout = _backbone(cfg)
+        self.backbone, cnn_dropout = configured_backbone(cfg)
         # Output width of stage n (1-based): the input width of the next stage, the backbone's at the end.
         widths = (*self.backbone.stage_channels[1:], self.backbone.out_channels)
         count = len(self.backbone.stages)

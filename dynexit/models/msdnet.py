@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from dynexit.models.perceiver import MultiExitModel
+from dynexit.models.base import MultiExitModel
 from dynexit.models.presets import check_preset
 from dynexit.models.registry import ModelFamily, register_family
 

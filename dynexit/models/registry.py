@@ -96,8 +96,9 @@ def family_of(preset: str) -> ModelFamily:
         if preset in family.presets:
             return family
     close = difflib.get_close_matches(str(preset), list_models(), n=3)
-    hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid presets: {', '.join(list_models())}"
-    raise ValueError(f"unknown model {preset!r}{hint} (or give a factory as 'package.module:function')")
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise ValueError(f"unknown model {preset!r}{hint}; valid presets: {', '.join(list_models())}; or give a "
+                     f"factory as 'package.module:function'")
 
 
 def family_of_model(model: Any) -> ModelFamily | None:
