@@ -1,0 +1,150 @@
+"""Mutation check: breaks the core modules the way a regression would and runs the tests that should notice.
+
+Each mutant is one text substitution in one file (the script first checks that the text occurs exactly once,
+so a mutant cannot silently stop applying when the code changes) and names the tests that must catch it.
+Everything happens in a temporary copy of the repository (the files git tracks or would track); the working
+tree is never touched. A mutant is caught when its tests fail; it survives when they pass. The unmutated copy
+must pass the same tests first.
+
+    python scripts/mutation_check.py            # every mutant; exit status 1 if one survives
+    python scripts/mutation_check.py --list     # the mutants and their tests
+    python scripts/mutation_check.py -k costs   # the mutants whose name contains "costs"
+
+Not part of CI (it runs the named tests once per mutant); run it before resolving an issue that touches
+these modules, and record its output in benchmarks/README.md ("Mutation check").
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file, relative to the repository root
+    old: str  # text that occurs exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or files) that must fail
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ------------------------------------------------------------------ costs
+    Mutant("costs: attention counted as zero", "dynexit/costs.py",
+           "return prod(batch) * length * keys * (width + v[-1])", "return 0",
+           ("tests/test_pinned_costs.py",)),
+    Mutant("costs: attention counts Q.K^T only", "dynexit/costs.py",
+           "return prod(batch) * length * keys * (width + v[-1])", "return prod(batch) * length * keys * width",
+           ("tests/test_pinned_costs.py",)),
+    Mutant("costs: LayerNorm counted as zero", "dynexit/costs.py",
+           'counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)',
+           'counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)\n'
+           '    counter.set_op_handle("aten::layer_norm", lambda inputs, outputs: 0)',
+           ("tests/test_pinned_costs.py",)),
+    Mutant("costs: adaptive average pooling counted as zero", "dynexit/costs.py",
+           'counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)',
+           'counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)\n'
+           '    counter.set_op_handle("aten::adaptive_avg_pool2d", lambda inputs, outputs: 0)',
+           ("tests/test_pinned_costs.py",)),
+    Mutant("costs: the count takes x2z's strided pooled convolution", "dynexit/models/pooled_depthwise.py",
+           "if conv._forward_hooks or conv._forward_pre_hooks or torch.jit.is_tracing() or torch.jit.is_scripting():",
+           "if False:",
+           ("tests/test_pinned_costs.py",)),
+    Mutant("costs: exit k counts segment k alone", "dynexit/costs.py",
+           "return tuple(accumulate(self.segment_macs))", "return tuple(self.segment_macs)",
+           ("tests/test_pinned_costs.py",)),
+)
+
+
+def repository_files(root: Path) -> list[str]:
+    """The files git tracks or would track (untracked but not ignored), relative to ``root``."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         check=True, capture_output=True).stdout.decode()
+    return [name for name in out.split("\0") if name and (root / name).is_file()]
+
+
+def copy_repository(root: Path, target: Path) -> None:
+    for name in repository_files(root):
+        dest = target / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, dest)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
+    return proc.returncode, lines[-1] if lines else proc.stderr.strip()[-200:]
+
+
+def apply(copy: Path, mutant: Mutant) -> str:
+    """Applies ``mutant`` in ``copy``; returns the original text of the file. ValueError if the text to
+    replace does not occur exactly once."""
+    path = copy / mutant.path
+    original = path.read_text()
+    found = original.count(mutant.old)
+    if found != 1:
+        raise ValueError(f"mutant {mutant.name!r}: the text to replace occurs {found} times in {mutant.path}, "
+                         f"not once: {mutant.old!r}")
+    path.write_text(original.replace(mutant.old, mutant.new))
+    return original
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", dest="select", default="", help="only the mutants whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if args.select in m.name]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}: {m.path} -> {' '.join(m.tests)}")
+        return 0
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print(f"mutation check, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}"
+          f"{' (with uncommitted changes)' if dirty else ''}, {len(mutants)} mutants")
+    survivors, errors = [], []
+    with tempfile.TemporaryDirectory(prefix="dynexit-mutants-") as tmp:
+        copy = Path(tmp) / "repo"
+        copy_repository(ROOT, copy)
+        for m in mutants:  # every mutant applies, before anything runs
+            (copy / m.path).write_text(apply(copy, m))
+        baseline = sorted({t for m in mutants for t in m.tests})
+        rc, last = run_tests(copy, tuple(baseline))
+        if rc != 0:
+            print(f"the unmutated copy fails its tests ({last}): fix them first")
+            return 2
+        for m in mutants:
+            start = time.monotonic()
+            original = apply(copy, m)
+            try:
+                rc, last = run_tests(copy, m.tests)
+            finally:
+                (copy / m.path).write_text(original)
+            verdict = {0: "SURVIVED", 1: "caught"}.get(rc, f"error (pytest exit {rc})")
+            print(f"  {verdict:<8} {m.name} [{time.monotonic() - start:.0f} s; {last}]")
+            if rc == 0:
+                survivors.append(m.name)
+            elif rc != 1:
+                errors.append(m.name)
+    print(f"{len(mutants) - len(survivors) - len(errors)} of {len(mutants)} caught; "
+          f"survivors: {', '.join(survivors) if survivors else 'none'}"
+          + (f"; errors: {', '.join(errors)}" if errors else ""))
+    return 1 if survivors or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
