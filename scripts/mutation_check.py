@@ -63,6 +63,22 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("costs: exit k counts segment k alone", "dynexit/costs.py",
            "return tuple(accumulate(self.segment_macs))", "return tuple(self.segment_macs)",
            ("tests/test_pinned_costs.py",)),
+    # ------------------------------------------------------------------ policies and curves
+    Mutant("policies: n_k = floor(N p_k) in float64", "dynexit/policies.py",
+           "wanted = np.floor(np.float32(num_samples) * p).astype(np.int64)",
+           "wanted = np.floor(num_samples * p.astype(np.float64)).astype(np.int64)",
+           ("tests/test_protocol_bits.py",)),
+    Mutant("policies: expected cost summed in float64", "dynexit/policies.py",
+           "    total = np.float32(0.0)\n    for term in shares32 * costs.astype(np.float32):\n"
+           "        total = np.float32(total + term)",
+           "    total = float((counts / num_samples) @ costs)",
+           ("tests/test_protocol_bits.py",)),
+    Mutant("policies: calibration exits only above the threshold", "dynexit/policies.py",
+           "remaining &= ~(conf[k] >= thresholds[k])", "remaining &= ~(conf[k] > thresholds[k])",
+           ("tests/test_protocol_bits.py",)),
+    Mutant("policies: a sample exits only above its threshold", "dynexit/policies.py",
+           "exits[conf[k] >= thresholds[k]] = k", "exits[conf[k] > thresholds[k]] = k",
+           ("tests/test_protocol_bits.py",)),
 )
 
 
@@ -114,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    print(f"mutation check, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}"
+    print(f"mutation check, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}"
           f"{' (with uncommitted changes)' if dirty else ''}, {len(mutants)} mutants")
     survivors, errors = [], []
     with tempfile.TemporaryDirectory(prefix="dynexit-mutants-") as tmp:
