@@ -79,6 +79,19 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("policies: a sample exits only above its threshold", "dynexit/policies.py",
            "exits[conf[k] >= thresholds[k]] = k", "exits[conf[k] > thresholds[k]] = k",
            ("tests/test_protocol_bits.py",)),
+    # ------------------------------------------------------------------ the run pipeline
+    Mutant("pipeline: thresholds fitted on the test logits", "dynexit/runs/pipeline.py",
+           "curve = budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, gmacs,",
+           "curve = budgeted_curve(test_logits, test_targets, test_logits, test_targets, gmacs,",
+           ("tests/test_pipeline_split.py",)),
+    Mutant("pipeline: the curve measured on the calibration logits", "dynexit/runs/pipeline.py",
+           "curve = budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, gmacs,",
+           "curve = budgeted_curve(calib_logits, calib_targets, calib_logits, calib_targets, gmacs,",
+           ("tests/test_pipeline_split.py",)),
+    Mutant("pipeline: anytime accuracy on the calibration logits", "dynexit/runs/pipeline.py",
+           "anytime = anytime_accuracy(test_logits, test_targets, gmacs, exit_names=names)",
+           "anytime = anytime_accuracy(calib_logits, calib_targets, gmacs, exit_names=names)",
+           ("tests/test_pipeline_split.py",)),
 )
 
 
