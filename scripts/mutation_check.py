@@ -92,6 +92,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "anytime = anytime_accuracy(test_logits, test_targets, gmacs, exit_names=names)",
            "anytime = anytime_accuracy(calib_logits, calib_targets, gmacs, exit_names=names)",
            ("tests/test_pipeline_split.py",)),
+    Mutant("pipeline: a run computes with its process's threads, not train.threads", "dynexit/training/determinism.py",
+           "    torch.set_num_threads(threads)\n", "",
+           ("tests/test_run_identity.py::test_one_worker_or_two_give_bit_identical_runs",)),
 )
 
 
