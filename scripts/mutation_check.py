@@ -95,6 +95,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("pipeline: a run computes with its process's threads, not train.threads", "dynexit/training/determinism.py",
            "    torch.set_num_threads(threads)\n", "",
            ("tests/test_run_identity.py::test_one_worker_or_two_give_bit_identical_runs",)),
+    # ------------------------------------------------------------------ documented numbers
+    Mutant("README: a figure of a result table changed", "README.md",
+           "| test accuracy, % | 91.91 |", "| test accuracy, % | 91.92 |",
+           ("tests/test_result_tables.py",)),
 )
 
 
