@@ -90,7 +90,8 @@ def check_markdown_source(table: list[list[str]], source: list[list[str]], where
         assert row[0] in by_label, f"{where}: row {row[0]!r} is not in the source"
         for column, cell in zip(header, row):
             expected = by_label[row[0]][source_header.index(column)]
-            assert cell == expected, f"{where}: row {row[0]!r}, column {column!r}: {cell!r}, the source says {expected!r}"
+            assert cell == expected, \
+                f"{where}: row {row[0]!r}, column {column!r}: {cell!r}, the source says {expected!r}"
 
 
 def check_csv_source(table: list[list[str]], frame: pd.DataFrame, spec: dict, where: str) -> None:
