@@ -109,6 +109,13 @@ MUTANTS: tuple[Mutant, ...] = (
            'IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False, "compile": False, "eval_calib": "every"}',
            'IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False, "eval_calib": "every"}',
            ("tests/test_gpu_speed.py::test_a_train_field_at_its_default_keeps_the_committed_run_id",)),
+    # ------------------------------------------------------------------ models
+    Mutant("msdnet: prune min keeps only its first transition", "dynexit/models/msdnet.py",
+           "done in (total // 3, 2 * total // 3)", "done in (total // 3,)",
+           ("tests/test_msdnet.py::test_other_reference_options_follow_the_reference_rules",)),
+    Mutant("msdnet: the strided conv's bottleneck takes its own scale's width", "dynexit/models/msdnet.py",
+           "b[s - 1] if has_finer else 0, b[s])", "b[s] if has_finer else 0, b[s])",
+           ("tests/test_msdnet.py::test_without_bottleneck_each_growth_is_one_3x3_conv",)),
     # ------------------------------------------------------------------ documented numbers
     Mutant("README: a figure of a result table changed", "README.md",
            "| test accuracy, % | 91.91 |", "| test accuracy, % | 91.92 |",
