@@ -34,6 +34,9 @@ def test_equal_costs_keep_the_best_point():
     # The staircase reading (best within each budget) over [1, 4]: 50 on [1, 2), then 70, then 75.
     assert mean_best_within_budget(CURVE["test_expected_cost"], CURVE["test_accuracy"], 1.0, 4.0) == \
         pytest.approx((50 + 70 + 75) / 3)
+    # Past the last point (74 % at 4) the best within budget is still the cheaper 75 % point.
+    assert mean_best_within_budget(CURVE["test_expected_cost"], CURVE["test_accuracy"], 1.0, 5.0) == \
+        pytest.approx((50 + 70 + 75 + 75) / 4)
     with pytest.raises(ValueError, match="below the cheapest"):
         mean_best_within_budget([1.0], [50.0], 0.5, 2.0)
 
