@@ -72,7 +72,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "    total = np.float32(0.0)\n    for term in shares32 * costs.astype(np.float32):\n"
            "        total = np.float32(total + term)",
            "    total = float((counts / num_samples) @ costs)",
-           ("tests/test_protocol_bits.py",)),
+           ("tests/test_protocol_bits.py", "tests/test_policies.py::test_official_protocol_reproduces_reference")),
     Mutant("policies: calibration exits only above the threshold", "dynexit/policies.py",
            "remaining &= ~(conf[k] >= thresholds[k])", "remaining &= ~(conf[k] > thresholds[k])",
            ("tests/test_protocol_bits.py",)),
