@@ -172,10 +172,17 @@ def copy_repository(root: Path, target: Path) -> None:
         shutil.copy2(root / name, dest)
 
 
+TIMEOUT = 1200  # seconds for one pytest run: a mutant that hangs the tests is reported as an error
+
+
 def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    """pytest's exit status (1: a test failed) and its last line, on ``tests`` in ``copy``."""
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-    proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {TIMEOUT} s"
     lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
     return proc.returncode, lines[-1] if lines else proc.stderr.strip()[-200:]
 
@@ -207,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(f"mutation check, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}"
-          f"{' (with uncommitted changes)' if dirty else ''}, {len(mutants)} mutants")
+          f"{' (with uncommitted changes)' if dirty else ''}, {len(mutants)} mutants", flush=True)
     survivors, errors = [], []
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dynexit-mutants-") as tmp:
         copy = Path(tmp) / "repo"
         copy_repository(ROOT, copy)
@@ -227,12 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 (copy / m.path).write_text(original)
             verdict = {0: "SURVIVED", 1: "caught"}.get(rc, f"error (pytest exit {rc})")
-            print(f"  {verdict:<8} {m.name} [{time.monotonic() - start:.0f} s; {last}]")
+            print(f"  {verdict:<8} {m.name} [{time.monotonic() - start:.0f} s; {last}]", flush=True)
             if rc == 0:
                 survivors.append(m.name)
             elif rc != 1:
                 errors.append(m.name)
-    print(f"{len(mutants) - len(survivors) - len(errors)} of {len(mutants)} caught; "
+    print(f"{len(mutants) - len(survivors) - len(errors)} of {len(mutants)} caught in "
+          f"{(time.monotonic() - began) / 60:.0f} min; "
           f"survivors: {', '.join(survivors) if survivors else 'none'}"
           + (f"; errors: {', '.join(errors)}" if errors else ""))
     return 1 if survivors or errors else 0

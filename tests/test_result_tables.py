@@ -113,7 +113,8 @@ TABLES = declared_tables()
 
 
 def test_the_readme_declares_the_sources_of_its_result_tables():
-    assert any(where.startswith("README.md") for where, *_ in TABLES)
+    assert any(where.startswith("README.md") for where, *_ in TABLES), \
+        "README.md's result tables need a <!-- table: SOURCE --> line before them (see this module's docstring)"
 
 
 @pytest.mark.parametrize("where,source,spec,table", TABLES, ids=[t[0] for t in TABLES])
