@@ -60,8 +60,26 @@ def test_imagenet_specs_evaluate_every_5_epochs_and_calibration_at_the_end(name)
 
 @pytest.mark.parametrize("name", ["train_digits.yaml", "train_imagenet_official.yaml"])
 def test_shipped_run_configs_load(name):
+    """Every value the file writes is the loaded configuration's (read back with plain YAML), and the model
+    section resolves to its preset."""
+    import yaml
+
+    from dynexit.config import to_container
+    from dynexit.models.presets import preset_config
+
     cfg = load_run_config(EXPERIMENTS / name)
-    resolve_model(cfg.model)
+    raw = yaml.safe_load((EXPERIMENTS / name).read_text())
+    loaded = to_container(cfg)
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            assert loaded[section] == values, section
+            continue
+        for key, value in values.items():
+            assert loaded[section][key] == value, f"{section}.{key}"
+    model = resolve_model(cfg.model)
+    preset = preset_config(raw["model"]["name"], num_classes=raw["model"]["num_classes"],
+                           input_size=raw["model"]["input_size"])
+    assert model == preset
 
 
 def test_msdnet_cifar_spec_trains_with_the_reference_recipe():

@@ -80,9 +80,11 @@ def copy_results(trained: Path, tmp_path: Path, name: str = "results", **eval_ch
 # --------------------------------------------------------------------------- scheduling
 
 
-def test_one_worker_or_two_give_bit_identical_runs(tmp_path):
+def test_one_worker_or_two_give_bit_identical_runs(tmp_path, monkeypatch):
     """--workers 1 runs in the runner's own process, here set to 2 threads; --workers 2 in two spawned
-    worker processes. Both compute with the runs' train.threads (1)."""
+    worker processes, whose torch starts with 1 thread (OMP_NUM_THREADS; torch caps a larger value at the
+    cores). Both compute with the runs' train.threads (1): a run that kept the threads of its process would
+    compute with 2 threads in one grid and 1 in the other, and the thread count changes the last bits."""
     one = load_spec(write_spec(tmp_path, tmp_path / "one"))
     two = load_spec(write_spec(tmp_path, tmp_path / "two"))
     caller_threads = torch.get_num_threads()
@@ -92,6 +94,7 @@ def test_one_worker_or_two_give_bit_identical_runs(tmp_path):
         assert torch.get_num_threads() == 2  # the run's threads do not leak into the caller
     finally:
         torch.set_num_threads(caller_threads)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' own default, unlike the caller's
     assert all(o.state == DONE for o in run_experiment(two, devices="cpu", workers=2))
     assert [r.run_id for r in one.runs] == [r.run_id for r in two.runs] and len(one.runs) == 2
     pids = set()
