@@ -25,8 +25,9 @@ when present, names the exits). The CSV has one row per operating point: target 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "curve", help="budgeted accuracy/cost curve from saved logits",
-        description="Set exit thresholds on the calibration logits with the budgeted protocol (official "
-                    "Dynamic Perceiver grid or MSDNet's geometric grid), apply them to the test logits and "
+        description="Set exit thresholds on the calibration logits with the budgeted protocol (the full grid, "
+                    "from every sample at the first exit to every sample at the last; the official Dynamic "
+                    "Perceiver grid or MSDNet's geometric grid), apply them to the test logits and "
                     "write one CSV row per operating point.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     add_logits_inputs(p)

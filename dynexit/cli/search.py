@@ -14,7 +14,7 @@ from dynexit.cli.options import (
     add_temperature,
     read_inputs,
 )
-from dynexit.policies import GRIDS
+from dynexit.policies import DEFAULT_GRID, GRIDS
 
 EPILOG = """examples:
   dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
@@ -38,8 +38,8 @@ THRESHOLDS_EPILOG = """examples:
 The search space is one share per exit but the last: the fraction of calibration samples whose
 confidence at that exit reaches its threshold. Thresholds are searched on the calibration logits only
 and applied once to the test logits. --budgets: one TPE study per budget (highest calibration accuracy
-with expected calibration cost within the budget); 'official' or 'msdnet' takes the calibration costs
-of that protocol grid's points. --pareto: one NSGA-II study, its Pareto front of calibration accuracy
+with expected calibration cost within the budget); 'full', 'official' or 'msdnet' takes the calibration
+costs of that protocol grid's points. --pareto: one NSGA-II study, its Pareto front of calibration accuracy
 against cost. --trials counts finished trials per study (default 200 per budget, 3000 for --pareto).
 
 Writes CURVE.csv (the columns of 'dynexit curve'; target_share_<exit> holds the calibration shares the
@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
                        epilog=THRESHOLDS_EPILOG, formatter_class=HelpFormatter)
     add_logits_inputs(t)
     mode = t.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'official' / 'msdnet'")
+    mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'full' / 'official' / 'msdnet'")
     mode.add_argument("--pareto", action="store_true", help="one multi-objective study: the Pareto front")
     t.add_argument("--trials", type=int, default=None,
                    help="finished trials per study (default 200; 3000 with --pareto)")
@@ -174,7 +174,8 @@ def run_thresholds(args) -> int:
     for row in result.curve.itertuples():
         print(f"  {row.point:>5} {row.calib_expected_cost:>10.4g} {row.calib_accuracy:>11.2f} "
               f"{row.test_expected_cost:>10.4g} {row.test_accuracy:>10.2f}")
-    grid = GRIDS[0] if num_exits == 4 else GRIDS[1]  # the official grid is defined for 4 exits
+    # against the grid whose budgets were searched, else the default grid (defined for any number of exits)
+    grid = args.budgets if not args.pareto and args.budgets in GRIDS else DEFAULT_GRID
     protocol = protocol_curve(problem, grid)
     cmp = compare_with_protocol(result.curve, protocol).attrs
     figure = _threshold_figure(out, result, protocol, grid, args.pareto)
