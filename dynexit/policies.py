@@ -9,7 +9,9 @@ exit takes everyone left, whatever its threshold. Thresholds never look at label
 Budgeted protocol (Dynamic Perceiver / MSDNet): for a row of target shares p (one per exit), the
 threshold of exit k < K-1 is the confidence of the n_k-th most confident calibration sample among
 those that have not exited yet, n_k = floor(N * p_k); it is ``NEVER`` (1e8) when n_k is 0 or fewer
-samples remain, and the last exit gets ``ALWAYS`` (-1e8). The numbers follow the official float32
+samples remain, ``ALWAYS`` (-1e8) when n_k is every sample left (a share that sends everyone there, such
+as the full grid's first point: on the test split too, everyone leaves there; the papers' grids never
+ask for it), and the last exit gets ``ALWAYS``. The numbers follow the official float32
 arithmetic: softmax in torch float32, n_k computed in float32, thresholds float32, expected cost
 accumulated in float32, so thresholds equal the official ones bit for bit.
 
@@ -306,7 +308,9 @@ def find_thresholds(conf: np.ndarray, proportions) -> np.ndarray:
     for k in range(num_exits - 1):
         candidates = conf[k][remaining]
         n = int(wanted[k])
-        if 0 < n <= len(candidates):
+        if 0 < n == len(candidates):
+            thresholds[k] = ALWAYS  # everyone left leaves here, also test samples below the calibration minimum
+        elif 0 < n < len(candidates):
             # the n-th largest = the (len - n)-th smallest; ties give the same value in any order
             thresholds[k] = np.partition(candidates, len(candidates) - n)[len(candidates) - n]
         remaining &= ~(conf[k] >= thresholds[k])

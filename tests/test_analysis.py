@@ -240,19 +240,20 @@ def test_hand_computed_band_table_and_differences(tmp_path):
     assert r"no\_x2z" in latex and r"63.25 $\pm$ 1.06" in latex and latex.count(r"\\") >= 5
 
 
-def test_budgets_outside_every_curve_fall_back_to_the_common_range(tmp_path, caplog):
+def test_default_budgets_spread_over_the_common_range(tmp_path):
     folder = hand_folder(tmp_path / "hand")
     results = analysis.load_results(folder)
-    assert analysis.default_budgets(results) == [2.0]  # the spec's budget: curves reach it
-    runs = pd.read_csv(folder / "runs.csv").rename(columns={"acc_at_2": "acc_at_100"})
-    runs.to_csv(folder / "runs.csv", index=False)
-    results = analysis.load_results(folder)
-    assert results.budgets == [100.0]
+    assert results.budgets == [2.0]  # the spec's budget, a runs.csv column: not a default of the report
     budgets = analysis.default_budgets(results)
-    assert "no curve reaches the spec's budgets (100 GMACs)" in caplog.text
-    np.testing.assert_allclose(budgets, [1.875, 2.25, 2.625], atol=0.006)  # 1/4, 1/2, 3/4 of [1.5, 3]
+    np.testing.assert_allclose(budgets, [1.65, 1.95, 2.25, 2.55, 2.85])  # middles of 5 parts of [1.5, 3]
     table = analysis.ablation_table(results)
+    assert table.attrs["budgets"] == budgets
     assert table[[analysis.budget_column(b) for b in budgets]].iloc[:2].notna().all().all()
+    narrow = analysis.load_results(folder)
+    narrow.curves = narrow.curves.assign(test_expected_cost=1 + narrow.curves["test_expected_cost"] * 1e-4)
+    budgets = analysis.default_budgets(narrow)  # a range of 1.5e-4: still five distinct budgets inside it
+    low, high = analysis.common_cost_range(narrow)
+    assert len(set(budgets)) == 5 and all(low <= b <= high for b in budgets)
 
 
 def test_grid_key_splits_configurations_and_matches_its_reference(tmp_path):
@@ -441,7 +442,7 @@ def test_report_is_byte_stable_whatever_the_row_order(tmp_path):
     formats = ("png", "pdf", "svg")
     analysis.write_report(folder, formats=formats)
     first = _files(folder / "report")
-    assert len(first) == 5 * 3 + 9 + 1 and all(first.values())  # 5 figures in 3 formats, 9 tables, the page
+    assert len(first) == 5 * 3 + 12 + 1 and all(first.values())  # 5 figures in 3 formats, 12 tables, the page
     for name in ("runs.csv", "curves.csv"):
         rows = pd.read_csv(folder / name)
         rows.iloc[::-1].to_csv(folder / name, index=False)

@@ -22,7 +22,7 @@ from dynexit.analysis.figures import (
 from dynexit.analysis.report import save_figure, write_report
 from dynexit.analysis.results import (
                                       DEFAULT_RESULTS,
-                                      REFERENCE_VARIANT,
+                                      REFERENCE_KEY,
                                       RESULTS_ENV,
                                       Results,
                                       find_results_dir,
@@ -43,7 +43,7 @@ from dynexit.analysis.tables import (
 from dynexit.analysis.training_curves import plot_training_curves, training_bands, training_history
 
 __all__ = [
-    "ACC_LABEL", "COST_LABEL", "DEFAULT_RESULTS", "PUBLISHED", "REFERENCE_VARIANT", "RESULTS_ENV", "Results",
+    "ACC_LABEL", "COST_LABEL", "DEFAULT_RESULTS", "PUBLISHED", "REFERENCE_KEY", "RESULTS_ENV", "Results",
     "ablation_table", "budget_column", "common_cost_range", "config_colors",
     "confidence_histograms", "cost_range", "curve_band", "default_budgets", "exit_accuracy", "exit_shares",
     "find_results_dir", "format_ablation", "load_results", "plot_budgeted_curves",

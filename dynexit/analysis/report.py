@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dynexit.analysis.budgets import budget_notes, budget_table, budgets_latex, budgets_markdown, format_budgets
 from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
 from dynexit.analysis.figures import (
     plot_budgeted_curves,
@@ -14,7 +15,7 @@ from dynexit.analysis.figures import (
     plot_exit_accuracy,
     plot_exit_shares,
 )
-from dynexit.analysis.html_report import REPORT_FILE, PageFigure, figure_png, render_html
+from dynexit.analysis.html_report import REPORT_FILE, PageFigure, PageTable, figure_png, render_html
 from dynexit.analysis.results import Results, load_results
 from dynexit.analysis.tables import (
     ablation_table,
@@ -97,6 +98,13 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
     written["ablation table"] += [out / "ablation.md", out / "ablation.tex"]
     written["per-run metrics"] = [csv("run_metrics", run_metrics(results, table.attrs["budgets"],
                                                                  table.attrs["auc_range"]))]
+    budgets_frame = budget_table(results, table.attrs["budgets"])
+    written["budgets"] = [csv("budgets", budgets_frame)]
+    atomic_write_text(out / "budgets.md", budgets_markdown(budgets_frame))
+    atomic_write_text(out / "budgets.tex", budgets_latex(budgets_frame))
+    written["budgets"] += [out / "budgets.md", out / "budgets.tex"]
+    tables = [PageTable("Accuracy at budgets: who wins where", "budgets", format_budgets(budgets_frame),
+                        budget_notes(budgets_frame))]
 
     page: list[PageFigure] = []
 
@@ -132,7 +140,7 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
     _render_searches(results, out, formats, page, written, csv)
 
     atomic_write_text(out / REPORT_FILE, render_html(results, format_ablation(table), table.attrs.get("notes", []),
-                                                     page))
+                                                     page, tables))
     written["page"] = [out / REPORT_FILE]
     return written
 

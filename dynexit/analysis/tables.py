@@ -59,19 +59,21 @@ def curve_band(results: Results, configs: Sequence[str] | None = None) -> pd.Dat
 
 # ------------------------------------------------------------------------------------------- tables
 
-def default_budgets(results: Results) -> list[float]:
-    """The spec's ``eval.budgets`` (runs.csv's ``acc_at_<budget>`` columns) when a curve reaches one of
-    them; else three budgets at a quarter, half and three quarters of the common cost range."""
+DEFAULT_BUDGETS = 5  # budgets a report chooses when given none
+
+
+def default_budgets(results: Results, count: int = DEFAULT_BUDGETS) -> list[float]:
+    """``count`` budgets spread evenly over the common cost range of the multi-exit curves (at the middles
+    of ``count`` equal parts, rounded to a tenth of their spacing), where every such configuration has a value and where
+    methods differ; none when the curves share no range. (The spec's ``eval.budgets`` are runs.csv's
+    ``acc_at_<budget>`` columns; a report takes them only when given as budgets.)"""
     low, high = common_cost_range(results)
-    if results.budgets:
-        reached = results.curves.groupby("run_id")["test_expected_cost"].agg(["min", "max"])
-        if any(((reached["min"] <= b) & (b <= reached["max"])).any() for b in results.budgets):
-            return list(results.budgets)
-        log.warning("no curve reaches the spec's budgets (%s GMACs); the table uses budgets within the common "
-                    "cost range %.4g-%.4g GMACs instead", ", ".join(f"{b:g}" for b in results.budgets), low, high)
     if not low < high:
+        log.warning("the multi-exit curves share no cost range; no default budgets")
         return []
-    return [float(f"{low + f * (high - low):.3g}") for f in (0.25, 0.5, 0.75)]
+    step = (high - low) / count
+    decimals = max(0, 1 - int(np.floor(np.log10(step))))  # round to a tenth of the spacing: still distinct
+    return [round(low + (i + 0.5) * step, decimals) for i in range(count)]
 
 
 def budget_column(budget: float) -> str:
@@ -242,18 +244,21 @@ def _signed(mean: float, std: float, digits: int) -> str:
 
 def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
     """The ablation table as a GitHub Markdown table followed by its footnotes."""
-    shown = format_ablation(table, digits)
+    return markdown_table(format_ablation(table, digits), table.attrs.get("notes", []))
+
+
+def markdown_table(shown: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """Display strings as a GitHub Markdown table followed by numbered ``notes``."""
     lines = ["| " + " | ".join(shown.columns) + " |",
              "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(shown.columns))) + "|"]
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"
               for row in shown.itertuples(index=False)]
-    notes = table.attrs.get("notes", [])
     return "\n".join(lines + [""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]) + "\n"
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "Δ": r"$\Delta$", "–": "--"}
+                  "±": r"$\pm$", "Δ": r"$\Delta$", "–": "--", "▲": r"$\uparrow$", "▼": r"$\downarrow$"}
 
 
 def _latex(text: str) -> str:
@@ -262,13 +267,17 @@ def _latex(text: str) -> str:
 
 def to_latex(table: pd.DataFrame, digits: int = 2) -> str:
     """The ablation table as a LaTeX ``tabular`` (booktabs) with its footnotes below."""
-    shown = format_ablation(table, digits)
+    return latex_table(format_ablation(table, digits), table.attrs.get("notes", []))
+
+
+def latex_table(shown: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """Display strings as a LaTeX ``tabular`` (booktabs) with numbered ``notes`` below."""
     n = len(shown.columns)
     lines = [r"\begin{tabular}{l" + "r" * (n - 1) + "}", r"\toprule",
              " & ".join(_latex(c) for c in shown.columns) + r" \\", r"\midrule"]
     lines += [" & ".join(_latex(v) for v in row) + r" \\" for row in shown.itertuples(index=False)]
     lines.append(r"\bottomrule")
     lines += [rf"\multicolumn{{{n}}}{{l}}{{\footnotesize {i}. {_latex(note)}}} \\"
-              for i, note in enumerate(table.attrs.get("notes", []), 1)]
+              for i, note in enumerate(notes, 1)]
     lines.append(r"\end{tabular}")
     return "\n".join(lines) + "\n"
