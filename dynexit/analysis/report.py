@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dynexit.analysis.budgets import budget_notes, budget_table, budgets_latex, budgets_markdown, format_budgets
 from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
+from dynexit.analysis.budgets import budget_notes, budget_table, budgets_latex, budgets_markdown, format_budgets
 from dynexit.analysis.figures import (
     plot_budgeted_curves,
     plot_confidence_histograms,
