@@ -580,3 +580,63 @@ def test_report_page_is_self_contained_and_holds_the_table(tmp_path):
     assert "torch" in parser.cells and "matplotlib" in parser.cells
     analysis.write_report(folder, formats=("pdf",))
     assert page.read_text(encoding="utf-8") == text  # byte-stable
+
+
+def _family_folder(root: Path, families: dict[str, tuple[list[str], list[float], list[float]]],
+                   spec_extra: dict | None = None) -> Path:
+    """One run per variant (seed 0): variant -> (exit names, cumulative GMACs, accuracy of each exit alone);
+    the curve runs straight from the first exit to the last."""
+    runs, curves = [], {}
+    for variant, (names, gmacs, accs) in families.items():
+        row = {"run_id": variant, "variant": variant, "model.name": variant, "data.name": "d", "seed": 0,
+               "params": 100, "num_exits": len(names)}
+        for name, g, a in zip(names, gmacs, accs):
+            row[f"acc_{name}"], row[f"gmacs_{name}"] = a, g
+        row["acc_final"], row["gmacs_final"] = accs[-1], gmacs[-1]
+        runs.append(row)
+        curves[variant] = pd.DataFrame({"test_expected_cost": [gmacs[0], gmacs[-1]],
+                                        "test_accuracy": [accs[0], accs[-1]]})
+    spec = {"name": "families", "variants": {v: {} for v in families}, **(spec_extra or {})}
+    return write_folder(root, runs, curves, spec)
+
+
+def test_mixed_families_table_lines_exits_up_by_position(tmp_path):
+    folder = _family_folder(tmp_path / "mixed", {
+        "static": (["cnn"], [2.0], [80.0]),
+        "branchy": (["stage1", "stage2", "stage3"], [0.5, 1.0, 2.0], [60.0, 70.0, 78.0]),
+        "msdnet": (["exit1", "exit2", "exit3", "exit4"], [0.4, 0.8, 1.2, 1.6], [65.0, 72.0, 76.0, 79.0])})
+    results = analysis.load_results(folder)
+    assert results.reference == "branchy"  # the first variant with a curve (static has none)
+    table = analysis.ablation_table(results, budgets=[1.0]).set_index("config")
+    assert table.attrs["by_position"] and table.attrs["exits"] == [f"position_{k}" for k in range(1, 5)]
+    np.testing.assert_allclose(table.loc["branchy", ["acc_position_1", "acc_position_2", "acc_position_3"]],
+                               [60.0, 70.0, 78.0])
+    assert np.isnan(table.at["branchy", "acc_position_4"])
+    np.testing.assert_allclose(table.loc["msdnet", [f"share_position_{k}" for k in range(1, 5)]],
+                               [25.0, 50.0, 75.0, 100.0])
+    assert table.loc["static", [f"acc_position_{k}" for k in range(1, 5)]].isna().all()  # no exits to line up
+    assert table.at["static", "acc_final"] == 80.0
+    np.testing.assert_allclose(table["delta_acc_final"], [0.0, 2.0, 1.0])  # every row against branchy
+    assert not any(c.startswith(("acc_stage", "acc_exit1", "acc_cnn")) for c in table.columns)
+    shown = analysis.format_ablation(table.reset_index())
+    assert list(shown.columns[2:6]) == ["Exit 1 acc. (%)", "Exit 1 cost (%)", "Exit 2 acc. (%)", "Exit 2 cost (%)"]
+    assert list(shown["Exit 2 cost (%)"]) == ["50", "", "50"]
+    assert "Exit columns by position" in analysis.to_markdown(table.reset_index())
+    # a spec's reference: names the reference; a name that is no variant is an error naming the file
+    spec = yaml.safe_load((folder / "experiment.yaml").read_text())
+    (folder / "experiment.yaml").write_text(yaml.safe_dump({**spec, "reference": "msdnet"}))
+    assert analysis.load_results(folder).reference == "msdnet"
+    (folder / "experiment.yaml").write_text(yaml.safe_dump({**spec, "reference": "resnet"}))
+    with pytest.raises(ValueError, match=r"experiment.yaml: reference: 'resnet' is not a variant"):
+        analysis.load_results(folder)
+
+
+def test_one_family_keeps_its_exit_names(tmp_path):
+    folder = _family_folder(tmp_path / "one", {
+        "full": (["early3", "att", "cnn", "merge"], [1.0, 2.0, 3.0, 4.0], [60.0, 70.0, 72.0, 75.0]),
+        "no_x2z": (["early3", "att", "cnn", "merge"], [0.9, 1.8, 2.7, 3.6], [58.0, 69.0, 71.0, 74.0]),
+        "resnet": (["logits"], [2.5], [73.0])})
+    table = analysis.ablation_table(analysis.load_results(folder))
+    assert not table.attrs["by_position"] and table.attrs["exits"] == ["early3", "att", "cnn", "merge"]
+    assert "acc_logits" not in table.columns and "share_early3" not in table.columns
+    assert table.set_index("config").at["resnet", "acc_final"] == 73.0
