@@ -112,13 +112,14 @@ def _synthetic_metrics(run: int, names, epochs: int = 3) -> pd.DataFrame:
 
 
 def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classes: int = 10,
-                            exit_names: bool = False, budgets=(0.003, 0.0045, 0.0058)) -> Path:
+                            exit_names: bool = False, budgets=(0.003, 0.0045, 0.0058),
+                            criterion: str = "max_softmax", names_of: dict | None = None) -> Path:
     """A results folder like the quickstart's: the variants of SYNTHETIC over ``seeds``, run folders
     with logits, costs, curve, anytime, summary, config and status. ``exit_names``: curve columns named
     after the exits (else numbered, as a curve computed without names)."""
     runs, curves = [], {}
     for variant, (costs, strengths, params) in SYNTHETIC.items():
-        names = ["cnn"] if len(costs) == 1 else list(EXITS)
+        names = (names_of or {}).get(variant) or (["cnn"] if len(costs) == 1 else list(EXITS))
         for seed in seeds:
             rng = np.random.default_rng([seed, len(runs)])
             rid = f"{variant}-{seed}"
@@ -132,7 +133,7 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
                 split[name] = (logits, targets)
             (cl, ct), (tl, tt) = split["calib"], split["test"]
             if len(names) > 1:
-                curve = budgeted_curve(cl, ct, tl, tt, costs, grid="official",
+                curve = budgeted_curve(cl, ct, tl, tt, costs, grid="official", criterion=criterion,
                                        exit_names=names if exit_names else None)
             else:
                 curve = pd.DataFrame([{"calib_accuracy": float((cl[0].argmax(-1) == ct).mean() * 100),
@@ -153,7 +154,8 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
             anytime.to_csv(folder / "anytime.csv", index=False)
             pd.DataFrame({"exit": names, "gmacs": costs, "params": params}).to_csv(folder / "costs.csv", index=False)
             (folder / "summary.json").write_text(json.dumps(summary))
-            (folder / "config.yaml").write_text(yaml.safe_dump({"eval": {"criterion": "max_softmax"}, "seed": seed}))
+            (folder / "config.yaml").write_text(yaml.safe_dump({"eval": {"criterion": criterion, "grid": "official"},
+                                                                "data": {"calib_size": samples}, "seed": seed}))
             (folder / "status.json").write_text(json.dumps({"state": "done"}))
             _synthetic_metrics(len(runs), names).to_csv(folder / "metrics.csv", index=False)
             runs.append({"run_id": rid, "variant": variant, "model.name": "tiny_perceiver_t16",
@@ -640,3 +642,64 @@ def test_one_family_keeps_its_exit_names(tmp_path):
     assert not table.attrs["by_position"] and table.attrs["exits"] == ["early3", "att", "cnn", "merge"]
     assert "acc_logits" not in table.columns and "share_early3" not in table.columns
     assert table.set_index("config").at["resnet", "acc_final"] == 73.0
+
+
+def test_report_states_its_evaluation(tmp_path):
+    """A folder evaluated with the entropy criterion: the report's header, table notes and curve captions say so
+    (with the grid, the calibration size and the temperature), never "max softmax" for the curves."""
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0,), samples=60, criterion="entropy")
+    analysis.write_report(folder, formats=("png",), budgets=[0.004])
+    statement = ("Evaluation of the budgeted curves: criterion entropy; grid official; calibration 60 images; "
+                 "temperature none.")
+    for name in ("ablation.md", "budgets.md"):
+        assert statement in (folder / "report" / name).read_text(), name
+    page = (folder / "report" / "report.html").read_text()
+    assert page.count(statement) >= 1 + 3 + 2  # header, three curve captions, the two tables' notes
+    assert "max_softmax" not in page.split('id="spec"')[0]
+
+
+MIXED = {"no_x2z": ["exit1", "exit2", "exit3", "exit4"], "no_dwc": ["stage1", "stage2", "stage3", "stage4"]}
+
+
+def test_mixed_family_figures_are_readable(tmp_path):
+    """Three families and a static model: every exit of every family in the exit legends, panels wrapped at
+    four per row so that no report figure is wider than 2,600 px, the table by position."""
+    from PIL import Image
+
+    from dynexit.analysis.figures import wrapped_panels
+
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0,), samples=60, names_of=MIXED)
+    written = analysis.write_report(folder, formats=("png",))
+    widths = {p.name: Image.open(p).size[0] for paths in written.values() for p in paths if p.suffix == ".png"}
+    assert {"budgeted_curves.png", "exit_shares.png", "confidence.png", "training_curves.png"} <= set(widths)
+    assert max(widths.values()) <= 2600, widths
+    results = analysis.load_results(folder)
+    every_exit = {*EXITS, *MIXED["no_x2z"], *MIXED["no_dwc"]}
+    for fig in (analysis.plot_exit_shares(results), analysis.plot_exit_accuracy(results)):
+        assert every_exit <= {t.get_text() for t in fig.legends[0].get_texts()}
+    fig = analysis.plot_confidence_histograms(results)
+    lefts = {round(ax.get_position().x0, 3) for ax in fig.axes}
+    assert len(lefts) == 4 and len(fig.axes) == 3 * 4 + 1
+    columns = set(pd.read_csv(folder / "report" / "ablation.csv").columns)
+    assert {f"acc_position_{k}" for k in range(1, 5)} <= columns and not columns & {"acc_stage1", "acc_exit1"}
+    fig, axes, rows = wrapped_panels([list(range(7)), ["a"]], 2.0, 2.0)
+    assert [len(r) for r in rows] == [7, 1]
+    cells = [(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in axes.values()]
+    assert cells == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (2, 0)]  # 7 exits: rows of 4 and 3
+
+
+def test_budgeted_curve_y_range_follows_the_curves():
+    """An exit far below every curve is drawn on the bottom edge with its value, not stretching the range."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = hand_folder(Path(tmp) / "hand")
+        runs = pd.read_csv(folder / "runs.csv")
+        runs.loc[runs["variant"] == "full", "acc_early3"] = 20.0  # an exit alone at 20 %: far below the curves
+        runs.to_csv(folder / "runs.csv", index=False)
+        results = analysis.load_results(folder)
+        ax = analysis.plot_budgeted_curves(results).axes[0]
+        low, high = ax.get_ylim()
+        assert 45 < low < 50 and 78 < high < 82  # curves span 50-78 (no_x2z starts at 50)
+        marks = [t.get_text() for t in ax.texts]
+        assert marks == ["20.0"]

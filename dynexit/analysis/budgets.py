@@ -271,7 +271,8 @@ def budgets_latex(table: pd.DataFrame, digits: int = 2) -> str:
 
 def budget_notes(table: pd.DataFrame) -> list[str]:
     reference = table.attrs.get("reference", "")
-    notes = ["Accuracy (%) at each budget along the budgeted curve (interpolated, never extrapolated; blank outside "
+    notes = [table.attrs["evaluation"]] if table.attrs.get("evaluation") else []
+    notes += ["Accuracy (%) at each budget along the budgeted curve (interpolated, never extrapolated; blank outside "
              "it), mean over seeds."]
     if table.attrs.get("bootstrapped"):
         notes.append(f"In brackets: 95 % interval of a bootstrap over test images and seeds "

@@ -139,7 +139,7 @@ def _spec_text(results: Results) -> str:
 
 
 def render_html(results: Results, ablation: pd.DataFrame, notes: Sequence[str],
-                figures: Sequence[PageFigure], tables: Sequence[PageTable] = ()) -> str:
+                figures: Sequence[PageFigure], tables: Sequence[PageTable] = (), evaluation: str = "") -> str:
     """The page's HTML: ``ablation`` are the display strings of the ablation table (with ``notes``), then
     ``tables``, then ``figures`` in the order shown."""
     name = escape(results.name)
@@ -154,6 +154,7 @@ def render_html(results: Results, ablation: pd.DataFrame, notes: Sequence[str],
         f"<h1>{name}</h1>",
         f'<p class="lead">{description}</p>' if description else "",
         f"<p>{escape(summary)}</p>",
+        f"<p>{escape(evaluation)}</p>" if evaluation else "",
         '<nav><a href="#ablation">Ablation table</a>'
         + "".join(f'<a href="#{escape(t.anchor)}">{escape(t.title.split(":")[0])}</a>' for t in tables)
         + '<a href="#figures">Figures</a><a href="#runs">Runs</a>'

@@ -90,6 +90,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     add_criterion(t)
     add_temperature(t)
+    t.add_argument("--grid", choices=GRIDS, default=None,
+                   help="the protocol grid the search is compared with (default: the grid named by --budgets, "
+                        f"else {DEFAULT_GRID})")
     t.add_argument("--population", type=int, default=50, help="NSGA-II population with --pareto (default 50)")
     t.add_argument("--study-name", default="thresholds", help="prefix of the study names (default: thresholds)")
     add_out(t, "CURVE.csv", "curve CSV to write (trials: CURVE.trials.csv)", required=True)
@@ -135,7 +138,11 @@ def _budgets(spec: str, problem) -> list[float]:
 
 
 def run_thresholds(args) -> int:
+    import numpy as np
+
     from dynexit.search import (
+        budget_verdict,
+        compare_at_budgets,
         compare_with_protocol,
         open_storage,
         protocol_curve,
@@ -167,21 +174,30 @@ def run_thresholds(args) -> int:
     atomic_write_text(out, result.curve.to_csv(index=False))
     atomic_write_text(trials_path, result.trials.to_csv(index=False))
 
+    temperatures = ("temperatures " + ", ".join(f"{t:.3f}" for t in problem.temperatures)
+                    if problem.temperatures is not None else "no temperature")
     mode = "Pareto front" if args.pareto else f"{len(set(result.trials['study']))} budget studies"
-    print(f"{mode}, criterion {args.criterion}, {len(result.trials)} trials; calibration {calib_logits.shape[1]} "
-          f"samples, test {test_logits.shape[1]} samples, {num_exits} exits; storage {url}")
+    print(f"{mode}, criterion {args.criterion}, {temperatures}, {len(result.trials)} trials; calibration "
+          f"{calib_logits.shape[1]} samples, test {test_logits.shape[1]} samples, {num_exits} exits; storage {url}")
     print(f"\n  {'point':>5} {'calib cost':>10} {'calib acc %':>11} {'test cost':>10} {'test acc %':>10}")
     for row in result.curve.itertuples():
         print(f"  {row.point:>5} {row.calib_expected_cost:>10.4g} {row.calib_accuracy:>11.2f} "
               f"{row.test_expected_cost:>10.4g} {row.test_accuracy:>10.2f}")
-    # against the grid whose budgets were searched, else the default grid (defined for any number of exits)
-    grid = args.budgets if not args.pareto and args.budgets in GRIDS else DEFAULT_GRID
+    grid = args.grid or (args.budgets if not args.pareto and args.budgets in GRIDS else DEFAULT_GRID)
     protocol = protocol_curve(problem, grid)
-    cmp = compare_with_protocol(result.curve, protocol).attrs
     figure = _threshold_figure(out, result, protocol, grid, args.pareto)
-    print(f"\nagainst the {grid} protocol at its points' test costs ({cmp['points_in_range']} in range): "
-          f"mean {cmp['mean_difference']:+.2f}, min {cmp['min_difference']:+.2f} points; "
-          f"over the shared cost range {cmp['area_difference']:+.2f} points")
+    print(f"\nagainst the {grid} protocol ({len(protocol)} points; the same criterion and calibration split):")
+    if not args.pareto:  # per budget: the test accuracy of the point each picks within it on the calibration split
+        for row in compare_at_budgets(result, protocol).to_dict("records"):
+            print(f"  budget {row['budget']:.4g}: {budget_verdict(row)}")
+    cmp = compare_with_protocol(result.curve, protocol).attrs
+    if cmp["points_in_range"]:
+        area = (f"; over the shared test-cost range {cmp['area_difference']:+.2f} points"
+                if np.isfinite(cmp["area_difference"]) else "")
+        print(f"  at the protocol's {cmp['points_in_range']} points within the searched curve's test costs: mean "
+              f"{cmp['mean_difference']:+.2f}, min {cmp['min_difference']:+.2f} points{area}")
+    elif args.pareto:
+        print("  no protocol point lies within the searched curve's test-cost range")
     print(f"\nwrote {out}, {trials_path} and {figure} (data: {figure.with_suffix('.csv')})")
     return 0
 
