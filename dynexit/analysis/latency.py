@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 LATENCY_FILE = "latency.csv"
 BATCH_SIZES = (1, 32)
 MEASURED_COLUMNS = ["configuration", "run_id", "exit", "position", "gmacs", "batch_size", "batch_ms", "latency_ms",
-                    "spread", "repeats", "threads", "device", "machine", "torch"]
+                    "spread", "repeats", "threads", "device", "machine", "load", "torch"]
 EXPECTED_COLUMNS = ["configuration", "point", "batch_size", "gmacs", "accuracy", "latency_ms"]
 
 
@@ -48,7 +48,9 @@ def measure_latency(results_dir: str | Path, batch_sizes: Sequence[int] = BATCH_
     """Latency of reaching each exit of each configuration of an experiment, on an untrained copy of its
     architecture: one row per configuration, exit and batch size with :data:`MEASURED_COLUMNS`
     (``batch_ms``: median time of one batch; ``latency_ms``: per image, ``batch_ms / batch_size``; ``spread``:
-    interquartile range over the median). Uses torch's current thread count (recorded)."""
+    interquartile range over the median; ``load``: the machine's 1-minute load average when the batch size
+    was timed, since other work on the machine slows every figure). Uses torch's current thread count
+    (recorded)."""
     import torch
 
     from dynexit.config import build_configured_model, load_run_config
@@ -79,13 +81,15 @@ def measure_latency(results_dir: str | Path, batch_sizes: Sequence[int] = BATCH_
         generator = torch.Generator().manual_seed(0)
         for batch in batch_sizes:
             x = torch.randn(int(batch), 3, size, size, generator=generator).to(target)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             timings = exit_latencies(model, x, repeats, warmup)
             for k, (name, timing) in enumerate(zip(names, timings), 1):
                 rows.append({"configuration": config, "run_id": rid, "exit": name, "position": k,
                              "gmacs": float(gmacs[f"gmacs_{name}"]), "batch_size": int(batch),
                              "batch_ms": timing.median * 1e3, "latency_ms": timing.median * 1e3 / int(batch),
                              "spread": timing.spread, "repeats": repeats, "threads": torch.get_num_threads(),
-                             "device": str(target), "machine": machine, "torch": torch.__version__})
+                             "device": str(target), "machine": machine, "load": load,
+                             "torch": torch.__version__})
             log.info("%s, batch %d: %s ms", config, batch,
                      ", ".join(f"{r['batch_ms']:.2f}" for r in rows[-len(names):]))
     return pd.DataFrame(rows, columns=MEASURED_COLUMNS)
@@ -145,9 +149,11 @@ def latency_caption(measured: pd.DataFrame) -> str:
     """Where and how the latencies were measured, for the figure's caption."""
     first = measured.iloc[0]
     batches = ", ".join(str(b) for b in sorted(set(measured["batch_size"])))
+    load = (f"; load average {measured['load'].min():.1f}-{measured['load'].max():.1f} while timing"
+            if "load" in measured and measured["load"].notna().any() else "")
     return (f"Latency measured on {first.get('machine', 'an unrecorded machine')}, {first.get('device', '')} with "
             f"{first.get('threads', '?')} threads, torch {first.get('torch', '?')}; batches of {batches}; median of "
-            f"{first.get('repeats', '?')} runs on an untrained copy of each architecture.")
+            f"{first.get('repeats', '?')} runs on an untrained copy of each architecture{load}.")
 
 
 def plot_latency_curves(results: Results, table: pd.DataFrame):

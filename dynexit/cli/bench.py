@@ -138,7 +138,8 @@ def run_results(args) -> int:
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     first = table.iloc[0]
     print(f"{first['machine']}; {first['device']}, {torch.get_num_threads()} threads, torch {first['torch']}; "
-          f"median of {args.repeats} runs after {args.warmup} warm-up runs, untrained copies of each architecture")
+          f"median of {args.repeats} runs after {args.warmup} warm-up runs, untrained copies of each architecture; "
+          f"load average {table['load'].min():.1f}-{table['load'].max():.1f} while timing")
     print(f"\n  {'configuration':<24} {'exit':<10} {'GMACs':>8} {'batch':>5} {'ms/image':>9} {'spread':>7}")
     for row in table.itertuples():
         print(f"  {row.configuration:<24} {row.exit:<10} {row.gmacs:>8.4g} {row.batch_size:>5} {row.latency_ms:>9.3f} "
