@@ -167,6 +167,18 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
     return write_folder(root, runs, curves, spec, grid_keys=("model.static",))
 
 
+def write_architectures(folder: Path) -> None:
+    """The model sections of a synthetic folder's runs (the tiny Dyn-Perceiver and its static backbone, whose
+    exits the runs list), so that their architectures can be built (``dynexit bench RESULTS_DIR``)."""
+    for run in (folder / "runs").iterdir():
+        model = {"name": "tiny_perceiver_t16", "num_classes": 10, "input_size": 28}
+        if run.name.startswith("static"):
+            model["static"] = True
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": model,
+                                                         "data": {"name": "digits", "image_size": 28}}))
+
+
 # ----------------------------------------------------------------------------------- hand-computed
 
 def test_interpolate_never_extrapolates_and_keeps_the_best_of_equal_costs():

@@ -4,8 +4,7 @@ test shares times the per-exit latencies."""
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from test_analysis import EXITS, SYNTHETIC, write_synthetic_results
+from test_analysis import EXITS, SYNTHETIC, write_architectures, write_synthetic_results
 
 from dynexit import analysis
 from dynexit.analysis.latency import MEASURED_COLUMNS, expected_latency
@@ -53,13 +52,7 @@ def test_expected_latency_is_shares_times_per_exit_latency(tmp_path):
 
 def test_bench_results_folder_then_report_gives_latency_csv_and_figure(tmp_path, capsys):
     folder = write_synthetic_results(tmp_path / "r", seeds=(0,), samples=60)
-    for run in (folder / "runs").iterdir():  # the architectures: the tiny Dyn-Perceiver and its static backbone
-        model = {"name": "tiny_perceiver_t16", "num_classes": 10, "input_size": 28}
-        if run.name.startswith("static"):
-            model["static"] = True
-        config = yaml.safe_load((run / "config.yaml").read_text())
-        (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": model,
-                                                         "data": {"name": "digits", "image_size": 28}}))
+    write_architectures(folder)  # the tiny Dyn-Perceiver and its static backbone
     assert main(["bench", str(folder), "--repeats", "2", "--warmup", "0", "--batch-sizes", "1,3",
                  "--threads", "1"]) == 0
     printed = capsys.readouterr().out

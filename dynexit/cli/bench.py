@@ -8,7 +8,7 @@ from dynexit.cli.options import SET_RULE, HelpFormatter, add_criterion, add_devi
 log = logging.getLogger(__name__)
 
 EPILOG = """examples:
-  dynexit bench results/compare --threads 1 --batch-sizes 1,32
+  dynexit bench results/quickstart --threads 1 --batch-sizes 1,32
   dynexit bench reg800m_perceiver_t128 --threads 2
   dynexit bench resnet50_0375_perceiver_t128 --batch-size 64 --input-size 96 --shares 0.5,0,0,0.5 --repeats 5
   dynexit bench tiny_perceiver_t16 --set model.z2x=false
