@@ -5,8 +5,10 @@ exit behaviour, the run folders' logits). A *configuration* is a variant plus ev
 varies within it (except the seed); its runs differ only by seed, and every number shown for it is a
 mean with a standard deviation over those seeds. Modules: ``results`` (loading), ``tables`` (ablation
 table, per-run metrics, mean curves), ``behaviour`` (exit shares, exit accuracy, confidence),
-``figures``, ``training_curves`` (per-exit metrics against epoch), ``search_figures``, ``html_report``
-(the self-contained page) and ``report``; the curve maths is :mod:`dynexit.curves`. Costs are GMACs, accuracies percent.
+``figures``, ``training_curves`` (per-exit metrics against epoch), ``search_figures``, ``budgets`` (accuracy at
+budgets with bootstrap intervals and verdicts against the reference), ``evaluation`` (how the curves were
+evaluated), ``latency`` (accuracy against measured latency), ``html_report`` (the self-contained page) and
+``report``; the curve maths is :mod:`dynexit.curves`. Costs are GMACs, accuracies percent.
 """
 from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
 from dynexit.analysis.budgets import budget_table, budgets_latex, budgets_markdown, format_budgets
