@@ -15,9 +15,9 @@ holds a trials.csv, the ablation table (ablation.csv, ablation.md, ablation.tex)
 each configuration's accuracy at each budget with a 95 % bootstrap interval over test images and seeds, its
 difference to the reference configuration with an interval and a verdict (better, worse, level), with
 RESULTS_DIR/latency.csv ('dynexit bench RESULTS_DIR') the expected latency of every operating point
-(latency.csv) and accuracy against GMACs and latency (latency figure), the data behind each figure as CSV, and report.html: one self-contained page with the spec, the tables, every
-figure, the runs and the package versions. Accuracy at a budget is interpolated along each curve and left
-blank outside it."""
+(latency.csv) and accuracy against GMACs and latency (latency figure), the data behind each figure as CSV,
+and report.html: one self-contained page with the spec, the tables, every figure, the runs and the package
+versions. Accuracy at a budget is interpolated along each curve and left blank outside it."""
 
 
 def add_parser(subparsers) -> None:
