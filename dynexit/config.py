@@ -416,7 +416,7 @@ def uses_mixup(cfg: TrainConfig) -> bool:
 
 @dataclass
 class EvalConfig:
-    grid: str = "official"  # budgeted-protocol grid: "official" or "msdnet"
+    grid: str = "full"  # budgeted-protocol grid: "full" (first exit to last), "official" or "msdnet"
     criterion: str = "max_softmax"  # max_softmax | entropy | margin
     budgets: list[float] = field(default_factory=list)  # GMACs at which runs.csv reports test accuracy
     batch_size: int = 256

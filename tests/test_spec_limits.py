@@ -126,3 +126,16 @@ def test_the_known_size_of_digits_is_its_real_size():
 
     splits = build_datasets(DataConfig(name="digits", image_size=8, calib_size=1))
     assert (len(splits.train) + len(splits.calib), len(splits.test)) == DATASET_SIZES["digits"]
+
+
+def test_a_reference_must_be_a_variant(tmp_path, capsys):
+    def edit(raw):
+        raw.update(variants={"a": {}, "b": {"train.lr": 0.002}}, reference="c")
+
+    code, err = dry_run(tmp_path, capsys, edit)
+    assert code == 1 and "reference 'c' is not one of the variants (a, b)" in err
+
+    def good(raw):
+        raw.update(variants={"a": {}, "b": {"train.lr": 0.002}}, reference="b")
+
+    assert dry_run(tmp_path, capsys, good)[0] == 0

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dynexit.policies import CRITERIA, GRIDS
+from dynexit.policies import CRITERIA, DEFAULT_GRID, GRIDS
 
 SET_RULE = """--set KEY=VALUE means the same in every command: KEY is a dotted key of a run configuration
 (model.x2z=false, train.epochs=3, data.image_size=64, seed=1) and VALUE is YAML; the commands that build
@@ -172,8 +172,10 @@ def add_temperature(parser: argparse.ArgumentParser) -> None:
 
 
 def add_grid(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", choices=GRIDS, default=GRIDS[0],
-                        help=f"target exit shares of the budgeted protocol (default: {GRIDS[0]})")
+    parser.add_argument("--grid", choices=GRIDS, default=DEFAULT_GRID,
+                        help="target exit shares of the budgeted protocol: full spans every budget from the "
+                             "first exit to the last; official and msdnet are the papers' grids "
+                             f"(default: {DEFAULT_GRID})")
 
 
 # ------------------------------------------------------------------------------- devices, outputs

@@ -15,6 +15,7 @@ A spec (YAML)::
     zip:                                 # groups of equally long lists, varied together
       - {model.name: [a, b], train.lr: [0.001, 0.0006]}
     seeds: [0, 1]                        # default: the base seed
+    reference: full                      # the report compares every variant with this one (default: the first)
     executor: {kind: local}              # local | slurm | submitit_local
 
 Runs = variants x grid x zip groups x seeds. Every run is validated against the typed RunConfig before
@@ -65,6 +66,7 @@ class SpecFile:
     zip: list[dict[str, list[Any]]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    reference: Optional[str] = None  # the variant the report's deltas and verdicts are taken against
 
 
 @dataclass
@@ -133,6 +135,9 @@ def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] |
     where = str(path) if path else "spec"
     spec: SpecFile = merge(SpecFile, check_sections(raw, where), where=where)
     check_names(spec, where)
+    if spec.reference is not None and spec.reference not in (spec.variants or {"base": {}}):
+        raise ValueError(f"{where}: reference {spec.reference!r} is not one of the variants "
+                         f"({', '.join(spec.variants or {'base': {}})})")
     check_keys_given_once(spec, overrides or [], where)
     cli = to_plain(parse_set(overrides)) if overrides else {}
     variants = spec.variants or {"base": {}}
@@ -188,6 +193,7 @@ _SECTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "[{model.name: [a, b], train.lr: [0.001, 0.0006]}]"),
     "seeds": (lambda v: v is None or (isinstance(v, list) and all(
         isinstance(s, int) and not isinstance(s, bool) for s in v)), "a list of integers, e.g. [0, 1, 2]"),
+    "reference": (lambda v: v is None or isinstance(v, str), "a variant's name (the report's reference)"),
     "executor": (lambda v: v is None or isinstance(v, dict),
                  "a mapping, e.g. {kind: local} or {kind: slurm, slurm_partition: gpu}"),
 }

@@ -49,7 +49,7 @@ import pandas as pd
 import yaml
 
 from dynexit.curves import mean_best_within_budget
-from dynexit.policies import anytime_accuracy, curve_from_scores, scores
+from dynexit.policies import DEFAULT_GRID, anytime_accuracy, curve_from_scores, scores
 from dynexit.search.study import SearchStorage, open_storage, open_study, run_trials
 from dynexit.utils import atomic_write_text
 
@@ -82,7 +82,7 @@ class LossWeightSpace:
 # ------------------------------------------------------------------------------------------ objective
 
 def budgeted_area(logits, targets, costs: Sequence[float], cost_range: tuple[float, float],
-                  criterion: str = "max_softmax", grid="official") -> float:
+                  criterion: str = "max_softmax", grid=DEFAULT_GRID) -> float:
     """Mean budgeted accuracy (percent) of one split over ``cost_range`` (see the module docstring):
     the integral over [lo, hi] of the best accuracy reachable within each budget, divided by hi - lo."""
     lo, hi = (float(v) for v in cost_range)
