@@ -36,7 +36,7 @@ import dynexit.models.pooled_depthwise as pooled_depthwise
 from dynexit import create_model
 from dynexit.config import TrainConfig
 from dynexit.costs import count_costs, count_macs
-from dynexit.models.perceiver import State
+from dynexit.models.base import State
 from dynexit.training import MultiExitLoss
 
 # Read before each timed call with --caches cold, so that what a model reads next comes from memory: 8x the

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dynexit.models.presets import PerceiverConfig, preset_config
+from dynexit.models.presets import PerceiverConfig
 
 
 def _model_config_fields():
@@ -31,7 +31,8 @@ def _model_config_fields():
         fields.append((f.name, Optional[hints[f.name]], field(default=None)))
     fields += [("factory", Optional[str], field(default=None)),
                ("costs", Optional[list[float]], field(default=None)),
-               ("options", Optional[dict[str, Any]], field(default=None))]
+               ("options", Optional[dict[str, Any]], field(default=None)),
+               ("op_handles", Optional[dict[str, str]], field(default=None))]
     return fields
 
 
@@ -40,34 +41,26 @@ def _model_config_fields():
 # other keys as keyword arguments (``name`` is then unused). Dyn-Perceiver's fields are typed here; any other
 # key (another family's knob, a factory's argument) is gathered into ``options`` when a file or ``--set`` is
 # merged and checked by the model's own configuration. ``costs``: per-exit GMACs given by the user, for a model
-# without segments (see dynexit.models.interface); None: counted by fvcore.
+# without segments (see dynexit.models.interface); None: counted by fvcore. ``op_handles``: how fvcore counts an
+# op it has no handle for, ``{"aten::op": zero}`` or ``{"aten::op": "package.module:function"}``.
 ModelConfig = dataclasses.make_dataclass("ModelConfig", _model_config_fields())
 ModelConfig.__doc__ = ("A preset ``name`` of any family or a ``factory`` (``module:function``), with overrides or "
                        "keyword arguments (None: the preset's value); ``costs``: user-given per-exit GMACs.")
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 # Keys added to the model section after the first committed results; left out of a config's plain form (and so
 # of run ids) while unused, so the runs of existing specs keep their ids.
-NEW_MODEL_KEYS = ("factory", "costs", "options")
-FAMILIES = ("perceiver", "msdnet", "branchy", "factory")
-
-
+NEW_MODEL_KEYS = ("factory", "costs", "options", "op_handles")
 def model_family(cfg: Any) -> str:
-    """Which family the model section ``cfg`` builds: perceiver, msdnet, branchy or factory."""
-    from dynexit.models.branchy import BRANCHY_PRESETS
-    from dynexit.models.msdnet import MSDNET_PRESETS
-    from dynexit.models.presets import PRESETS
+    """Which family the model section ``cfg`` builds: a registered family's name (perceiver, msdnet, branchy,
+    ...; see dynexit.models.registry) or factory."""
+    from dynexit.models import family_of
 
     if cfg.factory is not None:
         return "factory"
-    if cfg.name in PRESETS:
-        return "perceiver"
-    if cfg.name in MSDNET_PRESETS:
-        return "msdnet"
-    if cfg.name in BRANCHY_PRESETS:
-        return "branchy"
-    known = sorted([*PRESETS, *MSDNET_PRESETS, *BRANCHY_PRESETS])
-    raise ValueError(f"model.name: unknown preset {cfg.name!r}; valid presets: {', '.join(known)}; or give "
-                     f"model.factory: 'package.module:function'")
+    try:
+        return family_of(cfg.name).name
+    except ValueError as err:
+        raise ValueError(f"model.name: {err}; or give model.factory: 'package.module:function'") from None
 
 
 def model_overrides(cfg: Any) -> dict[str, Any]:
@@ -88,26 +81,20 @@ def resolve_model(cfg: Any) -> PerceiverConfig:
 
 def _family_config(cfg: Any) -> Any:
     """The configuration of a preset model section; errors name the key as ``model.<key>``."""
-    from dynexit.models.branchy import BRANCHY_OVERRIDES, branchy_config
-    from dynexit.models.msdnet import OVERRIDES as MSDNET_OVERRIDES
-    from dynexit.models.msdnet import msdnet_config
-    from dynexit.models.presets import OVERRIDES
+    from dynexit.models import FAMILIES
 
-    family = model_family(cfg)
-    build, valid = {"perceiver": (preset_config, OVERRIDES), "msdnet": (msdnet_config, MSDNET_OVERRIDES),
-                    "branchy": (branchy_config, BRANCHY_OVERRIDES)}[family]
+    family = FAMILIES[model_family(cfg)]
     overrides = model_overrides(cfg)
-    unknown = sorted(set(overrides) - set(valid))
+    unknown = sorted(set(overrides) - set(family.settings))
     if unknown:
-        raise ValueError(f"model.{unknown[0]}: not a setting of {cfg.name} ({family}); its settings: "
-                         f"{', '.join(valid)}")
-    return build(cfg.name, **overrides)
+        raise ValueError(f"model.{unknown[0]}: not a setting of {cfg.name} ({family.name}); its settings: "
+                         f"{', '.join(family.settings)}")
+    return family.config(cfg.name, **overrides)
 
 
 def build_configured_model(cfg: Any):
     """The model a model section describes (a preset of any family, or a factory's model)."""
-    from dynexit.models import MSDNet, build_model
-    from dynexit.models.branchy import BranchyNet
+    from dynexit.models import FAMILIES
     from dynexit.models.interface import build_from_factory
 
     family = model_family(cfg)
@@ -116,16 +103,16 @@ def build_configured_model(cfg: Any):
             return build_from_factory(cfg.factory, **model_overrides(cfg))
         except ValueError as err:
             raise ValueError(f"model.factory: {err}") from None
-    config = _family_config(cfg)
-    return {"perceiver": build_model, "msdnet": MSDNet, "branchy": BranchyNet}[family](config)
+    return FAMILIES[family].build(_family_config(cfg))
 
 
 def model_exit_names(cfg: Any) -> tuple[str, ...]:
-    """The exit names of the model a model section describes (a Dyn-Perceiver's without building it)."""
-    if model_family(cfg) == "perceiver":
-        from dynexit.models.perceiver import model_class
+    """The exit names of the model a model section describes (without building it where its family can tell)."""
+    from dynexit.models import FAMILIES
 
-        return tuple(model_class(resolve_model(cfg)).exit_names)
+    family = model_family(cfg)
+    if family != "factory" and FAMILIES[family].exit_names is not None:
+        return tuple(FAMILIES[family].exit_names(_family_config(cfg)))
     return tuple(build_configured_model(cfg).exit_names)
 
 
@@ -152,6 +139,10 @@ def _fold_model_options(source: Any) -> Any:
 
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+# (training, test) images of the built-in data sets, known without loading them (imagefolder: once read).
+# digits has no test split of its own: 360 of its 1,797 images (dynexit.data.datasets).
+DATASET_SIZES = {"digits": (1437, 360), "fashion_mnist": (60000, 10000), "cifar10": (50000, 10000),
+                 "cifar100": (50000, 10000)}
 RECIPES = ("small", "imagenet")
 
 
@@ -211,6 +202,39 @@ def validate_data_config(cfg: DataConfig) -> None:
             raise ValueError("data.stage_to must name a folder (a node's local disk), or be null")
         if cfg.root is None:
             raise ValueError("data.stage_to needs data.root: the folder it copies")
+    check_seed(cfg.split_seed, "data.split_seed")
+    if cfg.name in DATASET_SIZES:  # a built-in data set: its size is known without loading it
+        calibration_count(cfg.calib_size, DATASET_SIZES[cfg.name][0], cfg.name)
+
+
+def calibration_count(calib_size: float, n_train: int, dataset: str = "the data set") -> int:
+    """How many training images ``data.calib_size`` holds out of ``n_train``; ValueError when none would
+    be left for training."""
+    n = max(1, round(calib_size * n_train)) if calib_size < 1 else int(calib_size)
+    if n >= n_train:
+        raise ValueError(f"data.calib_size={calib_size:g} asks for {n} calibration images, but the training set "
+                         f"of {dataset} has {n_train}; at least one must stay for training")
+    return n
+
+
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators all take
+
+
+def check_seed(seed: Any, key: str) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"{key} must be an integer in [0, 2**32 - 1], got {seed!r}")
+
+
+def check_finite(tree: Any, key: str = "") -> None:
+    """ValueError naming the first key of a configuration tree whose number is not finite (inf, nan)."""
+    if isinstance(tree, Mapping):
+        for name, value in tree.items():
+            check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            check_finite(value, f"{key}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ValueError(f"{key} must be a finite number, got {tree!r}")
 
 
 # Official README: the CNN and merged exits weigh 1, the two latent exits 0.5 each.
@@ -405,7 +429,7 @@ def uses_mixup(cfg: TrainConfig) -> bool:
 
 @dataclass
 class EvalConfig:
-    grid: str = "official"  # budgeted-protocol grid: "official" or "msdnet"
+    grid: str = "full"  # budgeted-protocol grid: "full" (first exit to last), "official" or "msdnet"
     criterion: str = "max_softmax"  # max_softmax | entropy | margin
     budgets: list[float] = field(default_factory=list)  # GMACs at which runs.csv reports test accuracy
     batch_size: int = 256
@@ -450,13 +474,26 @@ def check_exit_weights(exit_names: Sequence[str], weights: Mapping[str, float]) 
     return [float(weights[k]) for k in names]
 
 
-def validate_run_config(cfg: RunConfig) -> None:
+def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
     """Every check of a run's values that needs no data: the model (preset and overrides, or factory; a
     model other than a Dyn-Perceiver is built to learn its exits), data, train (with the loss weights against
     the model's exits) and eval sections (the grid against the number of exits). Raises ValueError/TypeError
-    naming the first bad key."""
+    naming the first bad key.
+
+    ``import_factories=False`` (a configuration read from a run or results folder: data, not code): a
+    factory's name is checked for its form but never imported, so the checks that need its model's exits
+    are skipped."""
     from dynexit.yaml_files import key_in_message
 
+    check_finite(to_container(cfg))
+    check_seed(cfg.seed, "seed")
+    _check_op_handles(cfg.model, import_factories)
+    if cfg.model.factory is not None and not import_factories:
+        _check_factory_section(cfg.model)
+        validate_data_config(cfg.data)
+        validate_train_config(cfg.train)
+        validate_eval_config(cfg.eval)
+        return
     try:
         exit_names = _checked_model(cfg.model)
     except (ValueError, TypeError) as err:  # the model families speak of their own fields: name the key
@@ -476,21 +513,47 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"eval.grid: {err} (the model has {len(exit_names)} exits)") from None
 
 
+def _check_op_handles(cfg: Any, import_functions: bool) -> None:
+    from dynexit.costs import resolve_handles
+
+    try:
+        resolve_handles(cfg.op_handles, import_functions)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"model.op_handles: {err}") from None
+
+
+def _check_factory_section(cfg: Any) -> None:
+    """The checks of a factory's model section that import nothing: the name's form and the given costs."""
+    from dynexit.models.interface import check_factory_name
+
+    try:
+        check_factory_name(cfg.factory)
+    except ValueError as err:
+        raise ValueError(f"model.factory: {err}") from None
+    if cfg.costs is not None:
+        _check_costs(list(cfg.costs), None)
+
+
+def _check_costs(costs: list[float], names: tuple[str, ...] | None) -> None:
+    if (names is not None and len(costs) != len(names)) or not all(
+            math.isfinite(c) and c > 0 for c in costs) or any(b <= a for a, b in zip(costs, costs[1:])):
+        count = f"{len(names)} positive GMACs, one per exit ({', '.join(names)})" if names else "positive GMACs"
+        raise ValueError(f"model.costs must be {count}, increasing, got {costs!r}")
+
+
 def _checked_model(cfg: Any) -> tuple[str, ...]:
     """The exit names of the model section ``cfg``, after checking that it builds and that its costs can be
     known (counted through its segments, or given in ``model.costs``)."""
+    from dynexit.models import FAMILIES
     from dynexit.models.interface import has_segments
 
-    if model_family(cfg) == "perceiver" and cfg.costs is None:
+    family = model_family(cfg)
+    if family != "factory" and FAMILIES[family].exit_names is not None and cfg.costs is None:
         return model_exit_names(cfg)
     model = build_configured_model(cfg)
     names = tuple(model.exit_names)
     if cfg.costs is not None:
-        costs = list(cfg.costs)
-        if len(costs) != len(names) or not all(math.isfinite(c) and c > 0 for c in costs) or any(
-                b <= a for a, b in zip(costs, costs[1:])):
-            raise ValueError(f"model.costs must be {len(names)} positive GMACs, one per exit ({', '.join(names)}), "
-                             f"increasing, got {costs!r}")
+        _check_costs(list(cfg.costs), names)
     elif not has_segments(model):
         raise ValueError(f"model.costs: {type(model).__name__} has no init_state/run_segment, so dynexit cannot "
                          f"count its per-exit costs; give them as model.costs: [GMACs of {', '.join(names)}]")
@@ -552,8 +615,11 @@ def parse_set(items: list[str] | None) -> Any:
     return OmegaConf.from_dotlist(items)
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Reads a run configuration YAML file (plus ``--set`` overrides) into a validated RunConfig."""
+def load_run_config(path: str | Path, overrides: list[str] | None = None, import_factories: bool = True) -> RunConfig:
+    """Reads a run configuration YAML file (plus ``--set`` overrides) into a validated RunConfig.
+
+    ``import_factories=False`` for a file dynexit wrote (a run folder's config.yaml): a factory it names is
+    data, never imported (see validate_run_config)."""
     from dynexit.yaml_files import key_in_message, line_note, read_yaml
 
     path = Path(path)
@@ -570,7 +636,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if overrides:
         cfg = merge(cfg, parse_set(overrides), where="--set")
     try:
-        validate_run_config(cfg)  # errors now, before anything runs
+        validate_run_config(cfg, import_factories)  # errors now, before anything runs
     except (ValueError, TypeError) as err:
         key = key_in_message(str(err))
         given = set(_dotted_keys(OmegaConf.to_container(parse_set(overrides)))) if overrides else set()

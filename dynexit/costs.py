@@ -15,9 +15,10 @@ earlier exit head that ran and was rejected. One trace per segment, one image, e
 
 What is counted: convolutions, linear layers and matmuls, attention (``scaled_dot_product_attention``:
 Q.K^T and attention.V, a handle registered here, since fvcore has none), batch and layer norms and
-adaptive average pooling (fvcore's default handles). What is deliberately not counted is listed in
-:data:`NOT_COUNTED` (element-wise work: activations, residual adds, plain means); any other op fvcore
-cannot count is an error, so a new kind of layer cannot go silently uncounted.
+adaptive average pooling (fvcore's default handles), and whatever ``init_state`` computes (in the first
+exit). Element-wise work counts as zero (:data:`ELEMENTWISE_OPS`: activations, residual adds, plain means,
+pooling); any other op fvcore cannot count is an error, so a new kind of layer cannot go silently uncounted:
+give it a handle (``handles={"aten::op": function or None}``).
 
 Parameters of exit k: every parameter of every module that runs up to exit k (cumulative), found by
 hooks during the same traces, plus the model's own parameters (the learned latent array, used when
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from math import prod
@@ -37,8 +39,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from dynexit.models.base import MultiExitModel
 from dynexit.models.interface import check_multi_exit_model, model_setting
-from dynexit.models.perceiver import MultiExitModel
+from dynexit.models.state import flatten
 from dynexit.utils import atomic_write_text
 
 with warnings.catch_warnings():
@@ -51,21 +54,18 @@ log = logging.getLogger(__name__)
 
 UNIT = "GMACs (fvcore counts one multiply-add as one FLOP)"
 
-# Ops that fvcore has no handle for and that are deliberately left out, with the reason. They are
-# element-wise or shape work, which the official hand counter leaves out as well.
-NOT_COUNTED: dict[str, str] = {
-    "aten::add": "residual adds, biases added by hand, key position embeddings",
-    "aten::add_": "in-place residual adds (timm and torchvision blocks)",
-    "aten::mul": "squeeze-excitation scaling; integer shape arithmetic of the attention heads",
-    "aten::mean": "token means and global average pooling in front of the classifiers",
-    "aten::gelu": "activation",
-    "aten::sigmoid": "activation (RegNet squeeze-excitation gate)",
-    "aten::hardsigmoid": "activation (MobileNetV3 squeeze-excitation gate)",
-    "aten::hardswish": "activation (MobileNetV3)",
-    "aten::hardswish_": "in-place activation (MobileNetV3)",
-    "aten::max_pool2d": "max pooling of the ResNet stem",
-    "aten::avg_pool2d": "average pooling in front of the MSDNet classifiers",
-}
+# Element-wise, reduction and pooling ops that fvcore has no handle for, counted as zero multiply-adds:
+# fvcore's own convention for add and mul, and what the official hand counter leaves out as well (residual
+# adds, activations, squeeze-excitation gates, token means, pooling). Any other op fvcore cannot count is an
+# error unless the caller gives a handle for it (``handles=``).
+ELEMENTWISE_OPS: frozenset[str] = frozenset(f"aten::{op}{suffix}" for op in (
+    "add", "sub", "rsub", "mul", "div", "neg", "abs", "pow", "sqrt", "rsqrt", "exp", "log", "reciprocal", "sign",
+    "maximum", "minimum", "where", "clamp_min", "clamp_max", "erf", "tanh", "sigmoid", "hardsigmoid", "hardswish",
+    "hardtanh", "relu6", "leaky_relu", "elu", "gelu", "silu", "mish", "softmax", "log_softmax", "mean", "sum",
+    "amax", "var", "std", "max_pool2d", "avg_pool2d", "max_pool1d", "avg_pool1d", "adaptive_max_pool2d",
+    "fill", "zero", "repeat", "tile", "roll", "flip", "pad",
+) for suffix in ("", "_"))
+Handle = Callable[[list[Any], list[Any]], int] | None  # fvcore's handle signature; None counts zero
 
 # Components of a model, for the breakdown; see component_of.
 COMPONENTS = ("cnn", "latent", "x2z", "z2x", "last_ca", "heads")
@@ -164,66 +164,83 @@ class ExitCosts:
         atomic_write_text(path, self.table().to_csv(index=False))
 
 
-def _flatten(s: tuple) -> tuple[list[torch.Tensor], list[int | None]]:
-    """The tensors of a state (a NamedTuple whose fields are tensors or tuples of tensors) in field
-    order, and its layout: None for a tensor field, the length of a tuple field."""
-    tensors: list[torch.Tensor] = []
-    layout: list[int | None] = []
-    for value in s:
-        if isinstance(value, torch.Tensor):
-            tensors.append(value)
-            layout.append(None)
-        else:
-            tensors.extend(value)
-            layout.append(len(value))
-    return tensors, layout
-
-
-def _unflatten(like: tuple, tensors: tuple[torch.Tensor, ...], layout: list[int | None]) -> tuple:
-    """The state of the type of ``like`` rebuilt from :func:`_flatten`'s tensors and layout."""
-    fields, i = [], 0
-    for n in layout:
-        fields.append(tensors[i] if n is None else tuple(tensors[i:i + n]))
-        i += 1 if n is None else n
-    return type(like)(*fields)
-
-
 class _Segment(nn.Module):
-    """Segment ``k`` of ``model`` as a function of the input state's tensors that returns all tensors of
-    the new state (so tracing keeps all its work); keeps the output for the next segment."""
+    """Segment ``k`` of ``model`` (or, with ``k`` None, its ``init_state``) as a function of the input
+    state's tensors (the image) that returns all tensors of the new state, so that tracing keeps all its
+    work; keeps the output for the next segment."""
 
-    def __init__(self, model: MultiExitModel, k: int, s: tuple):
+    def __init__(self, model: MultiExitModel, k: int | None, s: Any):
         super().__init__()
         self.model = model
         self.k = k
-        self.like = s
-        self.inputs, self.layout = _flatten(s)
-        self.output: tuple | None = None
+        if k is None:
+            self.inputs, self.rebuild = [s], lambda tensors: tensors[0]
+        else:
+            self.inputs, self.rebuild = flatten(s)
+        self.output: Any = None
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = self.model.run_segment(self.k, _unflatten(self.like, tensors, self.layout))
-        out, layout = _flatten(s)
-        self.output = _unflatten(s, tuple(t.detach() for t in out), layout)
+        given = self.rebuild(tensors)
+        s = self.model.init_state(given) if self.k is None else self.model.run_segment(self.k, given)
+        out, rebuild = flatten(s)
+        self.output = rebuild(tuple(t.detach() for t in out))
         return tuple(out)
 
 
-def _flop_counter(module: nn.Module, inputs: tuple) -> FlopCountAnalysis:
-    """fvcore's counter of ``module(*inputs)`` with dynexit's handles: SDPA counted, NOT_COUNTED skipped."""
+def _flop_counter(module: nn.Module, inputs: tuple, handles: Mapping[str, Handle] | None = None) -> FlopCountAnalysis:
+    """fvcore's counter of ``module(*inputs)`` with dynexit's handles (SDPA counted, ELEMENTWISE_OPS as zero)
+    and the caller's ``handles`` (op name -> fvcore handle, or None for zero), which win."""
     counter = FlopCountAnalysis(module, inputs)
+    counter.set_op_handle(**dict.fromkeys(ELEMENTWISE_OPS))  # None: fvcore skips them without a warning
     counter.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-    counter.set_op_handle(**dict.fromkeys(NOT_COUNTED))  # None: fvcore skips them without a warning
+    if handles:
+        counter.set_op_handle(**check_handles(handles))
     # Each segment runs only part of the model by design; unsupported ops are checked below instead.
     counter.uncalled_modules_warnings(False).unsupported_ops_warnings(False)
     return counter
 
 
-def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCosts:
+def resolve_handles(named: Mapping[str, str] | None, import_functions: bool = True) -> dict[str, Handle]:
+    """Op handles as a spec (``model.op_handles``) or ``--op-handle`` names them: ``{"aten::op": "zero"}``
+    (counted as zero) or ``{"aten::op": "package.module:function"}`` (fvcore's handle signature), imported
+    unless ``import_functions`` is False (then only the names' form is checked)."""
+    from dynexit.models.interface import check_factory_name, load_factory
+
+    handles: dict[str, Handle] = {}
+    for op, name in (named or {}).items():
+        if not isinstance(name, str):
+            raise ValueError(f"op handle for {op}: 'zero' or 'package.module:function', got {name!r}")
+        if name == "zero":
+            handles[op] = None
+        elif import_functions:
+            handles[op] = load_factory(name, what=f"op handle for {op}")
+        else:
+            check_factory_name(name)
+            handles[op] = None
+    return check_handles(handles)
+
+
+def check_handles(handles: Mapping[str, Handle]) -> dict[str, Handle]:
+    """``handles`` checked: op names of the form ``aten::name``, values callables or None."""
+    for op, handle in handles.items():
+        if not isinstance(op, str) or "::" not in op:
+            raise ValueError(f"op handle {op!r}: name the op as the trace does, e.g. 'aten::rsub'")
+        if handle is not None and not callable(handle):
+            raise TypeError(f"op handle for {op}: a function (inputs, outputs) -> multiply-adds, or None for "
+                            f"zero; got {type(handle).__name__}")
+    return dict(handles)
+
+
+def count_costs(model: MultiExitModel, input_size: int | None = None,
+                handles: Mapping[str, Handle] | None = None) -> ExitCosts:
     """Counts the per-image cost of every exit of ``model`` (see the module docstring): any model with
     segments (:mod:`dynexit.models.interface`); TypeError naming what a model without them lacks.
+    ``handles``: fvcore handles for ops it cannot count (``{"aten::op": fn(inputs, outputs) -> int}``; None
+    counts an op as zero), beside dynexit's own.
 
     ``input_size`` defaults to the model's configured one. The model is counted in eval mode (its mode
     is restored after) on one random image, without touching the global random state. Raises
-    ValueError if fvcore meets an op it cannot count that is not in :data:`NOT_COUNTED`.
+    ValueError naming any op fvcore cannot count that has no handle.
     """
     exit_names = check_multi_exit_model(model, need_segments=True, purpose="counting per-exit costs")
     size = model_setting(model, "input_size") if input_size is None else input_size
@@ -244,21 +261,27 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
     model.eval()
     try:
         with torch.no_grad():
-            s = model.init_state(images)
-            for k in range(len(exit_names)):
+            s, init_macs = images, 0
+            for k in [None, *range(len(exit_names))]:  # init_state's work counts in the first exit
                 segment = _Segment(model, k, s)
-                counter = _flop_counter(segment, tuple(segment.inputs))
-                segment_macs.append(int(counter.total()))
+                counter = _flop_counter(segment, tuple(segment.inputs), handles)
+                macs = int(counter.total())  # runs the analysis
                 unsupported = counter.unsupported_ops()
                 if unsupported:
                     ops = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))
-                    raise ValueError(f"fvcore cannot count {ops} in segment {k} of {type(model).__name__}: "
-                                     "register a handle for it or add it to dynexit.costs.NOT_COUNTED")
+                    where = "init_state" if k is None else f"segment {k}"
+                    raise ValueError(f"fvcore cannot count {ops} in {where} of {type(model).__name__}: give a "
+                                     f"handle for it (count_costs(..., handles={{op: function or None}}), "
+                                     f"--op-handle on the command line; None counts it as zero)")
                 _add_component_macs(component_macs, counter, model)
+                s = segment.output
+                if k is None:
+                    init_macs = macs
+                    continue
+                segment_macs.append(macs + (init_macs if k == 0 else 0))
                 for module in called:
                     seen.update(id(p) for p in module.parameters(recurse=False))
                 params.append(sum(p.numel() for p in model.parameters() if id(p) in seen))
-                s = segment.output
     finally:
         for h in hooks:
             h.remove()
@@ -274,7 +297,7 @@ def count_costs(model: MultiExitModel, input_size: int | None = None) -> ExitCos
     return costs
 
 
-def count_macs(model: nn.Module, input_size: int) -> int:
+def count_macs(model: nn.Module, input_size: int, handles: Mapping[str, Handle] | None = None) -> int:
     """Multiply-adds of one forward pass of any module on one ``input_size`` image, counted like
     :func:`count_costs` (the same fvcore handles): the work of a single-exit baseline such as a
     torchvision classifier. The model is counted in eval mode; its mode is restored after."""
@@ -284,14 +307,15 @@ def count_macs(model: nn.Module, input_size: int) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            return int(_flop_counter(model, (images,)).total())
+            return int(_flop_counter(model, (images,), handles).total())
     finally:
         model.train(was_training)
 
 
-def exit_costs(model: MultiExitModel, input_size: int | None = None) -> pd.DataFrame:
+def exit_costs(model: MultiExitModel, input_size: int | None = None,
+               handles: Mapping[str, Handle] | None = None) -> pd.DataFrame:
     """:func:`count_costs` as its per-exit table (:meth:`ExitCosts.table`: ``exit``, ``gmacs``, ``params``, ...)."""
-    return count_costs(model, input_size).table()
+    return count_costs(model, input_size, handles).table()
 
 
 def _add_component_macs(totals: dict[str, int], counter: FlopCountAnalysis, model: nn.Module) -> None:

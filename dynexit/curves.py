@@ -36,6 +36,34 @@ def envelope_points(x, y) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
+def interpolation_points(x, y, at) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which points :func:`interpolate` reads at each value of ``at``: ``(lower, upper, weight)``, the
+    positions in ``x`` of the two envelope points around it and the weight of the upper one, so that
+    ``interpolate(x, y, at) == (1 - weight) * y[lower] + weight * y[upper]``. Outside the curve's cost
+    range: positions -1 and weight NaN. (A bootstrap reads per-sample outcomes of these two points.)"""
+    x = np.asarray(x, dtype=float).reshape(-1)
+    y = np.asarray(y, dtype=float).reshape(-1)
+    at = np.asarray(at, dtype=float).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same length, got {x.shape} and {y.shape}")
+    ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    order = ok[np.lexsort((-y[ok], x[ok]))]  # by cost, the most accurate first among equal costs
+    keep = order[np.r_[True, np.diff(x[order]) > 0]] if len(order) else order  # the envelope's points
+    lower = np.full(at.shape, -1, dtype=np.int64)
+    upper = np.full(at.shape, -1, dtype=np.int64)
+    weight = np.full(at.shape, np.nan)
+    if len(keep) == 0:
+        return lower, upper, weight
+    xs = x[keep]
+    inside = (at >= xs[0]) & (at <= xs[-1])
+    j = np.clip(np.searchsorted(xs, at[inside], side="right") - 1, 0, max(len(xs) - 2, 0))
+    k = np.minimum(j + 1, len(xs) - 1)
+    span = xs[k] - xs[j]
+    lower[inside], upper[inside] = keep[j], keep[k]
+    weight[inside] = np.where(span > 0, (at[inside] - xs[j]) / np.where(span > 0, span, 1.0), 0.0)
+    return lower, upper, weight
+
+
 def interpolate(x, y, at) -> np.ndarray:
     """``y(x)`` linearly interpolated at ``at``; NaN outside ``[min x, max x]`` (never extrapolated).
     Of points with equal ``x`` the largest ``y`` counts (see the module docstring)."""

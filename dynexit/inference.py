@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynexit.models.base import MultiExitModel
 from dynexit.models.interface import check_multi_exit_model
-from dynexit.models.perceiver import MultiExitModel
+from dynexit.models.state import logits_of, select
 from dynexit.policies import ExitPolicy, check_criterion, confidence, exit_scores, find_thresholds
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor,
             s = model.init_state(x)
             for k in range(num_exits):
                 s = model.run_segment(k, s)
-                conf, pred = exit_scores(s.logits[-1], criterion, temps[k])
+                conf, pred = exit_scores(logits_of(s)[-1], criterion, temps[k])
                 if k == num_exits - 1:
                     predictions[running] = pred
                     exits[running] = k
@@ -125,7 +126,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor,
                     break
                 keep = (~done).nonzero().squeeze(1)
                 running = running[keep]
-                s = s.select(keep)
+                s = select(s, keep)
     finally:
         model.train(was_training)
     return predictions, exits
@@ -214,7 +215,7 @@ def run_to_exit(model: MultiExitModel, x: torch.Tensor, k: int) -> torch.Tensor:
     s = model.init_state(x)
     for j in range(k + 1):
         s = model.run_segment(j, s)
-    return s.logits[-1]
+    return logits_of(s)[-1]
 
 
 def exit_latencies(model: MultiExitModel, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> list[Timing]:

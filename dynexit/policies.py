@@ -9,7 +9,9 @@ exit takes everyone left, whatever its threshold. Thresholds never look at label
 Budgeted protocol (Dynamic Perceiver / MSDNet): for a row of target shares p (one per exit), the
 threshold of exit k < K-1 is the confidence of the n_k-th most confident calibration sample among
 those that have not exited yet, n_k = floor(N * p_k); it is ``NEVER`` (1e8) when n_k is 0 or fewer
-samples remain, and the last exit gets ``ALWAYS`` (-1e8). The numbers follow the official float32
+samples remain, ``ALWAYS`` (-1e8) when n_k is every sample left (a share that sends everyone there, such
+as the full grid's first point: on the test split too, everyone leaves there; the papers' grids never
+ask for it), and the last exit gets ``ALWAYS``. The numbers follow the official float32
 arithmetic: softmax in torch float32, n_k computed in float32, thresholds float32, expected cost
 accumulated in float32, so thresholds equal the official ones bit for bit.
 
@@ -43,7 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CRITERIA = ("max_softmax", "entropy", "margin")  # the confidence criteria, in the order --help lists them
-GRIDS = ("official", "msdnet")  # the budgeted protocol's grids of target shares
+GRIDS = ("full", "official", "msdnet")  # the budgeted protocol's grids of target shares
+DEFAULT_GRID = "full"  # runs, reports and the command line: every budget from the first exit to the last
 NEVER = np.float32(1e8)  # threshold of an exit nobody leaves at
 ALWAYS = np.float32(-1e8)  # threshold of the last exit: everyone left leaves there
 OFFICIAL_SCALES = (0.85, 1.0, 0.5)  # official rescaling of the shares of exits 1-3 (4 exits)
@@ -305,7 +308,9 @@ def find_thresholds(conf: np.ndarray, proportions) -> np.ndarray:
     for k in range(num_exits - 1):
         candidates = conf[k][remaining]
         n = int(wanted[k])
-        if 0 < n <= len(candidates):
+        if 0 < n == len(candidates):
+            thresholds[k] = ALWAYS  # everyone left leaves here, also test samples below the calibration minimum
+        elif 0 < n < len(candidates):
             # the n-th largest = the (len - n)-th smallest; ties give the same value in any order
             thresholds[k] = np.partition(candidates, len(candidates) - n)[len(candidates) - n]
         remaining &= ~(conf[k] >= thresholds[k])
@@ -405,19 +410,53 @@ def official_grid(num_exits: int = 4, scales: Sequence[float] | None = None) -> 
     return np.stack(rows)
 
 
-def msdnet_grid(num_exits: int, start: float = 0.05, stop: float = 2.0, num: int = 40) -> np.ndarray:
-    """Target shares (num, num_exits) float32 of MSDNet's budgeted protocol: q_k proportional to
-    p^k (k = 1..K) for p = start..stop in ``num`` even steps (MSDNet: 0.05..2.0, 40 points)."""
-    if num_exits < 1 or num < 1 or not 0 < start <= stop:
-        raise ValueError(f"need num_exits >= 1, num >= 1 and 0 < start <= stop, got num_exits={num_exits}, "
-                         f"num={num}, start={start}, stop={stop}")
-    return np.stack([_geometric_shares(float(p), num_exits).numpy()
-                     for p in np.linspace(start, stop, num)])
+def msdnet_grid(num_exits: int, num: int = 39) -> np.ndarray:
+    """Target shares (num, num_exits) float32 of MSDNet's budgeted protocol: q_k proportional to p^k
+    (k = 1..K) for p = 1/20, 2/20, ..., num/20. MSDNet's dynamic evaluation takes p = 1/20 .. 39/20
+    (39 points), each p a float32 of the double p/20, and computes the shares in torch float32."""
+    if num_exits < 1 or num < 1:
+        raise ValueError(f"need num_exits >= 1 and num >= 1, got num_exits={num_exits}, num={num}")
+    return np.stack([_geometric_shares(i / 20, num_exits).numpy() for i in range(1, num + 1)])
+
+
+FULL_SPAN = 3.1  # |log q| of the full grid's outermost geometric points: within 5 % of the cost range's ends
+FULL_MAX_GAP = 0.05  # the largest gap between neighbouring nominal costs, as a share of the cost range
+FULL_MIN_POINTS = 40
+
+
+def full_grid(num_exits: int) -> np.ndarray:
+    """Target shares (points, num_exits) float32 spanning every budget: the first row sends every sample to
+    the first exit, the last row every sample to the last, and between them geometric shares q_k
+    proportional to q^k (k = 1..K, as the protocol grids) for log q evenly spaced over
+    [-FULL_SPAN, FULL_SPAN].
+
+    Why these points: the nominal expected cost sum_k q_k c_k of increasing costs c rises with log q, at a
+    rate (the covariance of c_k and k under the shares) of at most (c_K - c_1) (K - 1) / 4; steps of
+    log q of 4 FULL_MAX_GAP / (K - 1) therefore keep neighbouring nominal costs within FULL_MAX_GAP of the
+    cost range, whatever the costs. At |log q| = FULL_SPAN the shares beyond the first exit (or before
+    the last) sum to less than q / (1 - q) < 5 %, so the end rows are within 5 % too. At least
+    FULL_MIN_POINTS points; one row for a single exit.
+    """
+    if num_exits < 1:
+        raise ValueError(f"num_exits must be >= 1, got {num_exits}")
+    if num_exits == 1:
+        return np.ones((1, 1), dtype=np.float32)
+    step = 4 * FULL_MAX_GAP / (num_exits - 1)
+    inner = max(int(np.ceil(2 * FULL_SPAN / step)) + 1, FULL_MIN_POINTS - 2)
+    log_q = np.linspace(-FULL_SPAN, FULL_SPAN, inner)
+    k = np.arange(num_exits)
+    weights = np.exp(log_q[:, None] * (k - (num_exits - 1) / 2))  # centred exponent: no overflow
+    shares = weights / weights.sum(axis=1, keepdims=True)
+    first, last = np.eye(num_exits)[[0, -1]]
+    return np.vstack([first, shares, last]).astype(np.float32)
 
 
 def resolve_grid(grid: str | np.ndarray | Sequence[Sequence[float]], num_exits: int) -> np.ndarray:
-    """``"official"``, ``"msdnet"`` or an explicit (points, exits) array of target shares -> float32."""
+    """``"full"``, ``"official"``, ``"msdnet"`` or an explicit (points, exits) array of target shares ->
+    float32."""
     if isinstance(grid, str):
+        if grid == "full":
+            return full_grid(num_exits)
         if grid == "official":
             return official_grid(num_exits)
         if grid == "msdnet":
@@ -445,7 +484,7 @@ def policy_columns(criterion: str, temperatures, exit_names: Sequence[str]) -> d
 
 
 def curve_from_scores(calib_conf: np.ndarray, calib_correct: np.ndarray, test_conf: np.ndarray,
-                      test_correct: np.ndarray, costs, grid="official",
+                      test_correct: np.ndarray, costs, grid=DEFAULT_GRID,
                       exit_names: Sequence[str] | None = None, criterion: str = "max_softmax",
                       temperatures=None) -> pd.DataFrame:
     """:func:`budgeted_curve` on precomputed confidences and correctness (exits, samples); ``criterion`` and
@@ -478,11 +517,12 @@ def curve_from_scores(calib_conf: np.ndarray, calib_correct: np.ndarray, test_co
 
 
 def budgeted_curve(calib_logits, calib_targets, test_logits, test_targets, costs,
-                   grid: str | np.ndarray = "official", criterion: str = "max_softmax",
+                   grid: str | np.ndarray = DEFAULT_GRID, criterion: str = "max_softmax",
                    temperatures: str | Sequence[float] | np.ndarray | None = None,
                    exit_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """Budgeted-batch curve: one row per operating point of ``grid`` (``"official"``, ``"msdnet"`` or
-    a (points, exits) array of target shares), thresholds set on the calibration split and applied
+    """Budgeted-batch curve: one row per operating point of ``grid`` (``"full"``, the default: every budget
+    from the first exit to the last; ``"official"`` or ``"msdnet"``, the papers' grids; or a (points,
+    exits) array of target shares), thresholds set on the calibration split and applied
     to the test split. Columns: see the module docstring.
 
     ``costs``: per-exit cost of a sample that stops there (cumulative, e.g. GMACs). ``temperatures``:

@@ -1,6 +1,8 @@
 """Reading YAML files strictly: plain values only (``yaml.SafeLoader``), and a key given twice in one
 mapping is an error naming the key and both lines, where plain YAML would silently keep the last one
-(a duplicated variant would vanish from an experiment)."""
+(a duplicated variant would vanish from an experiment). Sizes are limited: a file of at most
+``MAX_YAML_BYTES`` whose values, with every alias expanded, number at most ``MAX_YAML_VALUES`` (a few hundred
+bytes of nested aliases would otherwise expand to gigabytes once copied)."""
 from __future__ import annotations
 
 import re
@@ -10,6 +12,8 @@ from typing import Any
 import yaml
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -42,15 +46,37 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes, more than a {what} may have "
+                         f"({MAX_YAML_BYTES:,})")
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.load(fh, Loader=UniqueKeyLoader)
+            tree = yaml.load(fh, Loader=UniqueKeyLoader)
+        if _count_values(tree, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise ValueError(f"{path}: more than {MAX_YAML_VALUES:,} values once its aliases (*name) are "
+                             f"expanded; a {what} that large is refused")
+        return tree
     except DuplicateKeyError as err:
         raise ValueError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: cannot parse YAML: {err}") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
+
+
+def _count_values(tree: Any, budget: int) -> int:
+    """How many values ``tree`` holds with shared (aliased) parts counted each time they appear; stops
+    counting past ``budget``, so that the count is cheap even for a tree that expands exponentially."""
+    count, stack = 0, [tree]
+    while stack and count <= budget:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
 
 
 # ------------------------------------------------------------------------- where a key is in a file

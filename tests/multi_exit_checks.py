@@ -7,6 +7,7 @@ import torch
 
 from dynexit import policies
 from dynexit.inference import early_exit
+from dynexit.models.state import logits_of, select
 
 
 def assert_segments_are_the_forward_pass(model, x: torch.Tensor, drop_after: int, keep: list[int]) -> None:
@@ -16,13 +17,13 @@ def assert_segments_are_the_forward_pass(model, x: torch.Tensor, drop_after: int
     with torch.no_grad():
         full = model(x)
         state = model.init_state(x)
-        for k in range(model.num_exits):
+        for k in range(len(model.exit_names)):
             state = model.run_segment(k, state)
-            torch.testing.assert_close(state.logits[-1], full[k][kept])
+            torch.testing.assert_close(logits_of(state)[-1], full[k][kept])
             if k == drop_after:
                 kept = torch.tensor(keep)
-                state = state.select(kept)
-    assert state.logits[-1].shape[0] == len(keep)
+                state = select(state, kept)
+    assert logits_of(state)[-1].shape[0] == len(keep)
 
 
 def assert_early_exit_equals_the_simulated_policy(model, x: torch.Tensor, batch_sizes: tuple[int, ...],
@@ -31,7 +32,7 @@ def assert_early_exit_equals_the_simulated_policy(model, x: torch.Tensor, batch_
     forward's logits assigns, for no threshold, every threshold and ``settings`` random ones; some sample
     leaves at each exit. Run the model in float64: compacted batches then give the full batch's logits to
     ~1e-15, and thresholds halfway between neighbouring confidences leave no decision to the last bit."""
-    n, exits = len(x), model.num_exits
+    n, exits = len(x), len(model.exit_names)
     with torch.no_grad():
         logits = torch.stack(model(x)).numpy()
     conf, pred = policies.scores(logits, "max_softmax")

@@ -112,13 +112,14 @@ def _synthetic_metrics(run: int, names, epochs: int = 3) -> pd.DataFrame:
 
 
 def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classes: int = 10,
-                            exit_names: bool = False, budgets=(0.003, 0.0045, 0.0058)) -> Path:
+                            exit_names: bool = False, budgets=(0.003, 0.0045, 0.0058),
+                            criterion: str = "max_softmax", names_of: dict | None = None) -> Path:
     """A results folder like the quickstart's: the variants of SYNTHETIC over ``seeds``, run folders
     with logits, costs, curve, anytime, summary, config and status. ``exit_names``: curve columns named
     after the exits (else numbered, as a curve computed without names)."""
     runs, curves = [], {}
     for variant, (costs, strengths, params) in SYNTHETIC.items():
-        names = ["cnn"] if len(costs) == 1 else list(EXITS)
+        names = (names_of or {}).get(variant) or (["cnn"] if len(costs) == 1 else list(EXITS))
         for seed in seeds:
             rng = np.random.default_rng([seed, len(runs)])
             rid = f"{variant}-{seed}"
@@ -132,7 +133,7 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
                 split[name] = (logits, targets)
             (cl, ct), (tl, tt) = split["calib"], split["test"]
             if len(names) > 1:
-                curve = budgeted_curve(cl, ct, tl, tt, costs, grid="official",
+                curve = budgeted_curve(cl, ct, tl, tt, costs, grid="official", criterion=criterion,
                                        exit_names=names if exit_names else None)
             else:
                 curve = pd.DataFrame([{"calib_accuracy": float((cl[0].argmax(-1) == ct).mean() * 100),
@@ -153,7 +154,8 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
             anytime.to_csv(folder / "anytime.csv", index=False)
             pd.DataFrame({"exit": names, "gmacs": costs, "params": params}).to_csv(folder / "costs.csv", index=False)
             (folder / "summary.json").write_text(json.dumps(summary))
-            (folder / "config.yaml").write_text(yaml.safe_dump({"eval": {"criterion": "max_softmax"}, "seed": seed}))
+            (folder / "config.yaml").write_text(yaml.safe_dump({"eval": {"criterion": criterion, "grid": "official"},
+                                                                "data": {"calib_size": samples}, "seed": seed}))
             (folder / "status.json").write_text(json.dumps({"state": "done"}))
             _synthetic_metrics(len(runs), names).to_csv(folder / "metrics.csv", index=False)
             runs.append({"run_id": rid, "variant": variant, "model.name": "tiny_perceiver_t16",
@@ -163,6 +165,18 @@ def write_synthetic_results(root: Path, seeds=(0, 1), samples: int = 300, classe
     spec = {"name": "synthetic", "base": {"eval": {"budgets": list(budgets)}},
             "variants": {v: {} for v in SYNTHETIC}, "seeds": list(seeds)}
     return write_folder(root, runs, curves, spec, grid_keys=("model.static",))
+
+
+def write_architectures(folder: Path) -> None:
+    """The model sections of a synthetic folder's runs (the tiny Dyn-Perceiver and its static backbone, whose
+    exits the runs list), so that their architectures can be built (``dynexit bench RESULTS_DIR``)."""
+    for run in (folder / "runs").iterdir():
+        model = {"name": "tiny_perceiver_t16", "num_classes": 10, "input_size": 28}
+        if run.name.startswith("static"):
+            model["static"] = True
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": model,
+                                                         "data": {"name": "digits", "image_size": 28}}))
 
 
 # ----------------------------------------------------------------------------------- hand-computed
@@ -240,19 +254,20 @@ def test_hand_computed_band_table_and_differences(tmp_path):
     assert r"no\_x2z" in latex and r"63.25 $\pm$ 1.06" in latex and latex.count(r"\\") >= 5
 
 
-def test_budgets_outside_every_curve_fall_back_to_the_common_range(tmp_path, caplog):
+def test_default_budgets_spread_over_the_common_range(tmp_path):
     folder = hand_folder(tmp_path / "hand")
     results = analysis.load_results(folder)
-    assert analysis.default_budgets(results) == [2.0]  # the spec's budget: curves reach it
-    runs = pd.read_csv(folder / "runs.csv").rename(columns={"acc_at_2": "acc_at_100"})
-    runs.to_csv(folder / "runs.csv", index=False)
-    results = analysis.load_results(folder)
-    assert results.budgets == [100.0]
+    assert results.budgets == [2.0]  # the spec's budget, a runs.csv column: not a default of the report
     budgets = analysis.default_budgets(results)
-    assert "no curve reaches the spec's budgets (100 GMACs)" in caplog.text
-    np.testing.assert_allclose(budgets, [1.875, 2.25, 2.625], atol=0.006)  # 1/4, 1/2, 3/4 of [1.5, 3]
+    np.testing.assert_allclose(budgets, [1.65, 1.95, 2.25, 2.55, 2.85])  # middles of 5 parts of [1.5, 3]
     table = analysis.ablation_table(results)
+    assert table.attrs["budgets"] == budgets
     assert table[[analysis.budget_column(b) for b in budgets]].iloc[:2].notna().all().all()
+    narrow = analysis.load_results(folder)
+    narrow.curves = narrow.curves.assign(test_expected_cost=1 + narrow.curves["test_expected_cost"] * 1e-4)
+    budgets = analysis.default_budgets(narrow)  # a range of 1.5e-4: still five distinct budgets inside it
+    low, high = analysis.common_cost_range(narrow)
+    assert len(set(budgets)) == 5 and all(low <= b <= high for b in budgets)
 
 
 def test_grid_key_splits_configurations_and_matches_its_reference(tmp_path):
@@ -441,7 +456,7 @@ def test_report_is_byte_stable_whatever_the_row_order(tmp_path):
     formats = ("png", "pdf", "svg")
     analysis.write_report(folder, formats=formats)
     first = _files(folder / "report")
-    assert len(first) == 5 * 3 + 9 + 1 and all(first.values())  # 5 figures in 3 formats, 9 tables, the page
+    assert len(first) == 5 * 3 + 12 + 1 and all(first.values())  # 5 figures in 3 formats, 12 tables, the page
     for name in ("runs.csv", "curves.csv"):
         rows = pd.read_csv(folder / name)
         rows.iloc[::-1].to_csv(folder / name, index=False)
@@ -579,3 +594,124 @@ def test_report_page_is_self_contained_and_holds_the_table(tmp_path):
     assert "torch" in parser.cells and "matplotlib" in parser.cells
     analysis.write_report(folder, formats=("pdf",))
     assert page.read_text(encoding="utf-8") == text  # byte-stable
+
+
+def _family_folder(root: Path, families: dict[str, tuple[list[str], list[float], list[float]]],
+                   spec_extra: dict | None = None) -> Path:
+    """One run per variant (seed 0): variant -> (exit names, cumulative GMACs, accuracy of each exit alone);
+    the curve runs straight from the first exit to the last."""
+    runs, curves = [], {}
+    for variant, (names, gmacs, accs) in families.items():
+        row = {"run_id": variant, "variant": variant, "model.name": variant, "data.name": "d", "seed": 0,
+               "params": 100, "num_exits": len(names)}
+        for name, g, a in zip(names, gmacs, accs):
+            row[f"acc_{name}"], row[f"gmacs_{name}"] = a, g
+        row["acc_final"], row["gmacs_final"] = accs[-1], gmacs[-1]
+        runs.append(row)
+        curves[variant] = pd.DataFrame({"test_expected_cost": [gmacs[0], gmacs[-1]],
+                                        "test_accuracy": [accs[0], accs[-1]]})
+    spec = {"name": "families", "variants": {v: {} for v in families}, **(spec_extra or {})}
+    return write_folder(root, runs, curves, spec)
+
+
+def test_mixed_families_table_lines_exits_up_by_position(tmp_path):
+    folder = _family_folder(tmp_path / "mixed", {
+        "static": (["cnn"], [2.0], [80.0]),
+        "branchy": (["stage1", "stage2", "stage3"], [0.5, 1.0, 2.0], [60.0, 70.0, 78.0]),
+        "msdnet": (["exit1", "exit2", "exit3", "exit4"], [0.4, 0.8, 1.2, 1.6], [65.0, 72.0, 76.0, 79.0])})
+    results = analysis.load_results(folder)
+    assert results.reference == "branchy"  # the first variant with a curve (static has none)
+    table = analysis.ablation_table(results, budgets=[1.0]).set_index("config")
+    assert table.attrs["by_position"] and table.attrs["exits"] == [f"position_{k}" for k in range(1, 5)]
+    np.testing.assert_allclose(table.loc["branchy", ["acc_position_1", "acc_position_2", "acc_position_3"]],
+                               [60.0, 70.0, 78.0])
+    assert np.isnan(table.at["branchy", "acc_position_4"])
+    np.testing.assert_allclose(table.loc["msdnet", [f"share_position_{k}" for k in range(1, 5)]],
+                               [25.0, 50.0, 75.0, 100.0])
+    assert table.loc["static", [f"acc_position_{k}" for k in range(1, 5)]].isna().all()  # no exits to line up
+    assert table.at["static", "acc_final"] == 80.0
+    np.testing.assert_allclose(table["delta_acc_final"], [0.0, 2.0, 1.0])  # every row against branchy
+    assert not any(c.startswith(("acc_stage", "acc_exit1", "acc_cnn")) for c in table.columns)
+    shown = analysis.format_ablation(table.reset_index())
+    assert list(shown.columns[2:6]) == ["Exit 1 acc. (%)", "Exit 1 cost (%)", "Exit 2 acc. (%)", "Exit 2 cost (%)"]
+    assert list(shown["Exit 2 cost (%)"]) == ["50", "", "50"]
+    assert "Exit columns by position" in analysis.to_markdown(table.reset_index())
+    # a spec's reference: names the reference; a name that is no variant is an error naming the file
+    spec = yaml.safe_load((folder / "experiment.yaml").read_text())
+    (folder / "experiment.yaml").write_text(yaml.safe_dump({**spec, "reference": "msdnet"}))
+    assert analysis.load_results(folder).reference == "msdnet"
+    (folder / "experiment.yaml").write_text(yaml.safe_dump({**spec, "reference": "resnet"}))
+    with pytest.raises(ValueError, match=r"experiment.yaml: reference: 'resnet' is not a variant"):
+        analysis.load_results(folder)
+
+
+def test_one_family_keeps_its_exit_names(tmp_path):
+    folder = _family_folder(tmp_path / "one", {
+        "full": (["early3", "att", "cnn", "merge"], [1.0, 2.0, 3.0, 4.0], [60.0, 70.0, 72.0, 75.0]),
+        "no_x2z": (["early3", "att", "cnn", "merge"], [0.9, 1.8, 2.7, 3.6], [58.0, 69.0, 71.0, 74.0]),
+        "resnet": (["logits"], [2.5], [73.0])})
+    table = analysis.ablation_table(analysis.load_results(folder))
+    assert not table.attrs["by_position"] and table.attrs["exits"] == ["early3", "att", "cnn", "merge"]
+    assert "acc_logits" not in table.columns and "share_early3" not in table.columns
+    assert table.set_index("config").at["resnet", "acc_final"] == 73.0
+
+
+def test_report_states_its_evaluation(tmp_path):
+    """A folder evaluated with the entropy criterion: the report's header, table notes and curve captions say so
+    (with the grid, the calibration size and the temperature), never "max softmax" for the curves."""
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0,), samples=60, criterion="entropy")
+    analysis.write_report(folder, formats=("png",), budgets=[0.004])
+    statement = ("Evaluation of the budgeted curves: criterion entropy; grid official; calibration 60 images; "
+                 "temperature none.")
+    for name in ("ablation.md", "budgets.md"):
+        assert statement in (folder / "report" / name).read_text(), name
+    page = (folder / "report" / "report.html").read_text()
+    assert page.count(statement) >= 1 + 3 + 2  # header, three curve captions, the two tables' notes
+    assert "max_softmax" not in page.split('id="spec"')[0]
+
+
+MIXED = {"no_x2z": ["exit1", "exit2", "exit3", "exit4"], "no_dwc": ["stage1", "stage2", "stage3", "stage4"]}
+
+
+def test_mixed_family_figures_are_readable(tmp_path):
+    """Three families and a static model: every exit of every family in the exit legends, panels wrapped at
+    four per row so that no report figure is wider than 2,600 px, the table by position."""
+    from PIL import Image
+
+    from dynexit.analysis.figures import wrapped_panels
+
+    folder = write_synthetic_results(tmp_path / "r", seeds=(0,), samples=60, names_of=MIXED)
+    written = analysis.write_report(folder, formats=("png",))
+    widths = {p.name: Image.open(p).size[0] for paths in written.values() for p in paths if p.suffix == ".png"}
+    assert {"budgeted_curves.png", "exit_shares.png", "confidence.png", "training_curves.png"} <= set(widths)
+    assert max(widths.values()) <= 2600, widths
+    results = analysis.load_results(folder)
+    every_exit = {*EXITS, *MIXED["no_x2z"], *MIXED["no_dwc"]}
+    for fig in (analysis.plot_exit_shares(results), analysis.plot_exit_accuracy(results)):
+        assert every_exit <= {t.get_text() for t in fig.legends[0].get_texts()}
+    fig = analysis.plot_confidence_histograms(results)
+    lefts = {round(ax.get_position().x0, 3) for ax in fig.axes}
+    assert len(lefts) == 4 and len(fig.axes) == 3 * 4 + 1
+    columns = set(pd.read_csv(folder / "report" / "ablation.csv").columns)
+    assert {f"acc_position_{k}" for k in range(1, 5)} <= columns and not columns & {"acc_stage1", "acc_exit1"}
+    fig, axes, rows = wrapped_panels([list(range(7)), ["a"]], 2.0, 2.0)
+    assert [len(r) for r in rows] == [7, 1]
+    cells = [(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in axes.values()]
+    assert cells == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (2, 0)]  # 7 exits: rows of 4 and 3
+
+
+def test_budgeted_curve_y_range_follows_the_curves():
+    """An exit far below every curve is drawn on the bottom edge with its value, not stretching the range."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = hand_folder(Path(tmp) / "hand")
+        runs = pd.read_csv(folder / "runs.csv")
+        runs.loc[runs["variant"] == "full", "acc_early3"] = 20.0  # an exit alone at 20 %: far below the curves
+        runs.to_csv(folder / "runs.csv", index=False)
+        results = analysis.load_results(folder)
+        ax = analysis.plot_budgeted_curves(results).axes[0]
+        low, high = ax.get_ylim()
+        assert 45 < low < 50 and 78 < high < 82  # curves span 50-78 (no_x2z starts at 50)
+        marks = [t.get_text() for t in ax.texts]
+        assert marks == ["20.0"]

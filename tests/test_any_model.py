@@ -155,7 +155,7 @@ def test_a_spec_with_the_readme_factory_runs_end_to_end(user_modules, tmp_path):
     assert checkpoint["model_kind"] == "factory"
     assert checkpoint["model_config"] == {"factory": "tiny_exits:make_model",
                                           "kwargs": {"num_classes": 10, "input_size": 28, "width": 8}}
-    model = load_model(folder / "checkpoint.pt")
+    model = load_model(folder / "checkpoint.pt", factory="tiny_exits:make_model")  # the caller consents
     assert type(model).__name__ == "TinyExits" and model.exit_names == ("low", "mid", "high")
     test_logits, _ = load_logits(folder / "logits_test.npz")
     accuracy = (test_logits.argmax(-1) == load_logits(folder / "logits_test.npz")[1]).mean(axis=1) * 100
@@ -234,7 +234,7 @@ def test_model_sections_of_every_family_are_checked_at_load(user_modules, tmp_pa
     cfg = load_run_config(write_config(tmp_path, {"name": "msdnet_small", "nBlocks": 3}))
     assert cfg.model.options == {"nBlocks": 3}
     assert dynexit.models.list_models()  # the presets of all families
-    cfg = load_run_config(write_config(tmp_path, {"name": "branchy_resnet_tiny", "exit_stages": [2, 3]}))
+    cfg = load_run_config(write_config(tmp_path, {"name": "branchy_resnet_tiny", "exits_after": [2, 3]}))
     assert exit_loss_weights(("stage2", "stage3", "final"), cfg.train.loss_weights) == dict.fromkeys(
         ("stage2", "stage3", "final"), 1.0)
     for model, message in [({"name": "msdnet_small", "x2z": False}, "model.x2z: not a setting of msdnet_small"),

@@ -10,7 +10,7 @@ from torch import nn
 
 import dynexit
 from dynexit.cli import main
-from dynexit.costs import NOT_COUNTED, count_costs
+from dynexit.costs import ELEMENTWISE_OPS, count_costs
 from dynexit.models import BRANCHY_PRESETS, BranchyConfig
 
 with warnings.catch_warnings():
@@ -31,7 +31,7 @@ def test_forward_gives_one_logit_tensor_per_exit_named_after_its_stage():
     outputs = model(torch.randn(3, 3, 28, 28))
     assert [tuple(y.shape) for y in outputs] == [(3, 10)] * 4
     # Fewer internal exits: the head is still last; each segment runs the stages up to its exit.
-    two = dynexit.create_model(NAME, exit_stages=[2], pool_size=1, num_classes=7)
+    two = dynexit.create_model(NAME, exits_after=[2], pool_size=1, num_classes=7)
     assert two.exit_names == ("stage2", "stage4")
     assert two.segment_plan == ((("stem", 0), ("cnn", 0), ("cnn", 1), ("exit", "stage2")),
                                 (("cnn", 2), ("cnn", 3), ("exit", "stage4")))
@@ -58,14 +58,14 @@ def test_segments_are_the_forward_pass_also_on_a_subset():
 
 
 def test_bad_configuration_names_the_field():
-    with pytest.raises(ValueError, match=r"exit_stages.*increasing stage numbers from 1 to 3"):
-        dynexit.create_model(NAME, exit_stages=[3, 2])
-    with pytest.raises(ValueError, match="exit_stages"):
-        dynexit.create_model(NAME, exit_stages=[4])
-    with pytest.raises(ValueError, match="exit_stages"):
-        dynexit.create_model(NAME, exit_stages=[])
-    with pytest.raises(TypeError, match="exit_stages"):
-        dynexit.create_model(NAME, exit_stages=[1.5])
+    with pytest.raises(ValueError, match=r"exits_after.*increasing stage numbers from 1"):
+        dynexit.create_model(NAME, exits_after=[3, 2])
+    with pytest.raises(ValueError, match="exits_after"):
+        dynexit.create_model(NAME, exits_after=[4])
+    with pytest.raises(ValueError, match="exits_after"):
+        dynexit.create_model(NAME, exits_after=[])
+    with pytest.raises(TypeError, match="exits_after"):
+        dynexit.create_model(NAME, exits_after=[1.5])
     with pytest.raises(ValueError, match="pool_size"):
         dynexit.create_model(NAME, pool_size=0)
     with pytest.raises(ValueError, match="backbone.*resnet_tiny"):
@@ -80,7 +80,7 @@ def test_bad_configuration_names_the_field():
 
 def fvcore_macs(module: nn.Module, x: torch.Tensor) -> int:
     counter = FlopCountAnalysis(module, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    counter.set_op_handle(**dict.fromkeys(NOT_COUNTED))
+    counter.set_op_handle(**dict.fromkeys(ELEMENTWISE_OPS))
     return int(counter.total())
 
 
@@ -109,7 +109,7 @@ def test_costs_increase_and_the_last_is_the_static_backbone_plus_the_internal_he
 
 
 def test_costs_cli_prints_every_exit(capsys, tmp_path):
-    assert main(["costs", NAME, "--input-size", "28", "--set", "model.exit_stages=[2,3]",
+    assert main(["costs", NAME, "--input-size", "28", "--set", "model.exits_after=[2,3]",
                  "--csv", str(tmp_path / "c.csv")]) == 0
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])] == \
@@ -167,3 +167,59 @@ def test_short_training_on_digits_learns_every_exit(tmp_path):
             total += len(labels)
     accuracy = (correct / total).tolist()
     assert total == 360 and min(accuracy) >= 0.80, accuracy
+
+
+@pytest.mark.parametrize("backbone", ["timm:resnet10t", "torchvision:resnet18"])
+def test_exits_on_any_library_backbone_count_run_and_exit_early(backbone):
+    from fvcore.nn import FlopCountAnalysis
+    from multi_exit_checks import assert_early_exit_equals_the_simulated_policy, assert_segments_are_the_forward_pass
+
+    from dynexit.costs import count_macs
+
+    torch.manual_seed(0)
+    model = dynexit.create_model("branchy", backbone=backbone, num_classes=10, input_size=32).eval()
+    assert model.exit_names == ("stage1", "stage2", "stage3", "stage4")  # the map halves at 4 stages after the stem
+    x = torch.randn(6, 3, 32, 32)
+    assert_segments_are_the_forward_pass(model, x, drop_after=1, keep=[0, 3, 5])
+    assert_early_exit_equals_the_simulated_policy(model, x, batch_sizes=(1, 6), settings=3)
+    # Independent count: the backbone's feature modules alone (fvcore, as dynexit counts), plus each head by
+    # hand: an internal exit pools its stage's map to 2x2 (one add per input element) then a linear layer.
+    features = count_macs(model.backbone, 32)
+    widths = [*model.backbone.stage_channels[1:], model.backbone.out_channels]
+    with torch.no_grad():
+        maps, h = [], model.backbone.stem(torch.zeros(1, 3, 32, 32))
+        for stage in model.backbone.stages:
+            h = stage(h)
+            maps.append(h.shape[-1])
+    heads = sum(w * m * m + w * 4 * 10 for w, m in zip(widths[:3], maps[:3])) + widths[3] * 10
+    assert count_costs(model, 32).macs[-1] == features + heads
+    assert FlopCountAnalysis(model.backbone, torch.zeros(1, 3, 32, 32)).total() == features
+
+
+def test_a_library_backbones_choice_of_exits_and_a_registered_backbone():
+    from dynexit.models.backbones import BACKBONES, BackboneSpec, register_backbone
+
+    model = dynexit.create_model("branchy", backbone="timm:resnet10t", num_classes=10, input_size=32,
+                                 exits_after=[2])
+    assert model.exit_names == ("stage2", "stage4")
+    with pytest.raises(ValueError, match="the backbone has 4 stages"):
+        dynexit.create_model("branchy", backbone="timm:resnet10t", num_classes=10, input_size=32, exits_after=[4])
+    with pytest.raises(ValueError, match="timm has no model"):
+        dynexit.create_model("branchy", backbone="timm:no_such_net", num_classes=10, input_size=32)
+    spec = BackboneSpec(BACKBONES["resnet_tiny"].build, description="mine")
+    register_backbone("my_tiny", spec)
+    try:
+        assert dynexit.create_model("branchy", backbone="my_tiny", num_classes=3, input_size=16).num_exits == 4
+        with pytest.raises(ValueError, match="taken"):
+            register_backbone("my_tiny", spec)
+    finally:
+        del BACKBONES["my_tiny"]
+
+
+def test_a_spec_names_a_library_backbone(tmp_path):
+    from dynexit.config import RunConfig, build_configured_model, merge, validate_run_config
+
+    cfg = merge(RunConfig, {"model": {"name": "branchy", "backbone": "timm:resnet10t", "num_classes": 10,
+                                      "input_size": 32}, "data": {"image_size": 32}})
+    validate_run_config(cfg)
+    assert build_configured_model(cfg.model).exit_names[-1] == "stage4"

@@ -171,7 +171,7 @@ def _old_run_folders(root: Path) -> None:
 def workdir(tmp_path_factory, one_torch_thread) -> Path:
     """A scratch folder with the specs and stand-ins for every file an example reads."""
     import pandas as pd
-    from test_analysis import write_synthetic_results
+    from test_analysis import write_architectures, write_synthetic_results
 
     root = tmp_path_factory.mktemp("examples")
     shutil.copytree(ROOT / "experiments", root / "experiments")
@@ -191,6 +191,7 @@ def workdir(tmp_path_factory, one_torch_thread) -> Path:
     _official_checkpoints(root)
     _old_run_folders(root)
     results = write_synthetic_results(root / "results" / "quickstart", seeds=(0,), samples=60)
+    write_architectures(results)  # for 'dynexit bench RESULTS_DIR'
     shutil.copy(root / "experiments" / "quickstart.yaml", results / "experiment.yaml")  # as 'dynexit run' keeps it
     shutil.copytree(results, root / "runs" / "quickstart")  # a reproduction, for the compare examples
     return root
@@ -217,7 +218,15 @@ def _argv(example: str, root: Path) -> list[str]:
     words = shlex.split(example, comments=True)[1:]
     for command, extra in SHORTER.items():
         if tuple(words[: len(command)]) == command:
-            words += extra
+            # a key the example sets itself keeps the shorter value (a key given twice is refused)
+            shorter = {extra[i + 1].partition("=")[0] for i, w in enumerate(extra) if w == "--set"}
+            kept = []
+            for word in words:
+                if kept and kept[-1] == "--set" and word.partition("=")[0] in shorter:
+                    kept.pop()
+                    continue
+                kept.append(word)
+            words = kept + extra
     # a database server is not at hand: the same study in a SQLite file
     return [f"sqlite:///{root / 'shared.db'}" if w.startswith("postgresql://") else w for w in words]
 

@@ -96,11 +96,12 @@ def test_a_malformed_preset_fails_at_import_with_its_name(monkeypatch):
 
 
 def test_every_preset_builds_a_valid_configuration():
-    from dynexit.models import BRANCHY_PRESETS, MSDNET_PRESETS, PRESETS, branchy_config, msdnet_config, preset_config
+    """Every preset of every registered family gives a configuration holding the preset's own values."""
+    from dynexit.models import FAMILIES
 
-    for name in PRESETS:
-        assert preset_config(name).num_latents == PRESETS[name]["num_latents"]
-    for name in BRANCHY_PRESETS:
-        assert branchy_config(name).backbone == BRANCHY_PRESETS[name]["backbone"]
-    for name in MSDNET_PRESETS:
-        assert msdnet_config(name).nBlocks == MSDNET_PRESETS[name]["nBlocks"]
+    assert {"perceiver", "msdnet", "branchy"} <= set(FAMILIES)
+    for family in FAMILIES.values():
+        for name, values in family.presets.items():
+            cfg = family.config(name)
+            assert isinstance(cfg, family.config_class)
+            assert {key: getattr(cfg, key) for key in values} == dict(values), name

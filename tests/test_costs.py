@@ -19,6 +19,13 @@ HAND_COUNTS = {
     "mobilenetV3_0x75_perceiver_t128": (0.0977, 0.1820, 0.2069, 0.2664),
 }
 RESNET_FVCORE = (0.632, 1.023, 1.138, 1.206)
+# Our count over the official hand count, per exit: fvcore also counts batch and layer norms, squeeze-excitation
+# and pooling, which the hand counters leave out. Held to +-0.002, less than attention's share of any exit
+# (0.4 % or more), so a count that dropped attention (or a LayerNorm) leaves the window.
+HAND_COUNT_RATIOS = {
+    "reg800m_perceiver_t128": (1.0234, 1.0147, 1.0146, 1.0143),
+    "mobilenetV3_0x75_perceiver_t128": (1.0613, 1.0420, 1.0402, 1.0331),
+}
 # Official parameter breakdown of reg800m (SPEC section 2): backbone, classifier_cnn, latent branch,
 # z2x without / with the last CA, other heads.
 REG800M_PARAMS = {"cnn": 5.648e6, "latent+x2z": 10.735e6, "z2x": 1.775e6 - 1.452e6, "last_ca": 1.452e6,
@@ -39,15 +46,15 @@ def test_official_models_match_hand_counts(official_costs, name):
     costs = official_costs[name]
     assert costs.input_size == 224 and costs.exit_names == ("early3", "att", "cnn", "merge")
     ratios = [ours / ref for ours, ref in zip(costs.gmacs, HAND_COUNTS[name])]
-    assert all(0.99 <= r <= 1.08 for r in ratios), ratios
+    assert ratios == pytest.approx(HAND_COUNT_RATIOS[name], abs=0.002), ratios
 
 
 def test_resnet_counts_all_work_done_up_to_each_exit(official_costs):
-    """Within 3% of the official cumulative fvcore count; exit 3 is 1.138 G, not the 1.022 G of a trace
-    that drops the latent stage-4 work feeding only the later exits."""
+    """The official cumulative fvcore count to its three printed decimals (attention alone is 0.0158 G or
+    more of every exit); exit 3 is 1.138 G, not the 1.022 G of a trace that drops the latent stage-4 work feeding
+    only the later exits. Exact counts are pinned in test_pinned_costs.py."""
     costs = official_costs["resnet50_0375_perceiver_t128"]
-    for ours, ref in zip(costs.gmacs, RESNET_FVCORE):
-        assert abs(ours / ref - 1) <= 0.03, (costs.gmacs, RESNET_FVCORE)
+    assert tuple(round(g, 3) for g in costs.gmacs) == RESNET_FVCORE, costs.gmacs
     assert costs.gmacs[2] > 1.1
 
 

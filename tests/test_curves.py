@@ -13,7 +13,7 @@ import torch
 from dynexit import analysis
 from dynexit.config import RunConfig
 from dynexit.curves import accuracy_at_budget, envelope_points, interpolate, mean_best_within_budget
-from dynexit.policies import CRITERIA, GRIDS, exit_scores, scores
+from dynexit.policies import CRITERIA, GRIDS, exit_scores
 from dynexit.runs.pipeline import summarize
 from dynexit.search import compare_with_protocol
 
@@ -34,6 +34,9 @@ def test_equal_costs_keep_the_best_point():
     # The staircase reading (best within each budget) over [1, 4]: 50 on [1, 2), then 70, then 75.
     assert mean_best_within_budget(CURVE["test_expected_cost"], CURVE["test_accuracy"], 1.0, 4.0) == \
         pytest.approx((50 + 70 + 75) / 3)
+    # Past the last point (74 % at 4) the best within budget is still the cheaper 75 % point.
+    assert mean_best_within_budget(CURVE["test_expected_cost"], CURVE["test_accuracy"], 1.0, 5.0) == \
+        pytest.approx((50 + 70 + 75 + 75) / 4)
     with pytest.raises(ValueError, match="below the cheapest"):
         mean_best_within_budget([1.0], [50.0], 0.5, 2.0)
 
@@ -81,9 +84,14 @@ def test_exit_scores_are_equal_for_numpy_and_torch(criterion, temperature):
     assert isinstance(conf_np, np.ndarray) and isinstance(conf_t, torch.Tensor)
     assert conf_np.dtype == np.float32 and pred_np.dtype == np.int64
     assert np.array_equal(conf_np, conf_t.numpy()) and np.array_equal(pred_np, pred_t.numpy())
-    conf, pred = scores(logits[None], criterion, temperature)  # the simulated policy calls the same code
-    assert np.array_equal(conf[0], conf_np) and np.array_equal(pred[0], pred_np)
     assert pred_np[:3].tolist() == [0, 0, 0]
+    # and they are the criteria: the max-softmax confidence and prediction from a float64 softmax
+    z = logits.astype(np.float64) / (temperature or 1.0)
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    assert np.array_equal(pred_np, logits.argmax(axis=1))
+    if criterion == "max_softmax":
+        np.testing.assert_allclose(conf_np, probs.max(axis=1), rtol=0, atol=2e-6)
 
 
 def _string_tuples(tree: ast.AST):

@@ -60,19 +60,43 @@ def random_thresholds(conf: np.ndarray, rng: np.random.Generator, gap: float = 0
     return np.array(out)
 
 
-def test_exit_scores_equal_policies_scores():
+def reference_scores(logits: np.ndarray, criterion: str, temperature: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The criteria written out in float64 NumPy: the prediction is the first index of the largest softmax
+    probability at temperature 1; the confidence is computed at ``temperature``."""
+    def softmax(z):
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    z = logits.astype(np.float64)
+    pred = softmax(z).argmax(axis=-1)
+    p = softmax(z / (temperature or 1.0))
+    if criterion == "max_softmax":
+        return p.max(axis=-1), pred
+    if criterion == "entropy":
+        return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(axis=-1), pred
+    top = np.sort(p, axis=-1)[..., ::-1]
+    return (top[..., 0] - top[..., 1] if p.shape[-1] > 1 else top[..., 0]), pred
+
+
+def test_exit_scores_and_policies_scores_equal_the_criteria_written_out():
+    """exit_scores (the scoring of real early exit) and policies.scores (the simulated policy), each against
+    the float64 reference: confidences to float32 rounding, predictions exactly (ties: the first class)."""
     rng = np.random.default_rng(0)
     logits = (rng.normal(size=(3, 200, 10)) * rng.uniform(0.1, 8, size=(3, 200, 1))).astype(np.float32)
     logits[0, :5] = 0.0  # ties
     for criterion in CRITERIA:
         for temperature in (None, 1.7):
             conf, pred = policies.scores(logits, criterion, temperature)
+            want_conf, want_pred = reference_scores(logits, criterion, temperature)
+            np.testing.assert_allclose(conf, want_conf, rtol=0, atol=2e-6, err_msg=criterion)
+            assert np.array_equal(pred, want_pred) and (pred[0, :5] == 0).all(), criterion
             for k in range(3):
                 c, p = exit_scores(torch.from_numpy(logits[k]), criterion, temperature)
-                assert np.array_equal(c.numpy(), conf[k]) and np.array_equal(p.numpy(), pred[k]), criterion
-    one_class = np.zeros((1, 4, 1), dtype=np.float32)
-    assert np.array_equal(exit_scores(torch.from_numpy(one_class[0]), "margin")[0].numpy(),
-                          policies.confidence(one_class, "margin")[0])
+                np.testing.assert_allclose(c.numpy(), want_conf[k], rtol=0, atol=2e-6, err_msg=criterion)
+                assert np.array_equal(p.numpy(), want_pred[k]), criterion
+    one_class = np.zeros((1, 4, 1), dtype=np.float32)  # margin with one class: the top probability, 1
+    assert exit_scores(torch.from_numpy(one_class[0]), "margin")[0].tolist() == [1.0] * 4
+    assert policies.confidence(one_class, "margin")[0].tolist() == [1.0] * 4
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)

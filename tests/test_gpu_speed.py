@@ -2,6 +2,7 @@
 fast kernels unless deterministic, bf16/fp16 autocast (fp16 with a gradient scaler), BatchNorm statistics
 averaged over processes before evaluation (gloo), persistent evaluation loaders, the global batch."""
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -52,32 +53,32 @@ def test_amp_modes():
     assert not isinstance(autocast(torch.device("cpu"), "fp16"), torch.autocast)
 
 
-def test_the_default_amp_keeps_run_ids():
+# A committed run (results/fashion_mnist): its config.yaml predates train.reference_batch, scale_lr, compile
+# and eval_calib, and its folder is named by its id.
+COMMITTED_RUN = Path(__file__).resolve().parents[1] / "results" / "fashion_mnist" / "runs" / "035a5ad804"
+
+
+def committed_config() -> RunConfig:
+    from dynexit.config import load_run_config
+
+    return load_run_config(COMMITTED_RUN / "config.yaml")
+
+
+@pytest.mark.parametrize("key,default,other", [
+    ("amp", False, "fp16"), ("reference_batch", None, 1024), ("scale_lr", False, True), ("compile", False, True),
+    ("eval_calib", "every", "end")])
+def test_a_train_field_at_its_default_keeps_the_committed_run_id(key, default, other):
+    """At its default (given explicitly or not) a field leaves the id of a committed run unchanged; set to
+    anything else it makes another run."""
     from dynexit.runs.spec import run_id
-    assert RunConfig().train.amp is False  # absent or false: the identity JSON is unchanged
-    a, b = RunConfig(), RunConfig()
-    b.train.amp = "fp16"
-    assert run_id(a) != run_id(b)
 
-
-def test_fp16_steps_go_through_a_gradient_scaler():
-    """The scaler the loop uses for fp16 (on the CPU's GradScaler, which torch provides): gradients of a
-    scaled loss are unscaled before the step, so the step equals the unscaled one."""
-    torch.manual_seed(0)
-    a = torch.nn.Linear(4, 2)
-    b = torch.nn.Linear(4, 2)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(8, 4)
-    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    scaler.scale(a(x).square().mean()).backward()
-    b(x).square().mean().backward()
-    assert torch.allclose(a.weight.grad, 1024.0 * b.weight.grad)  # the loss was scaled
-    scaler.unscale_(opt_a)
-    scaler.step(opt_a)
-    scaler.update()
-    opt_b.step()
-    assert torch.allclose(a.weight, b.weight, atol=1e-6)
+    cfg = committed_config()
+    assert key == "amp" or key not in (COMMITTED_RUN / "config.yaml").read_text()  # written before it existed
+    assert getattr(cfg.train, key) == default and run_id(cfg) == COMMITTED_RUN.name
+    setattr(cfg.train, key, default)
+    assert run_id(cfg) == COMMITTED_RUN.name
+    setattr(cfg.train, key, other)
+    assert run_id(cfg) != COMMITTED_RUN.name
 
 
 def test_global_batch():
@@ -108,9 +109,28 @@ def test_one_process_keeps_its_statistics():
     assert torch.equal(bn.running_mean, torch.full((2,), 7.0))
 
 
-def test_distributed_evaluation_loaders_keep_their_workers():
-    source = open(loop.__file__).read()
-    assert "persistent_workers=workers > 0" in source
+def test_distributed_evaluation_loaders_keep_their_workers(tmp_path, monkeypatch):
+    """The evaluation loaders of one of two processes: every second sample, workers kept across epochs."""
+    from dynexit.config import load_run_config
+
+    (tmp_path / "config.yaml").write_text(
+        "model: {name: tiny_perceiver_t16, input_size: 16}\n"
+        "data: {name: digits, image_size: 16, train_subset: 64, calib_size: 20, test_subset: 30, num_workers: 1}\n")
+    cfg = load_run_config(tmp_path / "config.yaml")
+    monkeypatch.setattr(DistContext, "barrier", lambda self: None)  # no process group: nobody to wait for
+    session = loop._Session(cfg, tmp_path / "run", DistContext(0, 2, torch.device("cpu"), owns_group=False),
+                            resume=True, on_epoch_end=None)
+    (tmp_path / "run").mkdir()
+    session._build_model()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # for the training sampler
+    try:
+        session._build_data()
+    finally:
+        dist.destroy_process_group()
+    for name, size in (("calib", 20), ("test", 30)):
+        loader = session.loaders[name]
+        assert loader.persistent_workers and loader.num_workers == 1, name
+        assert list(loader.dataset.indices) == list(range(0, size, 2)), name
 
 
 def test_the_global_batch_is_checked_against_the_recipe(caplog):
@@ -126,14 +146,6 @@ def test_the_global_batch_is_checked_against_the_recipe(caplog):
     assert loop.scaled_recipe(tc, 8) is tc  # the recipe's own global batch
     with pytest.raises(ValueError, match="train.scale_lr needs train.reference_batch"):
         validate_train_config(TrainConfig(scale_lr=True))
-
-
-def test_reference_batch_enters_the_run_id_only_when_set():
-    from dynexit.runs.spec import run_id
-    a, b, c = RunConfig(), RunConfig(), RunConfig()
-    b.train.reference_batch = 1024
-    c.train.reference_batch, c.train.scale_lr = 1024, True
-    assert len({run_id(a), run_id(b), run_id(c)}) == 3
 
 
 class _Noise(torch.utils.data.Dataset):
@@ -160,22 +172,6 @@ def test_resume_draws_the_same_augmentations_with_loader_workers():
     resumed_loaders["train"].generator.set_state(state)
     resumed = torch.cat([x for x, _ in resumed_loaders["train"]])
     assert torch.equal(resumed, uninterrupted)
-
-
-def test_train_compile_enters_the_run_id_only_when_set():
-    """Committed runs keep their ids (tests/test_run_identity.py); a compiled run is another run."""
-    from dynexit.runs.spec import run_id
-    a, b = RunConfig(), RunConfig()
-    b.train.compile = True
-    assert run_id(a) != run_id(b)
-
-
-def test_eval_calib_enters_the_run_id_only_when_set():
-    from dynexit.runs.spec import run_id
-    a, b, c = RunConfig(), RunConfig(), RunConfig()
-    b.train.eval_calib = "every"
-    c.train.eval_calib = "end"
-    assert run_id(a) == run_id(b) != run_id(c)
 
 
 def test_the_gradient_scaler_state_round_trips_through_a_checkpoint(tmp_path, caplog):

@@ -131,9 +131,17 @@ def test_the_checker_sees_imports_inside_functions_and_finds_cycles(tmp_path):
 
 
 def test_every_module_has_a_layer():
-    for module in module_graph():
-        if module not in EXEMPT:
-            layer_of(module)
+    """Every module under dynexit/ falls in a layer (KeyError otherwise), the layer of its top-level name;
+    and the three layers each hold modules."""
+    layers = {module: layer_of(module) for module in module_graph() if module not in EXEMPT}
+    assert {m: layers[m] for m in ("dynexit.costs", "dynexit.models.perceiver", "dynexit.runs.runner",
+                                   "dynexit.training.loop", "dynexit.cli", "dynexit.analysis")} == {
+        "dynexit.costs": LIBRARY, "dynexit.models.perceiver": LIBRARY, "dynexit.runs.runner": WORKFLOW,
+        "dynexit.training.loop": WORKFLOW, "dynexit.cli": PRESENTATION, "dynexit.analysis": PRESENTATION}
+    assert set(layers.values()) == {LIBRARY, WORKFLOW, PRESENTATION}
+    assert set(layers) | EXEMPT == set(module_files())  # no module left out of the graph
+    with pytest.raises(KeyError, match="no layer for dynexit.plugins"):
+        layer_of("dynexit.plugins.extra")
 
 
 def test_no_import_cycle():

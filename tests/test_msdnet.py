@@ -166,12 +166,53 @@ def test_small_preset_costs_about_as_much_as_the_tiny_perceiver():
     assert all(b > a for a, b in zip(small.macs, small.macs[1:]))
 
 
-@pytest.mark.parametrize("overrides", [{"prune": "min"}, {"bottleneck": False}, {"reduction": 0.0}])
-def test_other_reference_options_build_and_run(overrides):
+# The reference's rules for its other options, applied by hand to msdnet_small (8 layers in 4 blocks of 2,
+# 3 scales, 16 channels, growth 6, reduction 0.5). prune "min": layer l (1-based) of 8 reads
+# min(3, 8 - l + 2) scales and keeps min(3, 8 - l + 1); transitions after layers floor(8/3) = 2 and
+# floor(16/3) = 5, halving the channels (28 -> 14, 32 -> 16). reduction 0 (prune "max", one scale dropped
+# every ceil(8/3) = 3 layers): no transition, 16 + 6 l channels after layer l.
+REFERENCE_PLANS = {
+    "prune_min": ({"prune": "min"}, [
+        [("first",), ("layer", 16, 3, 3), ("layer", 22, 3, 3), ("transition", 28, 14, 3), ("channels", 14)],
+        [("layer", 14, 3, 3), ("layer", 20, 3, 3), ("channels", 26)],
+        [("layer", 26, 3, 3), ("transition", 32, 16, 3), ("layer", 16, 3, 3), ("channels", 22)],
+        [("layer", 22, 3, 2), ("layer", 28, 2, 1), ("channels", 34)]]),
+    "no_reduction": ({"reduction": 0.0}, [
+        [("first",), ("layer", 16, 3, 3), ("layer", 22, 3, 3), ("channels", 28)],
+        [("layer", 28, 3, 3), ("layer", 34, 3, 2), ("channels", 40)],
+        [("layer", 40, 2, 2), ("layer", 46, 2, 2), ("channels", 52)],
+        [("layer", 52, 2, 1), ("layer", 58, 1, 1), ("channels", 64)]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PLANS))
+def test_other_reference_options_follow_the_reference_rules(name):
+    from dynexit.models.msdnet import Transition, block_plan, msdnet_config
+
+    overrides, plan = REFERENCE_PLANS[name]
+    assert block_plan(msdnet_config("msdnet_small", **overrides)) == plan
     model = dynexit.create_model("msdnet_small", **overrides)
+    transitions = [[conv.net[0].weight.shape[:2] for conv in m.m] for m in model.modules() if isinstance(m, Transition)]
+    expected = [[(t[2] * g, t[1] * g) for g in (1, 2, 4)[3 - t[3]:]] for block in plan for t in block
+                if t[0] == "transition"]  # 1x1 from c_in x grFactor to c_out x grFactor at each kept scale
+    assert transitions == expected
     assert [y.shape for y in model(torch.randn(2, 3, 32, 32))] == [(2, 10)] * 4
-    costs = count_costs(model)
-    assert all(b > a for a, b in zip(costs.macs, costs.macs[1:]))
+
+
+def test_without_bottleneck_each_growth_is_one_3x3_conv():
+    """The first layer's new features, scale by scale (growth 6 x grFactor 1-2-4; from a finer scale half of
+    it, strided): with the bottleneck a 1x1 to min(input, bnFactor x output) channels comes first, bnFactor
+    of the scale the conv reads (the finer one for the strided conv)."""
+    def conv_shapes(model):
+        layer = model.blocks[0][1]  # the first MSDN layer: 16, 32, 64 channels at scales 0-2
+        return [tuple(m.weight.shape) for m in layer.modules() if isinstance(m, nn.Conv2d)]
+
+    assert conv_shapes(dynexit.create_model("msdnet_small", bottleneck=False)) == [
+        (6, 16, 3, 3), (6, 16, 3, 3), (6, 32, 3, 3), (12, 32, 3, 3), (12, 64, 3, 3)]
+    assert conv_shapes(dynexit.create_model("msdnet_small")) == [
+        (6, 16, 1, 1), (6, 6, 3, 3),  # scale 0: min(16, 1 x 6)
+        (6, 16, 1, 1), (6, 6, 3, 3), (12, 32, 1, 1), (6, 12, 3, 3),  # scale 1: min(16, 1 x 6), min(32, 2 x 6)
+        (24, 32, 1, 1), (12, 24, 3, 3), (48, 64, 1, 1), (12, 48, 3, 3)]  # scale 2: min(32, 2 x 12), min(64, 4 x 12)
 
 
 # ------------------------------------------------------------------------------------ checkpoints

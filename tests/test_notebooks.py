@@ -65,3 +65,35 @@ def test_notebook_runs_and_shows_the_analysis(name, results_dir, monkeypatch):
     if name == "budgeted_curves.ipynb":
         band = _text(_tagged(nb, "band")[0])
         assert all(c in band for c in results.dynamic_configs)
+
+
+@pytest.fixture(scope="module")
+def edge_folders(tmp_path_factory):
+    """Mixed families with a static reference (the spec's reference:), and a single run."""
+    import pandas as pd
+    import yaml
+    from test_analysis import MIXED
+
+    root = tmp_path_factory.mktemp("edge")
+    mixed = write_synthetic_results(root / "mixed", seeds=(0,), samples=60, names_of=MIXED)
+    spec = yaml.safe_load((mixed / "experiment.yaml").read_text())
+    (mixed / "experiment.yaml").write_text(yaml.safe_dump({**spec, "reference": "static"}))
+    single = write_synthetic_results(root / "single", seeds=(0,), samples=60)
+    for name in ("runs.csv", "curves.csv", "index.csv"):
+        frame = pd.read_csv(single / name)
+        frame[frame["run_id"] == "no_dwc-0"].to_csv(single / name, index=False)
+    return {"mixed, static reference": mixed, "single run": single}
+
+
+@pytest.mark.parametrize("folder", ["mixed, static reference", "single run"])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_notebook_runs_on_any_results_folder(name, folder, edge_folders, monkeypatch):
+    results_dir = edge_folders[folder]
+    monkeypatch.setenv(analysis.RESULTS_ENV, str(results_dir))
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    results = analysis.load_results(results_dir)
+    assert ", ".join(results.configs) in _text(_tagged(nb, "load")[0])
+    figures = [c for c in _tagged(nb, "figure") if any("image/png" in out.get("data", {}) for out in c.outputs)]
+    assert len(figures) == EXPECTED[name]

@@ -16,6 +16,7 @@ from dynexit.policies import (
     evaluate_thresholds,
     find_thresholds,
     fit_temperatures,
+    full_grid,
     msdnet_grid,
     official_grid,
     scores,
@@ -83,11 +84,55 @@ def test_official_grid_other_exit_counts():
 @pytest.mark.parametrize("num_exits", [2, 4, 5])
 def test_msdnet_grid_is_geometric(num_exits):
     grid = msdnet_grid(num_exits)
-    assert grid.shape == (40, num_exits)
+    assert grid.shape == (39, num_exits)  # MSDNet's dynamic evaluation: p = 1/20 .. 39/20
     np.testing.assert_allclose(grid.sum(axis=1), 1.0, atol=1e-6)
-    p = np.arange(1, 41) / 20  # MSDNet: p = 0.05, 0.10, ..., 2.0
+    p = np.arange(1, 40) / 20
     np.testing.assert_allclose(grid[:, 1:] / grid[:, :-1], np.repeat(p[:, None], num_exits - 1, 1), rtol=1e-5)
     np.testing.assert_allclose(grid[19], np.full(num_exits, 1 / num_exits), rtol=1e-6)  # p = 1: uniform
+    # each row in float32 as the reference computes it: exp(log(float32(p)) * [1..K]), normalised in float32
+    k = np.arange(1, num_exits + 1, dtype=np.float32)
+    for i, row in zip(range(1, 40), grid):
+        ref = np.exp(np.log(np.float32(i / 20)) * k).astype(np.float32)
+        np.testing.assert_array_max_ulp(row, ref / ref.sum(dtype=np.float32), maxulp=4)
+
+
+def _nominal_costs(grid, costs):
+    return grid.astype(np.float64) @ np.asarray(costs, dtype=np.float64)
+
+
+@pytest.mark.parametrize("num_exits", [2, 3, 4, 7])
+def test_full_grid_spans_first_exit_to_last_densely(num_exits):
+    grid = full_grid(num_exits)
+    assert grid.dtype == np.float32 and grid.shape[1] == num_exits and len(grid) >= 40
+    np.testing.assert_allclose(grid.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(grid[0], np.eye(num_exits)[0])  # everyone at the first exit
+    np.testing.assert_array_equal(grid[-1], np.eye(num_exits)[-1])  # everyone at the last
+    rng = np.random.default_rng(num_exits)
+    for costs in (np.arange(1, num_exits + 1.0), np.cumsum(rng.uniform(0.01, 1, num_exits)),
+                  np.r_[1.0, 1.0 + np.arange(1, num_exits) * 1e-3], np.r_[np.arange(1, num_exits) * 1e-3, 1.0]):
+        nominal = _nominal_costs(grid, costs)
+        span = costs[-1] - costs[0]
+        assert nominal[0] == pytest.approx(costs[0]) and nominal[-1] == pytest.approx(costs[-1])
+        assert (np.diff(nominal) >= -1e-9 * span).all()  # cheapest first, dearest last
+        assert np.diff(nominal).max() <= 0.05 * span  # no gap wider than 5 % of the cost range
+
+
+@pytest.mark.parametrize("num_exits", [2, 3, 4, 7])
+def test_full_grid_curve_reaches_every_exit_budget(num_exits):
+    """On continuous confidences the curve's calibration costs run from the first exit's cost to the
+    last's, with no gap wider than 5 % of that range; the test split's ends are exactly the exits' costs."""
+    rng = np.random.default_rng(7)
+    costs = np.cumsum(rng.uniform(0.1, 1.0, num_exits))
+    calib = rng.normal(size=(num_exits, 2000, 5)).astype(np.float32)
+    test = rng.normal(size=(num_exits, 500, 5)).astype(np.float32)
+    curve = budgeted_curve(calib, rng.integers(0, 5, 2000), test, rng.integers(0, 5, 500), costs)
+    span = costs[-1] - costs[0]
+    assert curve.calib_expected_cost.iloc[0] == pytest.approx(costs[0], rel=1e-6)
+    assert curve.calib_expected_cost.iloc[-1] == pytest.approx(costs[-1], rel=1e-6)
+    assert curve.test_expected_cost.min() == pytest.approx(costs[0], rel=1e-6)
+    assert curve.test_expected_cost.max() == pytest.approx(costs[-1], rel=1e-6)
+    assert np.diff(np.sort(curve.calib_expected_cost)).max() <= 0.05 * span + 1e-6
+    assert {f"test_share_{k}" for k in range(num_exits)} <= set(curve.columns)
 
 
 def test_permuted_labels_leave_exits_unchanged(reference):
@@ -204,4 +249,4 @@ def test_anytime_accuracy_and_bad_input(reference):
         budgeted_curve(arrays["calib_logits"][:3], arrays["calib_targets"], arrays["test_logits"][:3],
                        arrays["test_targets"], meta["costs"][:3], grid="official")
     named = _curve(reference, exit_names=["early3", "att", "cnn", "merge"], grid="msdnet")
-    assert len(named) == 40 and "threshold_merge" in named and (named.threshold_merge == ALWAYS).all()
+    assert len(named) == 39 and "threshold_merge" in named and (named.threshold_merge == ALWAYS).all()

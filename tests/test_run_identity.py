@@ -80,9 +80,11 @@ def copy_results(trained: Path, tmp_path: Path, name: str = "results", **eval_ch
 # --------------------------------------------------------------------------- scheduling
 
 
-def test_one_worker_or_two_give_bit_identical_runs(tmp_path):
+def test_one_worker_or_two_give_bit_identical_runs(tmp_path, monkeypatch):
     """--workers 1 runs in the runner's own process, here set to 2 threads; --workers 2 in two spawned
-    worker processes. Both compute with the runs' train.threads (1)."""
+    worker processes, whose torch starts with 1 thread (OMP_NUM_THREADS; torch caps a larger value at the
+    cores). Both compute with the runs' train.threads (1): a run that kept the threads of its process would
+    compute with 2 threads in one grid and 1 in the other, and the thread count changes the last bits."""
     one = load_spec(write_spec(tmp_path, tmp_path / "one"))
     two = load_spec(write_spec(tmp_path, tmp_path / "two"))
     caller_threads = torch.get_num_threads()
@@ -92,6 +94,7 @@ def test_one_worker_or_two_give_bit_identical_runs(tmp_path):
         assert torch.get_num_threads() == 2  # the run's threads do not leak into the caller
     finally:
         torch.set_num_threads(caller_threads)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' own default, unlike the caller's
     assert all(o.state == DONE for o in run_experiment(two, devices="cpu", workers=2))
     assert [r.run_id for r in one.runs] == [r.run_id for r in two.runs] and len(one.runs) == 2
     pids = set()
@@ -201,7 +204,8 @@ def test_a_re_evaluation_that_needs_a_missing_checkpoint_fails_and_keeps_the_run
     assert outcomes[experiment.runs[1].run_id].state == DONE
     assert read_status(folder)["state"] == DONE  # still trained: the next run tries the re-evaluation again
     assert run_state(folder, experiment.runs[0].config.eval) == STALE
-    assert len(pd.read_csv(results / "runs.csv")) == 2
+    # left out of runs.csv (by name, in the log) until evaluated again: its old row is not its configuration's
+    assert list(pd.read_csv(results / "runs.csv")["run_id"]) == [experiment.runs[1].run_id]
 
 
 def test_eval_compile_leaves_finished_runs_done_and_the_other_settings_still_make_them_stale(trained, tmp_path,
@@ -315,7 +319,9 @@ def test_migration_renames_old_run_folders_to_their_current_ids(trained, tmp_pat
     results, spec = copy_results(trained, tmp_path)
     mapping = make_old(results)
     experiment = load_spec(spec)
-    assert {row["state"] for row in experiment_status(experiment)} == {"pending"}  # old names: not found
+    rows = experiment_status(experiment)
+    assert {row["state"] for row in rows if row["in_spec"]} == {"pending"}  # old names: not found
+    assert {row["run_id"] for row in rows if not row["in_spec"]} == set(mapping)  # listed, as other folders
 
     assert main(["migrate-ids", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out

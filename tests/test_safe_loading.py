@@ -22,6 +22,7 @@ from dynexit.cli import main as cli_main
 from dynexit.config import DataConfig, RunConfig, merge
 from dynexit.data import build_datasets
 from dynexit.models.official import open_checkpoint
+from dynexit.runs.aggregate import write_experiment_files
 from dynexit.runs.folders import FAILED, RUNNING, read_status, run_dir, write_status
 from dynexit.runs.spec import load_spec
 from dynexit.training import train
@@ -112,6 +113,7 @@ def load_via_runner_resume(tmp: Path, put, capsys):
     spec = tiny_spec(tmp)
     experiment = load_spec(spec)
     folder = run_dir(experiment, experiment.runs[0])
+    write_experiment_files(experiment)  # as the runner that was interrupted left its results folder
     put(folder / "checkpoint.pt")
     write_status(folder, RUNNING)  # an interrupted run: the runner resumes it from its checkpoint
     assert cli_main(["run", str(spec), "--devices", "cpu", "--workers", "1"]) == 1

@@ -3,6 +3,7 @@ worker processes and killed workers on one SQLite study, the command, and the lo
 stub trainer for pruning, the real trainer on digits for the objective)."""
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ from dynexit.logits import save_logits
 from dynexit.policies import NEVER, budgeted_curve
 from dynexit.runs.spec import expand
 from dynexit.search import (
+    ThresholdSearch,
+    budget_verdict,
+    compare_at_budgets,
     compare_with_protocol,
     curve_of_thresholds,
     open_storage,
@@ -73,7 +77,7 @@ def test_shares_map_to_calibration_quantiles_and_protocol_thresholds_round_trip(
     assert t[0] == NEVER and t[1] == conf[1].min() and t[-1] < -1e7
     assert (conf[2] >= t[2]).sum() == n // 4 and t[2] == np.sort(conf[2])[::-1][n // 4 - 1]
     # The protocol's thresholds are calibration confidences: shares_of gives them back exactly.
-    protocol = protocol_curve(problem)
+    protocol = protocol_curve(problem, "official")
     thresholds = [np.array([row[f"threshold_{k}"] for k in range(4)], np.float32) for _, row in protocol.iterrows()]
     again = [problem.thresholds(problem.shares_of(t)) for t in thresholds]
     np.testing.assert_array_equal(np.stack(again)[:, :-1], np.stack(thresholds)[:, :-1])
@@ -92,10 +96,10 @@ def test_searched_thresholds_beat_the_official_protocol_on_the_fixture(reference
     budgets at the protocol's calibration costs, up to its most accurate point)."""
     a, meta = reference
     protocol = budgeted_curve(a["calib_logits"], a["calib_targets"], a["test_logits"], a["test_targets"],
-                              meta["costs"])
+                              meta["costs"], grid="official")
     pareto = search_pareto(problem, n_trials=2000, seed=0)
     peak = protocol["calib_expected_cost"][protocol["calib_accuracy"].idxmax()]
-    budgets = [b for b in protocol_budgets(problem) if b <= peak]
+    budgets = [b for b in protocol_budgets(problem, "official") if b <= peak]
     assert len(budgets) == 12
     per_budget = search_budgets(problem, budgets, n_trials=150, seed=0)
     for result, points in ((pareto, 10), (per_budget, 9)):
@@ -268,10 +272,16 @@ def test_threshold_command_writes_the_curve_format_and_resumes(reference, tmp_pa
     save_logits(tmp_path / "test.npz", a["test_logits"], a["test_targets"])
     costs = ",".join(str(c) for c in meta["costs"])
     common = ["--calib", str(tmp_path / "calib.npz"), "--test", str(tmp_path / "test.npz"), "--costs", costs]
-    assert cli_main(["curve", *common, "--out", str(tmp_path / "protocol.csv")]) == 0
-    args = ["search", "thresholds", *common, "--budgets", "0.75,0.85", "--out", str(tmp_path / "curve.csv")]
+    assert cli_main(["curve", *common, "--grid", "official", "--out", str(tmp_path / "protocol.csv")]) == 0
+    args = ["search", "thresholds", *common, "--budgets", "0.75,0.85", "--grid", "official",
+            "--out", str(tmp_path / "curve.csv")]
     assert cli_main([*args, "--trials", "20"]) == 0
-    assert "against the official protocol" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "against the official protocol (33 points" in printed and "nan" not in printed.lower()
+    for budget in ("0.75", "0.85"):  # one line per budget: who won and by how much
+        assert re.search(rf"budget {budget}: search \d+\.\d\d % .* vs protocol \d+\.\d\d % \(point \d+, "
+                         r".*\): (beat the protocol by|lost to the protocol by|tied with the protocol:) [-+]\d",
+                         printed), printed
     curve = pd.read_csv(tmp_path / "curve.csv")
     assert list(curve.columns) == list(pd.read_csv(tmp_path / "protocol.csv").columns) and len(curve) == 2
     assert len(pd.read_csv(tmp_path / "curve.trials.csv")) == 40 and (tmp_path / "search.db").is_file()
@@ -486,3 +496,51 @@ def test_loss_weight_figures_from_trials_csv(tmp_path, caplog):
         written = write_loss_weight_figures(few, tmp_path / "few")
     assert {p.name for p in written} == {"optimization_history.png", "optimization_history.csv"}
     assert "fewer than 4: no parameter importances" in caplog.text
+
+
+def test_an_extended_or_resumed_loss_weight_study_never_repeats_a_setting(tmp_path):
+    """2 trials, then the study extended to 4 in a new call (a new process's sampler), then a second study
+    of 4 trials at once: every trial has its own values and run folder, and the same study gives the same
+    trials however it was run."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(out=tmp_path / "res", epochs=1))
+    folders = []
+
+    def trainer(cfg, run_dir, device=None, resume=True, on_epoch_end=None):
+        folders.append(Path(run_dir).name)
+        on_epoch_end(epoch=1, model=None, ema=None)
+
+    def scorer(model, cfg, folder):
+        return 50.0 + cfg.train.distill_alpha
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    search_loss_weights(spec, n_trials=2, storage=storage, trainer=trainer, scorer=scorer)
+    extended = search_loss_weights(spec, n_trials=4, storage=storage, trainer=trainer, scorer=scorer).trials
+    params = ["weight_early3", "weight_att", "weight_cnn", "distill_alpha", "distill_temperature"]
+    assert len(extended) == 4 and not extended.duplicated(subset=params).any()
+    assert len(set(folders)) == 4 and len(folders) == 4  # no trial trained into another's folder
+    at_once = search_loss_weights(spec, n_trials=4, storage=f"sqlite:///{tmp_path / 'b.db'}", trainer=trainer,
+                                  scorer=scorer, study_dir=tmp_path / "b").trials
+    np.testing.assert_array_equal(at_once[params].to_numpy(), extended[params].to_numpy())
+
+
+def test_compare_at_budgets_picks_the_protocol_point_within_each_budget():
+    """Hand-made: the protocol's pick within a budget is its most accurate point on the calibration split among
+    those whose calibration cost fits; the verdict line says who won and by how much, never NaN."""
+    curve = pd.DataFrame({"point": [0, 1], "calib_expected_cost": [0.9, 1.9], "calib_accuracy": [65.0, 75.0],
+                          "test_expected_cost": [0.9, 1.9], "test_accuracy": [62.5, 68.0]})
+    trials = pd.DataFrame({"budget": [1.0, 1.0, 2.0, 0.1], "point": pd.array([0, None, 1, None], dtype="Int64")})
+    protocol = pd.DataFrame({"point": [0, 1, 2, 3], "calib_expected_cost": [0.5, 1.5, 1.5, 2.5],
+                             "calib_accuracy": [60.0, 70.0, 69.0, 80.0], "test_accuracy": [61.0, 69.0, 70.0, 79.0]})
+    table = compare_at_budgets(ThresholdSearch(curve, trials, [], 0), protocol).set_index("budget")
+    assert list(table.index) == [0.1, 1.0, 2.0]
+    assert table.at[1.0, "protocol_point"] == 0 and table.at[1.0, "difference"] == pytest.approx(1.5)
+    assert table.at[2.0, "protocol_point"] == 1 and table.at[2.0, "difference"] == pytest.approx(-1.0)
+    assert table.loc[0.1, ["searched_test_accuracy", "protocol_test_accuracy", "difference"]].isna().all()
+    lines = [budget_verdict(row) for row in table.reset_index().to_dict("records")]
+    assert lines[0] == "no searched point within the budget (no trial met it)"
+    assert lines[1].endswith("beat the protocol by +1.50 points") and "point 0" in lines[1]
+    assert lines[2].endswith("lost to the protocol by -1.00 points")
+    assert not any("nan" in line.lower() for line in lines)
+    lone = compare_at_budgets(ThresholdSearch(curve, trials.iloc[:1], [], 0), protocol.iloc[1:])
+    assert budget_verdict(lone.iloc[0]).startswith("search 62.50 %; the protocol has no point within the budget")

@@ -186,13 +186,13 @@ def test_runs_aggregate_skip_and_retry(tmp_path, monkeypatch):
     runs = pd.read_csv(tmp_path / "res" / "runs.csv")
     assert len(runs) == 24 and runs["run_id"].is_unique
     assert run_experiment(load_spec(spec), devices="cpu") == []
-    # TensorBoard: one link per run, named by variant, the grid keys it sets and seed, to its tb folder
+    # TensorBoard: one link per run, named by variant, the grid keys it sets, seed and run id, to its tb folder
     links = sorted((tmp_path / "res" / "tb").iterdir())
     assert len(links) == 24 and all(link.is_symlink() for link in links)
     by_name = {link.name: link for link in links}
-    name = "no_x2z_eval.batch_size=64_model.num_latents=16_train.batch_size=32_seed1"
     row = runs[(runs["variant"] == "no_x2z") & (runs["seed"] == 1) & (runs["train.batch_size"] == 32)
                & (runs["model.num_latents"] == 16)]
+    name = f"no_x2z_eval.batch_size=64_model.num_latents=16_train.batch_size=32_seed1_{row['run_id'].item()}"
     assert by_name[name].resolve() == (tmp_path / "res" / "runs" / row["run_id"].item() / "tb").resolve()
 
 

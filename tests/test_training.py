@@ -313,6 +313,27 @@ def test_the_gradient_scaler_resumes_at_its_scale(tmp_path, monkeypatch):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # power-of-two scales: the same weights as unscaled
 
 
+@pytest.mark.parametrize("clip", ["null", "1.0"])
+def test_the_loops_scaled_fp16_steps_equal_unscaled_ones(tmp_path, monkeypatch, clip):
+    """The loop scales the loss, unscales the gradients before clipping and steps through the scaler: with
+    a power-of-two scale (2^10) the trained weights equal those of a run without scaling, bit for bit. A
+    step on the scaled gradients (or an unscaled loss divided by the scale) would move AdamW differently."""
+    cfg = small_config("train.epochs=1", "train.ema=false", f"train.clip_grad={clip}")
+    plain = train(cfg, tmp_path / "plain")
+    real = torch.amp.GradScaler
+    scalers = []
+
+    def enabled(device, enabled):
+        scalers.append(real("cpu", init_scale=2.0 ** 10, growth_interval=1000))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", enabled)
+    scaled = train(cfg, tmp_path / "scaled")
+    assert len(scalers) == 1 and scalers[0].get_scale() == 2.0 ** 10 and scalers[0]._get_growth_tracker() == 3
+    ta, tb = checkpoint_tensors(plain.checkpoint), checkpoint_tensors(scaled.checkpoint)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     # No augmentation (random crops are drawn per loader batch) and frozen BN (batch statistics of half
     # a batch differ): then two accumulated half-batches are the full batch. AdamW's eps is raised to

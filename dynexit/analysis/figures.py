@@ -90,7 +90,7 @@ def plot_budgeted_curves(results: Results, ax=None, published: bool | str = "aut
     band = curve_band(results)
     exits = results.exits.groupby(["config", "exit"], sort=False).agg(
         gmacs=("gmacs", "mean"), accuracy=("accuracy", "mean"), std=("accuracy", "std")).reset_index()
-    handles, labels = [], []
+    handles, labels, anytime_points = [], [], []
     for config in results.configs:
         color = colors[config]
         points = exits[exits["config"] == config]
@@ -106,8 +106,17 @@ def plot_budgeted_curves(results: Results, ax=None, published: bool | str = "aut
             ax.fill_between(line["cost"], line["mean"] - line["std"], line["mean"] + line["std"],
                             color=color, alpha=0.2, lw=0, zorder=2)
         if anytime:
-            ax.errorbar(points["gmacs"], points["accuracy"], yerr=points["std"].fillna(0), fmt="o", ms=5,
-                        mfc="none", color=color, capsize=2, lw=1, zorder=3)
+            anytime_points.append((points, color))
+    bottom = _y_range(ax, band, exits[exits["config"].isin(results.static_configs)], paper,
+                      pd.concat([p for p, _ in anytime_points]) if anytime_points else None)
+    for points, color in anytime_points:
+        near = points["accuracy"] >= bottom
+        ax.errorbar(points.loc[near, "gmacs"], points.loc[near, "accuracy"], yerr=points.loc[near, "std"].fillna(0),
+                    fmt="o", ms=5, mfc="none", color=color, capsize=2, lw=1, zorder=3)
+        for gmacs, accuracy in zip(points.loc[~near, "gmacs"], points.loc[~near, "accuracy"]):  # far below: marked
+            ax.plot([gmacs], [bottom], marker="v", ms=7, mfc="none", color=color, clip_on=False, zorder=5)
+            ax.annotate(f"{accuracy:.1f}", (gmacs, bottom), xytext=(0, 6), textcoords="offset points", ha="center",
+                        fontsize="x-small", color=color)
     if anytime and results.dynamic_configs:
         handles += ax.plot([], [], "o", mfc="none", color="0.3")
         labels.append("each exit alone (anytime)")
@@ -124,6 +133,29 @@ def plot_budgeted_curves(results: Results, ax=None, published: bool | str = "aut
               title="configuration (mean ± std over seeds)" if _seeds(results) > 1 else "configuration",
               title_fontsize="small")
     return fig
+
+
+def _y_range(ax, band: pd.DataFrame, static: pd.DataFrame, paper: pd.DataFrame,
+             anytime: pd.DataFrame | None) -> float:
+    """Sets the y range to follow the curves (mean +- std), the static models and the published numbers,
+    with anytime points that lie within one range's height below them; returns the bottom: anytime points
+    below it are drawn on the bottom edge with their value (far-off points would squeeze the curves)."""
+    values = [band["mean"] - band["std"].fillna(0), band["mean"] + band["std"].fillna(0),
+              static["accuracy"] - static["std"].fillna(0), static["accuracy"] + static["std"].fillna(0),
+              paper["accuracy"]]
+    core = pd.concat([v for v in values if len(v)]).dropna() if any(len(v) for v in values) else pd.Series()
+    if core.empty:
+        return -np.inf
+    low, high = float(core.min()), float(core.max())
+    span = max(high - low, 0.5)
+    if anytime is not None and len(anytime):
+        near = anytime["accuracy"][anytime["accuracy"] >= low - span]
+        if len(near):
+            low, high = min(low, float((near - anytime.loc[near.index, "std"].fillna(0)).min())), max(
+                high, float(near.max()))
+    pad = 0.06 * max(high - low, 0.5)
+    ax.set_ylim(low - pad, high + pad)
+    return low - pad
 
 
 def _seeds(results: Results) -> int:
@@ -144,8 +176,36 @@ def _few_ticks(ax, n: int = 4) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(n))
 
 
+MAX_COLUMNS = 4  # panels per row: no figure wider than about 2,600 px at the report's 150 dpi
+
+
+def wrapped_panels(groups: Sequence[Sequence], width: float, height: float, ncols: int = MAX_COLUMNS,
+                   sharex: bool = True, extra_height: float = 0.9):
+    """A figure with one panel per key of ``groups``: each group starts a new row and wraps after ``ncols``
+    panels (a model with 7 exits takes two rows of 4 and 3). Returns ``(fig, {key: ax}, rows)`` where
+    ``rows[g]`` lists the axes of group g."""
+    ncols = max(1, min(ncols, max((len(g) for g in groups), default=1)))
+    layout = []  # (row, column) of each panel, group by group
+    row = 0
+    for group in groups:
+        for i in range(len(group)):
+            layout.append((row + i // ncols, i % ncols))
+        row += math.ceil(len(group) / ncols) if len(group) else 0
+    fig = _figure(width * ncols + 0.4, height * max(row, 1) + extra_height)
+    grid = fig.add_gridspec(max(row, 1), ncols)
+    axes, rows, first = {}, [], None
+    keys = [key for group in groups for key in group]
+    for key, (r, c) in zip(keys, layout):
+        ax = fig.add_subplot(grid[r, c], sharex=first if sharex else None)
+        first = first or ax
+        axes[key] = ax
+    for group in groups:
+        rows.append([axes[key] for key in group])
+    return fig, axes, rows
+
+
 def _panel_grid(n: int, width: float = 4.0, height: float = 3.0, ncols: int = 3):
-    ncols = max(1, min(ncols, n))
+    ncols = max(1, min(ncols, n, MAX_COLUMNS))
     nrows = math.ceil(n / ncols)
     fig = _figure(width * ncols, height * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
@@ -186,8 +246,12 @@ def _label_exit_panels(fig, axes, ylabel: str, title: str):
         ax.set_xlabel(COST_LABEL, fontsize="small")
         ax.set_ylabel(ylabel, fontsize="small")
         ax.tick_params(labelbottom=True, labelleft=True)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), title="exit")
+    legend = {}  # every panel's exits, once each: mixed families have different exits in different panels
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(len(legend), MAX_COLUMNS + 2),
+               title="exit")
     fig.suptitle(title)
     return fig
 
@@ -223,35 +287,24 @@ def plot_confidence_histograms(results: Results, hist: pd.DataFrame | None = Non
     configs = [c for c in results.configs if c in set(hist["config"])]
     if not configs:
         return None
-    names = [n for n in results.exit_names if n in set(hist["exit"])]
-    fig = _figure(2.9 * len(names) + 0.4, 2.0 * len(configs) + 0.9)
-    axes = fig.subplots(len(configs), len(names), sharex=True, squeeze=False)
-    for i, config in enumerate(configs):
-        for j, name in enumerate(names):
-            ax = axes[i, j]
-            rows = hist[(hist["config"] == config) & (hist["exit"] == name)]
-            if rows.empty:
-                ax.set_visible(False)
-                continue
-            width = rows["bin_high"] - rows["bin_low"]
-            total = float(rows["samples"].iloc[0])
-            right, wrong = rows["correct"] * 100 / total, rows["wrong"] * 100 / total
-            ax.bar(rows["bin_low"], right, width=width, align="edge", color="tab:green", alpha=0.8, label="correct")
-            ax.bar(rows["bin_low"], wrong, width=width, bottom=right, align="edge", color="tab:red", alpha=0.8,
-                   label="wrong")
-            accuracy = rows["correct"].sum() * 100 / total
-            ax.set_title(f"{config}: {name} ({accuracy:.1f} %)", fontsize="small")
-            ax.tick_params(labelsize="small", labelbottom=True)
-            ax.set_xlim(0, 1)
-            if j == 0 or not axes[i, j - 1].get_visible():
-                ax.set_ylabel("samples (%)", fontsize="small")
-            if i == len(configs) - 1 or not _has_panel(hist, configs, i + 1, name):
-                ax.set_xlabel("max softmax probability", fontsize="small")
-    handles = [h for h in axes.flat if h.get_visible()][0].get_legend_handles_labels()
+    groups = [[(config, name) for name in results.exit_names
+               if ((hist["config"] == config) & (hist["exit"] == name)).any()] for config in configs]
+    fig, axes, _ = wrapped_panels(groups, 2.9, 2.0)
+    for (config, name), ax in axes.items():
+        rows = hist[(hist["config"] == config) & (hist["exit"] == name)]
+        width = rows["bin_high"] - rows["bin_low"]
+        total = float(rows["samples"].iloc[0])
+        right, wrong = rows["correct"] * 100 / total, rows["wrong"] * 100 / total
+        ax.bar(rows["bin_low"], right, width=width, align="edge", color="tab:green", alpha=0.8, label="correct")
+        ax.bar(rows["bin_low"], wrong, width=width, bottom=right, align="edge", color="tab:red", alpha=0.8,
+               label="wrong")
+        accuracy = rows["correct"].sum() * 100 / total
+        ax.set_title(f"{config}: {name} ({accuracy:.1f} %)", fontsize="small")
+        ax.tick_params(labelsize="small", labelbottom=True)
+        ax.set_xlim(0, 1)
+        ax.set_ylabel("samples (%)", fontsize="small")
+        ax.set_xlabel("max softmax probability", fontsize="small")
+    handles = next(iter(axes.values())).get_legend_handles_labels()
     fig.legend(*handles, loc="outside lower center", ncols=2)
     fig.suptitle(f"{results.name}: confidence of each exit on the test split (seeds pooled)")
     return fig
-
-
-def _has_panel(hist: pd.DataFrame, configs: list[str], row: int, name: str) -> bool:
-    return row < len(configs) and bool(((hist["config"] == configs[row]) & (hist["exit"] == name)).any())

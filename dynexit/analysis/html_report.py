@@ -55,6 +55,16 @@ class PageFigure:
     png: bytes
 
 
+@dataclass
+class PageTable:
+    """A table on the page after the ablation table: section title, anchor, display strings and notes."""
+
+    title: str
+    anchor: str
+    frame: pd.DataFrame
+    notes: Sequence[str] = ()
+
+
 def figure_png(fig, dpi: int = 110) -> bytes:
     """``fig`` as PNG bytes, byte-stable (matplotlib writes no date into a PNG)."""
     buffer = io.BytesIO()
@@ -129,9 +139,9 @@ def _spec_text(results: Results) -> str:
 
 
 def render_html(results: Results, ablation: pd.DataFrame, notes: Sequence[str],
-                figures: Sequence[PageFigure]) -> str:
-    """The page's HTML: ``ablation`` are the display strings of the ablation table (with ``notes``),
-    ``figures`` in the order shown."""
+                figures: Sequence[PageFigure], tables: Sequence[PageTable] = (), evaluation: str = "") -> str:
+    """The page's HTML: ``ablation`` are the display strings of the ablation table (with ``notes``), then
+    ``tables``, then ``figures`` in the order shown."""
     name = escape(results.name)
     description = escape(str(results.spec.get("description") or ""))
     seeds = sorted(set(results.runs["seed"].tolist()))
@@ -144,12 +154,19 @@ def render_html(results: Results, ablation: pd.DataFrame, notes: Sequence[str],
         f"<h1>{name}</h1>",
         f'<p class="lead">{description}</p>' if description else "",
         f"<p>{escape(summary)}</p>",
-        '<nav><a href="#ablation">Ablation table</a><a href="#figures">Figures</a><a href="#runs">Runs</a>'
+        f"<p>{escape(evaluation)}</p>" if evaluation else "",
+        '<nav><a href="#ablation">Ablation table</a>'
+        + "".join(f'<a href="#{escape(t.anchor)}">{escape(t.title.split(":")[0])}</a>' for t in tables)
+        + '<a href="#figures">Figures</a><a href="#runs">Runs</a>'
         '<a href="#spec">Spec</a><a href="#environment">Environment</a></nav>',
         '<h2 id="ablation">Ablation table</h2>', _table(ablation),
     ]
     if notes:
         parts.append('<ol class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ol>")
+    for table in tables:
+        parts += [f'<h2 id="{escape(table.anchor)}">{escape(table.title)}</h2>', _table(table.frame)]
+        if table.notes:
+            parts.append('<ol class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in table.notes) + "</ol>")
     parts.append('<h2 id="figures">Figures</h2>')
     for k, figure in enumerate(figures):
         data = base64.b64encode(figure.png).decode("ascii")

@@ -8,13 +8,15 @@ from pathlib import Path
 import pandas as pd
 
 from dynexit.analysis.behaviour import confidence_histograms, exit_accuracy, exit_shares
+from dynexit.analysis.budgets import budget_notes, budget_table, budgets_latex, budgets_markdown, format_budgets
+from dynexit.analysis.evaluation import describe_evaluation
 from dynexit.analysis.figures import (
     plot_budgeted_curves,
     plot_confidence_histograms,
     plot_exit_accuracy,
     plot_exit_shares,
 )
-from dynexit.analysis.html_report import REPORT_FILE, PageFigure, figure_png, render_html
+from dynexit.analysis.html_report import REPORT_FILE, PageFigure, PageTable, figure_png, render_html
 from dynexit.analysis.results import Results, load_results
 from dynexit.analysis.tables import (
     ablation_table,
@@ -40,8 +42,11 @@ CAPTIONS = {
                        "seeds, band ± std), each exit alone as hollow markers, static backbones as squares.",
     "exit shares": "Share of test samples leaving at each exit, per operating point of the budgeted curve.",
     "exit accuracy": "Accuracy of the test samples leaving at each exit, per operating point; dashed: overall.",
-    "confidence histograms": "Max softmax probability of each exit on the test split, correct and wrong samples "
-                             "stacked.",
+    "confidence histograms": "Max softmax probability of each exit on the test split (whatever the exit "
+                             "criterion), correct and wrong samples stacked.",
+    "latency": "Test accuracy against expected GMACs and against expected latency per image (sum over exits of the "
+               "share of test images leaving there times the measured latency of reaching it), per operating point "
+               "(mean over seeds).",
     "training curves": "Per-exit evaluated accuracy (at evaluated epochs), running training accuracy and training "
                        "loss against epoch: mean over seeds, band from the lowest to the highest seed.",
 }
@@ -90,13 +95,23 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
         atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
         return path
 
+    evaluation = describe_evaluation(results)  # stated in the header, the tables' notes and the captions
     table = ablation_table(results, budgets)
+    table.attrs["notes"] = [evaluation, *table.attrs["notes"]]
     written["ablation table"] = [csv("ablation", table)]
     atomic_write_text(out / "ablation.md", to_markdown(table))
     atomic_write_text(out / "ablation.tex", to_latex(table))
     written["ablation table"] += [out / "ablation.md", out / "ablation.tex"]
     written["per-run metrics"] = [csv("run_metrics", run_metrics(results, table.attrs["budgets"],
                                                                  table.attrs["auc_range"]))]
+    budgets_frame = budget_table(results, table.attrs["budgets"])
+    budgets_frame.attrs["evaluation"] = evaluation
+    written["budgets"] = [csv("budgets", budgets_frame)]
+    atomic_write_text(out / "budgets.md", budgets_markdown(budgets_frame))
+    atomic_write_text(out / "budgets.tex", budgets_latex(budgets_frame))
+    written["budgets"] += [out / "budgets.md", out / "budgets.tex"]
+    tables = [PageTable("Accuracy at budgets: who wins where", "budgets", format_budgets(budgets_frame),
+                        budget_notes(budgets_frame))]
 
     page: list[PageFigure] = []
 
@@ -105,7 +120,8 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
         return save_figure(fig, out / name, formats)
 
     fig = plot_budgeted_curves(results, published=published)
-    written["budgeted curves"] = figure("budgeted curves", "budgeted_curves", fig, CAPTIONS["budgeted curves"])
+    written["budgeted curves"] = figure("budgeted curves", "budgeted_curves", fig,
+                                        f"{CAPTIONS['budgeted curves']} {evaluation}")
     written["budgeted curves"].append(csv("curve_bands", curve_band(results)))
 
     shares = exit_shares(results)
@@ -119,7 +135,8 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
         if fig is None:
             log.info("%s: nothing to plot (no multi-exit run with the files it needs)", item)
             continue
-        written[item] = figure(item, name, fig, CAPTIONS[item]) + [csv(name, data)]
+        caption = CAPTIONS[item] + ("" if item == "confidence histograms" else f" {evaluation}")
+        written[item] = figure(item, name, fig, caption) + [csv(name, data)]
 
     bands = training_bands(training_history(results), results)
     fig = plot_training_curves(results, bands)
@@ -129,12 +146,37 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
         written["training curves"] = figure("training curves", "training_curves", fig,
                                             CAPTIONS["training curves"]) + [csv("training_curves", bands)]
 
+    _render_latency(results, out, written, csv, figure, evaluation)
     _render_searches(results, out, formats, page, written, csv)
 
     atomic_write_text(out / REPORT_FILE, render_html(results, format_ablation(table), table.attrs.get("notes", []),
-                                                     page))
+                                                     page, tables, evaluation))
     written["page"] = [out / REPORT_FILE]
     return written
+
+
+def _render_latency(results: Results, out: Path, written: dict[str, list[Path]], csv, figure, evaluation: str) -> None:
+    """With RESULTS_DIR/latency.csv (``dynexit bench RESULTS_DIR``): the expected latency of every operating
+    point (latency.csv) and accuracy against GMACs and latency side by side."""
+    from dynexit.analysis.latency import (
+        LATENCY_FILE,
+        expected_latency,
+        latency_caption,
+        plot_latency_curves,
+        read_latency,
+    )
+
+    path = results.path / LATENCY_FILE
+    if not path.is_file():
+        log.info("accuracy against latency: no %s (measure it with 'dynexit bench %s')", path, results.path)
+        return
+    measured = read_latency(path)
+    table = expected_latency(results, measured)
+    fig = plot_latency_curves(results, table)
+    if fig is None:
+        return
+    caption = (f"{CAPTIONS['latency']} {latency_caption(measured)} {evaluation}")
+    written["latency"] = figure("accuracy against latency", "latency", fig, caption) + [csv("latency", table)]
 
 
 def _render_searches(results: Results, out: Path, formats: Sequence[str], page: list[PageFigure],

@@ -18,7 +18,7 @@ import yaml
 
 RESULTS_ENV = "DYNEXIT_RESULTS"  # the notebooks' results folder
 DEFAULT_RESULTS = "results/quickstart"
-REFERENCE_VARIANT = "full"
+REFERENCE_KEY = "reference"  # a spec's reference variant (else the first variant with a curve)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -99,7 +99,10 @@ def load_results(results_dir: str | Path) -> Results:
 
     config_keys = _config_keys(runs)
     runs.insert(1, "config", [_label(row, config_keys) for row in runs.to_dict("records")])
-    configs, reference = _order_configs(runs, config_keys, list((spec.get("variants") or {}).keys()))
+    num_exits = runs["run_id"].map(lambda rid: len(run_exit_names[rid]))
+    with_curve = list(dict.fromkeys(runs.loc[num_exits > 1, "variant"]))
+    configs, reference = _order_configs(runs, config_keys, list((spec.get("variants") or {}).keys()),
+                                        spec.get(REFERENCE_KEY), with_curve, path / "experiment.yaml")
     runs = _in_display_order(runs, configs)
     exit_names = _union_in_order(run_exit_names[rid] for rid in runs["run_id"])
     num_exits = runs["run_id"].map(lambda rid: len(run_exit_names[rid]))
@@ -192,12 +195,20 @@ def _label(row: dict, keys: Sequence[str]) -> str:
     return f"{row['variant']} (" + ", ".join(f"{k}={_format_value(row[k])}" for k in keys) + ")"
 
 
-def _order_configs(runs: pd.DataFrame, keys: list[str], spec_variants: list[str]) -> tuple[list[str], str]:
+def _order_configs(runs: pd.DataFrame, keys: list[str], spec_variants: list[str], given: str | None,
+                   with_curve: list[str], spec_path: Path) -> tuple[list[str], str]:
     """Configurations in display order (reference variant first, then the spec's variant order, then
-    grid values) and the reference variant."""
+    grid values) and the reference variant: ``given`` (the spec's ``reference:``), else the first variant
+    with a curve, else the first variant."""
     seen = list(dict.fromkeys(runs["variant"]))
     variants = [v for v in spec_variants if v in seen] + [v for v in seen if v not in spec_variants]
-    reference = REFERENCE_VARIANT if REFERENCE_VARIANT in variants else variants[0]
+    if given is not None:
+        if str(given) not in variants:
+            raise ValueError(f"{spec_path}: {REFERENCE_KEY}: {given!r} is not a variant with runs "
+                             f"({', '.join(variants)})")
+        reference = str(given)
+    else:
+        reference = next((v for v in variants if v in with_curve), variants[0])
     variants.remove(reference)
     variants.insert(0, reference)
     rank = {v: i for i, v in enumerate(variants)}

@@ -59,23 +59,41 @@ def curve_band(results: Results, configs: Sequence[str] | None = None) -> pd.Dat
 
 # ------------------------------------------------------------------------------------------- tables
 
-def default_budgets(results: Results) -> list[float]:
-    """The spec's ``eval.budgets`` (runs.csv's ``acc_at_<budget>`` columns) when a curve reaches one of
-    them; else three budgets at a quarter, half and three quarters of the common cost range."""
+DEFAULT_BUDGETS = 5  # budgets a report chooses when given none
+
+
+def default_budgets(results: Results, count: int = DEFAULT_BUDGETS) -> list[float]:
+    """``count`` budgets spread evenly over the common cost range of the multi-exit curves (at the middles
+    of ``count`` equal parts, rounded to a tenth of their spacing), where every such configuration has a value and where
+    methods differ; none when the curves share no range. (The spec's ``eval.budgets`` are runs.csv's
+    ``acc_at_<budget>`` columns; a report takes them only when given as budgets.)"""
     low, high = common_cost_range(results)
-    if results.budgets:
-        reached = results.curves.groupby("run_id")["test_expected_cost"].agg(["min", "max"])
-        if any(((reached["min"] <= b) & (b <= reached["max"])).any() for b in results.budgets):
-            return list(results.budgets)
-        log.warning("no curve reaches the spec's budgets (%s GMACs); the table uses budgets within the common "
-                    "cost range %.4g-%.4g GMACs instead", ", ".join(f"{b:g}" for b in results.budgets), low, high)
     if not low < high:
+        log.warning("the multi-exit curves share no cost range; no default budgets")
         return []
-    return [float(f"{low + f * (high - low):.3g}") for f in (0.25, 0.5, 0.75)]
+    step = (high - low) / count
+    decimals = max(0, 1 - int(np.floor(np.log10(step))))  # round to a tenth of the spacing: still distinct
+    return [round(low + (i + 0.5) * step, decimals) for i in range(count)]
 
 
 def budget_column(budget: float) -> str:
     return f"acc_at_{budget:g}"
+
+
+POSITION = "position_"  # exit columns by position (mixed families): acc_position_1, share_position_1, ...
+
+
+def exit_labels(results: Results) -> tuple[list[str], bool]:
+    """The ablation table's exit columns and whether they are positions. One family (every multi-exit
+    configuration has the same exits): the exit names, a static model's exit among them only if the family
+    has it. Mixed families: positions ``position_1`` .. ``position_K`` (exit 1..K of each model)."""
+    orders = list(dict.fromkeys(tuple(results.run_exits(rid)) for rid in results.runs["run_id"]
+                                if len(results.run_exits(rid)) > 1))
+    if not orders:
+        return list(results.exit_names), False
+    if len(orders) == 1:
+        return list(orders[0]), False
+    return [f"{POSITION}{k + 1}" for k in range(max(len(o) for o in orders))], True
 
 
 def run_metrics(results: Results, budgets: Sequence[float] | None = None,
@@ -86,17 +104,24 @@ def run_metrics(results: Results, budgets: Sequence[float] | None = None,
     static run)."""
     budgets = default_budgets(results) if budgets is None else list(budgets)
     low, high = auc_range if auc_range is not None else common_cost_range(results)
+    by_position = exit_labels(results)[1]
     rows = []
     for run in results.runs.to_dict("records"):
         rid = run["run_id"]
         curve = results.curve(rid)
         row = {"config": run["config"], "run_id": rid, "seed": run["seed"],
                "params": float(run.get("params", np.nan))}
-        for name in results.run_exits(rid):
+        names = results.run_exits(rid)
+        for name in names:
             row[f"acc_{name}"] = float(run[f"acc_{name}"])
             row[f"gmacs_{name}"] = float(run[f"gmacs_{name}"])
-        last = results.run_exits(rid)[-1]
+        last = names[-1]
         row["acc_final"], row["gmacs_final"] = row[f"acc_{last}"], row[f"gmacs_{last}"]
+        if by_position and len(names) > 1:  # a static model has no exits to line up: its accuracy is the final
+            for k, name in enumerate(names, 1):
+                row[f"acc_{POSITION}{k}"] = row[f"acc_{name}"]
+                row[f"gmacs_{POSITION}{k}"] = row[f"gmacs_{name}"]
+                row[f"share_{POSITION}{k}"] = row[f"gmacs_{name}"] / row["gmacs_final"] * 100
         x, y = curve["test_expected_cost"], curve["test_accuracy"]
         for budget, value in zip(budgets, interpolate(x, y, budgets)):
             row[budget_column(budget)] = float(value)
@@ -121,7 +146,8 @@ def ablation_table(results: Results, budgets: Sequence[float] | None = None,
     auc_range = auc_range if auc_range is not None else common_cost_range(results)
     per_run = run_metrics(results, budgets, auc_range)
     info = results.runs.drop_duplicates("config").set_index("config")
-    metrics = ([f"acc_{e}" for e in results.exit_names] + ["acc_final"]
+    exits, by_position = exit_labels(results)
+    metrics = ([f"acc_{e}" for e in exits] + ["acc_final"]
                + [budget_column(b) for b in budgets] + ["auc"])
     rows = []
     for config in results.configs:
@@ -134,8 +160,9 @@ def ablation_table(results: Results, budgets: Sequence[float] | None = None,
             values = runs[column] if column in runs else pd.Series(np.nan, index=runs.index)
             row[column] = float(values.mean(skipna=False))
             row[f"{column}_std"] = float(values.std(ddof=1, skipna=False)) if len(values) > 1 else float("nan")
-        for e in results.exit_names:
-            row[f"gmacs_{e}"] = float(runs[f"gmacs_{e}"].mean(skipna=False)) if f"gmacs_{e}" in runs else np.nan
+        for e in exits:
+            for column in (f"gmacs_{e}", f"share_{e}") if by_position else (f"gmacs_{e}",):
+                row[column] = float(runs[column].mean(skipna=False)) if column in runs else np.nan
         row["gmacs_final"] = float(runs["gmacs_final"].mean())
         reference = _reference_config(results, config)
         for column in ("auc", "acc_final"):
@@ -145,15 +172,16 @@ def ablation_table(results: Results, budgets: Sequence[float] | None = None,
         rows.append(row)
     table = pd.DataFrame(rows)
     order = (["config", "variant", *results.config_keys, "static", "seeds", "params"]
-             + [c for e in results.exit_names for c in (f"acc_{e}", f"acc_{e}_std", f"gmacs_{e}")]
+             + [c for e in exits for c in (f"acc_{e}", f"acc_{e}_std", f"gmacs_{e}")
+                + ((f"share_{e}",) if by_position else ())]
              + ["acc_final", "acc_final_std", "gmacs_final"]
              + [c for b in budgets for c in (budget_column(b), f"{budget_column(b)}_std")]
              + ["auc", "auc_std", "delta_auc", "delta_auc_std", "delta_acc_final", "delta_acc_final_std"])
     table = table[order]
     seeds = sorted(set(table["seeds"]))
-    table.attrs.update(exits=list(results.exit_names), budgets=budgets, auc_range=tuple(auc_range),
+    table.attrs.update(exits=exits, by_position=by_position, budgets=budgets, auc_range=tuple(auc_range),
                        reference=results.reference,
-                       notes=_notes(results, budgets, auc_range, seeds))
+                       notes=_notes(results, budgets, auc_range, seeds, by_position))
     return table
 
 
@@ -182,13 +210,18 @@ def _paired_difference(runs: pd.DataFrame, reference: pd.DataFrame, column: str)
 
 
 def _notes(results: Results, budgets: Sequence[float], auc_range: tuple[float, float],
-           seeds: list[int]) -> list[str]:
+           seeds: list[int], by_position: bool = False) -> list[str]:
     low, high = auc_range
     seed_text = " or ".join(str(s) for s in seeds)
     notes = [f"Mean ± standard deviation over seeds ({seed_text} per configuration; no deviation with one "
-             "seed). Accuracies in %, costs in GMACs per image.",
-             "Exit columns: each exit alone (anytime prediction); its cost is cumulative. Blank: the model "
-             "has no such exit."]
+             "seed). Accuracies in %, costs in GMACs per image."]
+    if by_position:
+        notes.append("Exit columns by position (the models' exits have different names): exit k is each model's "
+                     "k-th exit alone (anytime prediction); its cost as a share (%) of the model's final exit's "
+                     "cost. Blank: the model has no such exit; a static model's accuracy is its final accuracy.")
+    else:
+        notes.append("Exit columns: each exit alone (anytime prediction); its cost is cumulative. Blank: the "
+                     "model has no such exit.")
     if budgets:
         notes.append("Acc. @ budget: test accuracy interpolated along the budgeted curve, never extrapolated: "
                      "blank where the budget lies outside the cost range that every seed's curve covers.")
@@ -221,10 +254,17 @@ def format_ablation(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     exits = table.attrs.get("exits") or [c[len("gmacs_"):] for c in table.columns
                                           if c.startswith("gmacs_") and c != "gmacs_final"]
     budgets = table.attrs.get("budgets", [])
+    by_position = table.attrs.get("by_position", False)
     out = pd.DataFrame({"Configuration": table["config"], "Params": table["params"].map(_fmt_params)})
     for e in exits:
-        out[f"{e} acc. (%)"] = [_fmt(m, s, digits) for m, s in zip(table[f"acc_{e}"], table[f"acc_{e}_std"])]
-        out[f"{e} GMACs"] = [f"{g:.4g}" if np.isfinite(g) else "" for g in table[f"gmacs_{e}"]]
+        label = f"Exit {e[len(POSITION):]}" if by_position else e
+        out[f"{label} acc. (%)"] = [_fmt(m, s, digits) for m, s in zip(table[f"acc_{e}"], table[f"acc_{e}_std"])]
+        if by_position:
+            out[f"{label} cost (%)"] = [f"{g:.0f}" if np.isfinite(g) else "" for g in table[f"share_{e}"]]
+        else:
+            out[f"{label} GMACs"] = [f"{g:.4g}" if np.isfinite(g) else "" for g in table[f"gmacs_{e}"]]
+    out["Final acc. (%)"] = [_fmt(m, s, digits) for m, s in zip(table["acc_final"], table["acc_final_std"])]
+    out["Final GMACs"] = [f"{g:.4g}" if np.isfinite(g) else "" for g in table["gmacs_final"]]
     for b in budgets:
         col = budget_column(b)
         out[f"Acc. @ {b:g} GMACs (%)"] = [_fmt(m, s, digits) for m, s in zip(table[col], table[f"{col}_std"])]
@@ -242,18 +282,21 @@ def _signed(mean: float, std: float, digits: int) -> str:
 
 def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
     """The ablation table as a GitHub Markdown table followed by its footnotes."""
-    shown = format_ablation(table, digits)
+    return markdown_table(format_ablation(table, digits), table.attrs.get("notes", []))
+
+
+def markdown_table(shown: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """Display strings as a GitHub Markdown table followed by numbered ``notes``."""
     lines = ["| " + " | ".join(shown.columns) + " |",
              "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(shown.columns))) + "|"]
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |"
               for row in shown.itertuples(index=False)]
-    notes = table.attrs.get("notes", [])
     return "\n".join(lines + [""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]) + "\n"
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "Δ": r"$\Delta$", "–": "--"}
+                  "±": r"$\pm$", "Δ": r"$\Delta$", "–": "--", "▲": r"$\uparrow$", "▼": r"$\downarrow$"}
 
 
 def _latex(text: str) -> str:
@@ -262,13 +305,17 @@ def _latex(text: str) -> str:
 
 def to_latex(table: pd.DataFrame, digits: int = 2) -> str:
     """The ablation table as a LaTeX ``tabular`` (booktabs) with its footnotes below."""
-    shown = format_ablation(table, digits)
+    return latex_table(format_ablation(table, digits), table.attrs.get("notes", []))
+
+
+def latex_table(shown: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """Display strings as a LaTeX ``tabular`` (booktabs) with numbered ``notes`` below."""
     n = len(shown.columns)
     lines = [r"\begin{tabular}{l" + "r" * (n - 1) + "}", r"\toprule",
              " & ".join(_latex(c) for c in shown.columns) + r" \\", r"\midrule"]
     lines += [" & ".join(_latex(v) for v in row) + r" \\" for row in shown.itertuples(index=False)]
     lines.append(r"\bottomrule")
     lines += [rf"\multicolumn{{{n}}}{{l}}{{\footnotesize {i}. {_latex(note)}}} \\"
-              for i, note in enumerate(table.attrs.get("notes", []), 1)]
+              for i, note in enumerate(notes, 1)]
     lines.append(r"\end{tabular}")
     return "\n".join(lines) + "\n"

@@ -80,55 +80,63 @@ def training_bands(history: pd.DataFrame, results: Results) -> pd.DataFrame:
 
 
 def plot_training_curves(results: Results, bands: pd.DataFrame | None = None):
-    """Per-exit evaluated accuracy, training accuracy and training loss (rows) against epoch, one column per exit,
-    one line per configuration (mean over seeds, band from the lowest to the highest seed), a shared
-    legend below. ``None`` when no run has a metrics file."""
-    from dynexit.analysis.figures import _figure, config_colors
+    """Per-exit evaluated accuracy, training accuracy and training loss (groups of panels) against epoch, one
+    panel per exit (exits by position, exit 1..K, when the configurations' exits have different names),
+    wrapped at four per row, one line per configuration (mean over seeds, band from the lowest to the highest
+    seed), a shared legend below. ``None`` when no run has a metrics file."""
+    from matplotlib.ticker import MaxNLocator
+
+    from dynexit.analysis.figures import config_colors, wrapped_panels
+    from dynexit.analysis.tables import exit_labels
 
     bands = training_bands(training_history(results), results) if bands is None else bands
     if bands.empty:
         return None
-    names = [n for n in results.exit_names if n in set(bands["exit"])]
+    if exit_labels(results)[1]:  # mixed families: each configuration's k-th exit in panel "exit k"
+        position = {(config, name): f"exit {k}" for config in results.configs
+                    for rid in results.runs.loc[results.runs["config"] == config, "run_id"][:1]
+                    for k, name in enumerate(results.run_exits(rid), 1)}
+        bands = bands.assign(exit=[position.get((c, e), e) for c, e in zip(bands["config"], bands["exit"])])
+        names = list(dict.fromkeys(sorted(set(bands["exit"]), key=lambda e: int(e.split()[-1]))))
+    else:
+        names = [n for n in results.exit_names if n in set(bands["exit"])]
     metrics = [m for m in METRICS if m[0] in set(bands["metric"])]
     colors = config_colors(results)
-    fig = _figure(3.2 * len(names) + 0.4, 2.7 * len(metrics) + 1.2)
-    axes = fig.subplots(len(metrics), len(names), sharex=True, sharey="row", squeeze=False)
+    groups = [[(metric, name) for name in names if ((bands["metric"] == metric) & (bands["exit"] == name)).any()]
+              for metric, _, _ in metrics]
+    fig, axes, rows_of = wrapped_panels(groups, 3.2, 2.7, extra_height=1.2)
     handles = {}
-    for i, (metric, _, label) in enumerate(metrics):
-        for j, name in enumerate(names):
-            ax = axes[i, j]
-            rows = bands[(bands["metric"] == metric) & (bands["exit"] == name)]
-            for config in results.configs:
-                line = rows[rows["config"] == config]
-                if line.empty:
-                    continue
-                # a single epoch (evaluated at the end only) shows as a point with its seed range
-                style = "o-" if len(line) == 1 else ".-"
-                (h,) = ax.plot(line["epoch"], line["mean"], style, color=colors[config], lw=1.4, ms=4)
-                handles.setdefault(config, h)
-                if (line["max"] > line["min"]).any():
-                    if len(line) == 1:
-                        ax.errorbar(line["epoch"], line["mean"], fmt="none", color=colors[config], capsize=3,
-                                    yerr=[line["mean"] - line["min"], line["max"] - line["mean"]])
-                    else:
-                        ax.fill_between(line["epoch"], line["min"], line["max"], color=colors[config], alpha=0.18,
-                                        lw=0)
-            split = ", ".join(sorted(set(rows["split"])))
-            ax.set_title(f"{name}" + (f" ({split})" if metric == "accuracy" and split else ""), fontsize="medium")
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize="small", labelleft=True)
-            if j == 0:
-                ax.set_ylabel(label, fontsize="small")
-            if i == len(metrics) - 1:
-                ax.set_xlabel("epoch", fontsize="small")
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes.flat:
+    labels = {metric: label for metric, _, label in metrics}
+    for (metric, name), ax in axes.items():
+        rows = bands[(bands["metric"] == metric) & (bands["exit"] == name)]
+        for config in results.configs:
+            line = rows[rows["config"] == config]
+            if line.empty:
+                continue
+            # a single epoch (evaluated at the end only) shows as a point with its seed range
+            style = "o-" if len(line) == 1 else ".-"
+            (h,) = ax.plot(line["epoch"], line["mean"], style, color=colors[config], lw=1.4, ms=4)
+            handles.setdefault(config, h)
+            if (line["max"] > line["min"]).any():
+                if len(line) == 1:
+                    ax.errorbar(line["epoch"], line["mean"], fmt="none", color=colors[config], capsize=3,
+                                yerr=[line["mean"] - line["min"], line["max"] - line["mean"]])
+                else:
+                    ax.fill_between(line["epoch"], line["min"], line["max"], color=colors[config], alpha=0.18,
+                                    lw=0)
+        split = ", ".join(sorted(set(rows["split"])))
+        ax.set_title(f"{name}" + (f" ({split})" if metric == "accuracy" and split else ""), fontsize="medium")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize="small", labelleft=True, labelbottom=True)
+        ax.set_ylabel(labels[metric], fontsize="small")
+        ax.set_xlabel("epoch", fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for row in rows_of:  # one metric: one y range
+        for ax in row[1:]:
+            ax.sharey(row[0])
     seeds = int(bands["seeds"].max())
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
                fontsize="small", title="configuration" + (" (mean over seeds, band: min to max)" if seeds > 1 else ""),
                title_fontsize="small")
     fig.suptitle(f"{results.name}: per-exit accuracy and training loss against epoch")
     return fig
-

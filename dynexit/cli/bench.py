@@ -8,6 +8,7 @@ from dynexit.cli.options import SET_RULE, HelpFormatter, add_criterion, add_devi
 log = logging.getLogger(__name__)
 
 EPILOG = """examples:
+  dynexit bench results/quickstart --threads 1 --batch-sizes 1,32
   dynexit bench reg800m_perceiver_t128 --threads 2
   dynexit bench resnet50_0375_perceiver_t128 --batch-size 64 --input-size 96 --shares 0.5,0,0,0.5 --repeats 5
   dynexit bench tiny_perceiver_t16 --set model.z2x=false
@@ -32,6 +33,12 @@ calibration accuracy whose calibration expected cost is within it) time early ex
 thresholds, criterion and temperatures instead (plus any --shares given); its exits must be the model's.
 The shares printed are those measured on the benchmark images.
 
+NAME may be an experiment's results folder: then every configuration's latency to reach each exit is measured
+on an untrained copy of its architecture (the model section of one of its runs' config.yaml; weights do not
+change latency), at each of --batch-sizes, and written to RESULTS_DIR/latency.csv with the machine, device,
+threads and torch version; 'dynexit report RESULTS_DIR' then adds the expected latency of every operating
+point (report/latency.csv) and a figure of accuracy against latency.
+
 Unless --default-malloc is given, glibc's malloc is told to keep freed memory for reuse
 (dynexit.inference.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
 pages fault in again on each run, which made batch 32-64 runs at 224 px about 1.5x slower.
@@ -48,6 +55,8 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG, formatter_class=HelpFormatter)
     add_model(p)
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (default: 1)")
+    p.add_argument("--batch-sizes", default="1,32", metavar="B,B",
+                   help="with a results folder: the batch sizes to time (default: 1,32)")
     p.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=10,
                    help="timed runs per figure; the median is reported (default: 10)")
@@ -111,6 +120,34 @@ def _shares(values) -> str:
     return ",".join(f"{v:.2f}" for v in values)
 
 
+def run_results(args) -> int:
+    """``dynexit bench RESULTS_DIR``: latency of every configuration's exits into RESULTS_DIR/latency.csv."""
+    from pathlib import Path
+
+    import torch
+
+    from dynexit.analysis.latency import LATENCY_FILE, measure_latency
+    from dynexit.utils import atomic_write
+
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers") from None
+    table = measure_latency(args.name, batch_sizes, args.repeats, args.warmup, args.device)
+    path = Path(args.name) / LATENCY_FILE
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+    first = table.iloc[0]
+    print(f"{first['machine']}; {first['device']}, {torch.get_num_threads()} threads, torch {first['torch']}; "
+          f"median of {args.repeats} runs after {args.warmup} warm-up runs, untrained copies of each architecture; "
+          f"load average {table['load'].min():.1f}-{table['load'].max():.1f} while timing")
+    print(f"\n  {'configuration':<24} {'exit':<10} {'GMACs':>8} {'batch':>5} {'ms/image':>9} {'spread':>7}")
+    for row in table.itertuples():
+        print(f"  {row.configuration:<24} {row.exit:<10} {row.gmacs:>8.4g} {row.batch_size:>5} {row.latency_ms:>9.3f} "
+              f"{row.spread:>7.2f}")
+    print(f"\nwrote {path}")
+    return 0
+
+
 def run(args) -> int:
     import torch
 
@@ -126,6 +163,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.images is not None and args.images < 1:
         raise ValueError(f"--images must be at least 1, got {args.images}")
+    from pathlib import Path
+
+    if Path(args.name).is_dir():
+        return run_results(args)
     malloc = "default"
     if not args.default_malloc:
         malloc = "tuned" if reuse_freed_memory() else "default (tuning unavailable)"

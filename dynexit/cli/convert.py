@@ -46,8 +46,7 @@ def run(args) -> int:
             raise ValueError(f"{args.input} holds no model_ema weights")
         weights = checkpoint["model_ema"]
     weights = read_checkpoint(weights, where=str(args.input))  # refuses dynexit state dicts, naming the file
-    name, overrides = official_architecture(checkpoint)
-    name = args.model or name
+    name, overrides = official_architecture(checkpoint, str(args.input), model=args.model)
     if name is None:
         raise ValueError(f"{args.input} records no model name; pass --model PRESET")
     overrides.update(model_set(args.set, "convert-official"))

@@ -25,8 +25,9 @@ when present, names the exits). The CSV has one row per operating point: target 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "curve", help="budgeted accuracy/cost curve from saved logits",
-        description="Set exit thresholds on the calibration logits with the budgeted protocol (official "
-                    "Dynamic Perceiver grid or MSDNet's geometric grid), apply them to the test logits and "
+        description="Set exit thresholds on the calibration logits with the budgeted protocol (the full grid, "
+                    "from every sample at the first exit to every sample at the last; the official Dynamic "
+                    "Perceiver grid or MSDNet's geometric grid), apply them to the test logits and "
                     "write one CSV row per operating point.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     add_logits_inputs(p)
@@ -49,11 +50,11 @@ def run(args) -> int:
     atomic_write_text(args.out, curve.to_csv(index=False))
 
     labels = names or [str(k) for k in range(num_exits)]
-    print(f"{args.grid} grid, {len(curve)} points, criterion {args.criterion}; calibration "
-          f"{calib_logits.shape[1]} samples, test {test_logits.shape[1]} samples, {num_exits} exits")
     temps = curve.attrs.get("temperatures")
-    if temps:
-        print("temperatures: " + ", ".join(f"{n}={t:.3f}" for n, t in zip(labels, temps)))
+    temperature = ("temperatures fitted on the calibration split: " + ", ".join(
+        f"{n}={t:.3f}" for n, t in zip(labels, temps))) if temps else "no temperature"
+    print(f"{args.grid} grid, {len(curve)} points, criterion {args.criterion}, {temperature}; calibration "
+          f"{calib_logits.shape[1]} samples, test {test_logits.shape[1]} samples, {num_exits} exits")
     anytime = anytime_accuracy(test_logits, test_targets, costs, exit_names=labels)
     print("\nexits alone (test):")
     print(f"  {'exit':<12} {'cost':>10} {'acc %':>7}")

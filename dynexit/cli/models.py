@@ -14,18 +14,22 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dynexit.models import BACKBONES, BRANCHY_PRESETS, MSDNET_PRESETS, PRESETS, list_models, msdnet_config
+    from dynexit.models import BACKBONES, FAMILIES, list_models
 
-    print(f"{'preset':<34} {'backbone':<24} {'tokens':>6} {'classes':>7} {'size':>5}")
+    print(f"{'preset':<34} {'family':<10} {'backbone':<24} {'tokens':>6} {'classes':>7} {'size':>5}")
+    families = {p: family for family in FAMILIES.values() for p in family.presets}
     for name in list_models():
-        if name in MSDNET_PRESETS:
-            cfg = msdnet_config(name)
-            print(f"{name:<34} {f'MSDNet, {cfg.nBlocks} blocks':<24} {'-':>6} {cfg.num_classes:>7} {cfg.input_size:>5}")
-            continue
-        preset = PRESETS[name] if name in PRESETS else BRANCHY_PRESETS[name]
-        print(f"{name:<34} {preset['backbone']:<24} {preset.get('num_latents', '-'):>6} "
-              f"{preset.get('num_classes', 1000):>7} {preset.get('input_size', 224):>5}")
+        family = families[name]
+        cfg = family.config(name)
+        backbone = getattr(cfg, "backbone", None) or (f"{cfg.nBlocks} blocks" if hasattr(cfg, "nBlocks") else "-")
+        print(f"{name:<34} {family.name:<10} {backbone:<24} {getattr(cfg, 'num_latents', '-'):>6} "
+              f"{getattr(cfg, 'num_classes', '-'):>7} {getattr(cfg, 'input_size', '-'):>5}")
+    print("\nfamilies:")
+    for family in FAMILIES.values():
+        print(f"  {family.name:<24} {family.description}")
     print("\nbackbones:")
     for name, spec in BACKBONES.items():
         print(f"  {name:<24} {spec.description}")
+    print(f"  {'timm:NAME':<24} any timm CNN, cut into stages where its map shrinks (branchy models)")
+    print(f"  {'torchvision:NAME':<24} any torchvision CNN, likewise")
     return 0

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dynexit.policies import CRITERIA, GRIDS
+from dynexit.policies import CRITERIA, DEFAULT_GRID, GRIDS
 
 SET_RULE = """--set KEY=VALUE means the same in every command: KEY is a dotted key of a run configuration
 (model.x2z=false, train.epochs=3, data.image_size=64, seed=1) and VALUE is YAML; the commands that build
@@ -66,6 +66,26 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, metavar="N", help="image size in pixels (default: the preset's)")
     parser.add_argument("--num-classes", type=int, metavar="C", help="number of classes (default: the preset's)")
     add_set(parser, model_only=True)
+
+
+def add_op_handles(parser: argparse.ArgumentParser) -> None:
+    """``--op-handle OP=zero|package.module:function`` (repeatable): how fvcore counts an op it cannot."""
+    parser.add_argument("--op-handle", action="append", default=[], metavar="OP=HANDLE", dest="op_handles",
+                        help="count the op OP (e.g. aten::cumsum) as zero multiply-adds (OP=zero) or with your "
+                             "fvcore handle (OP=package.module:function); repeatable")
+
+
+def op_handles(items: list[str]) -> dict:
+    """The handles of ``--op-handle`` items (see :func:`dynexit.costs.resolve_handles`)."""
+    from dynexit.costs import resolve_handles
+
+    named = {}
+    for item in items:
+        op, sep, handle = item.partition("=")
+        if not sep or not op or not handle:
+            raise ValueError(f"--op-handle {item!r}: expected OP=zero or OP=package.module:function")
+        named[op] = handle
+    return resolve_handles(named)
 
 
 def model_arguments(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -152,8 +172,10 @@ def add_temperature(parser: argparse.ArgumentParser) -> None:
 
 
 def add_grid(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", choices=GRIDS, default=GRIDS[0],
-                        help=f"target exit shares of the budgeted protocol (default: {GRIDS[0]})")
+    parser.add_argument("--grid", choices=GRIDS, default=DEFAULT_GRID,
+                        help="target exit shares of the budgeted protocol: full spans every budget from the "
+                             "first exit to the last; official and msdnet are the papers' grids "
+                             f"(default: {DEFAULT_GRID})")
 
 
 # ------------------------------------------------------------------------------- devices, outputs

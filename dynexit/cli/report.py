@@ -11,9 +11,13 @@ EPILOG = """examples:
 
 Writes into RESULTS_DIR/report/ (or --out): budgeted_curves, exit_shares, exit_accuracy, confidence and
 training_curves figures (PNG and PDF), the loss-weight search's figures when RESULTS_DIR/search/loss_weights
-holds a trials.csv, the ablation table (ablation.csv, ablation.md, ablation.tex), the data behind each
-figure as CSV, and report.html: one self-contained page with the spec, the table, every figure, the runs
-and the package versions. Accuracy at a budget is interpolated along each curve and left blank outside it."""
+holds a trials.csv, the ablation table (ablation.csv, ablation.md, ablation.tex), budgets.csv (.md, .tex):
+each configuration's accuracy at each budget with a 95 % bootstrap interval over test images and seeds, its
+difference to the reference configuration with an interval and a verdict (better, worse, level), with
+RESULTS_DIR/latency.csv ('dynexit bench RESULTS_DIR') the expected latency of every operating point
+(latency.csv) and accuracy against GMACs and latency (latency figure), the data behind each figure as CSV,
+and report.html: one self-contained page with the spec, the tables, every figure, the runs and the package
+versions. Accuracy at a budget is interpolated along each curve and left blank outside it."""
 
 
 def add_parser(subparsers) -> None:
@@ -28,8 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--formats", default="png,pdf", metavar="F,F",
                    help="figure formats, comma-separated: png, pdf, svg (default: png,pdf)")
     p.add_argument("--budgets", metavar="B,B,...",
-                   help="GMACs budgets of the table's accuracy columns (default: the spec's eval.budgets, "
-                        "else three budgets within the common cost range)")
+                   help="GMACs budgets of the tables' accuracy columns and of budgets.csv (default: five "
+                        "spread over the cost range that every multi-exit curve covers)")
     p.add_argument("--no-published", action="store_true",
                    help="leave the published numbers of the released ImageNet models out of the figure")
     p.set_defaults(func=run)

@@ -45,11 +45,12 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from dynexit.cli.status import print_status
     from dynexit.runs.folders import FAILED
-    from dynexit.runs.runner import run_experiment
+    from dynexit.runs.runner import check_experiment, run_experiment
     from dynexit.runs.spec import load_spec
 
     experiment = load_spec(args.spec, args.set, args.results_dir)
     if args.dry_run:
+        check_experiment(experiment)  # every check the run makes before it writes
         print_status(experiment)
         return 0
     outcomes = run_experiment(experiment, devices=args.devices, workers=args.workers, overrides=args.set,

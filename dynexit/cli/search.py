@@ -14,7 +14,7 @@ from dynexit.cli.options import (
     add_temperature,
     read_inputs,
 )
-from dynexit.policies import GRIDS
+from dynexit.policies import DEFAULT_GRID, GRIDS
 
 EPILOG = """examples:
   dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
@@ -38,8 +38,8 @@ THRESHOLDS_EPILOG = """examples:
 The search space is one share per exit but the last: the fraction of calibration samples whose
 confidence at that exit reaches its threshold. Thresholds are searched on the calibration logits only
 and applied once to the test logits. --budgets: one TPE study per budget (highest calibration accuracy
-with expected calibration cost within the budget); 'official' or 'msdnet' takes the calibration costs
-of that protocol grid's points. --pareto: one NSGA-II study, its Pareto front of calibration accuracy
+with expected calibration cost within the budget); 'full', 'official' or 'msdnet' takes the calibration
+costs of that protocol grid's points. --pareto: one NSGA-II study, its Pareto front of calibration accuracy
 against cost. --trials counts finished trials per study (default 200 per budget, 3000 for --pareto).
 
 Writes CURVE.csv (the columns of 'dynexit curve'; target_share_<exit> holds the calibration shares the
@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
                        epilog=THRESHOLDS_EPILOG, formatter_class=HelpFormatter)
     add_logits_inputs(t)
     mode = t.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'official' / 'msdnet'")
+    mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'full' / 'official' / 'msdnet'")
     mode.add_argument("--pareto", action="store_true", help="one multi-objective study: the Pareto front")
     t.add_argument("--trials", type=int, default=None,
                    help="finished trials per study (default 200; 3000 with --pareto)")
@@ -90,6 +90,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     add_criterion(t)
     add_temperature(t)
+    t.add_argument("--grid", choices=GRIDS, default=None,
+                   help="the protocol grid the search is compared with (default: the grid named by --budgets, "
+                        f"else {DEFAULT_GRID})")
     t.add_argument("--population", type=int, default=50, help="NSGA-II population with --pareto (default 50)")
     t.add_argument("--study-name", default="thresholds", help="prefix of the study names (default: thresholds)")
     add_out(t, "CURVE.csv", "curve CSV to write (trials: CURVE.trials.csv)", required=True)
@@ -135,7 +138,11 @@ def _budgets(spec: str, problem) -> list[float]:
 
 
 def run_thresholds(args) -> int:
+    import numpy as np
+
     from dynexit.search import (
+        budget_verdict,
+        compare_at_budgets,
         compare_with_protocol,
         open_storage,
         protocol_curve,
@@ -167,20 +174,30 @@ def run_thresholds(args) -> int:
     atomic_write_text(out, result.curve.to_csv(index=False))
     atomic_write_text(trials_path, result.trials.to_csv(index=False))
 
+    temperatures = ("temperatures " + ", ".join(f"{t:.3f}" for t in problem.temperatures)
+                    if problem.temperatures is not None else "no temperature")
     mode = "Pareto front" if args.pareto else f"{len(set(result.trials['study']))} budget studies"
-    print(f"{mode}, criterion {args.criterion}, {len(result.trials)} trials; calibration {calib_logits.shape[1]} "
-          f"samples, test {test_logits.shape[1]} samples, {num_exits} exits; storage {url}")
+    print(f"{mode}, criterion {args.criterion}, {temperatures}, {len(result.trials)} trials; calibration "
+          f"{calib_logits.shape[1]} samples, test {test_logits.shape[1]} samples, {num_exits} exits; storage {url}")
     print(f"\n  {'point':>5} {'calib cost':>10} {'calib acc %':>11} {'test cost':>10} {'test acc %':>10}")
     for row in result.curve.itertuples():
         print(f"  {row.point:>5} {row.calib_expected_cost:>10.4g} {row.calib_accuracy:>11.2f} "
               f"{row.test_expected_cost:>10.4g} {row.test_accuracy:>10.2f}")
-    grid = GRIDS[0] if num_exits == 4 else GRIDS[1]  # the official grid is defined for 4 exits
+    grid = args.grid or (args.budgets if not args.pareto and args.budgets in GRIDS else DEFAULT_GRID)
     protocol = protocol_curve(problem, grid)
-    cmp = compare_with_protocol(result.curve, protocol).attrs
     figure = _threshold_figure(out, result, protocol, grid, args.pareto)
-    print(f"\nagainst the {grid} protocol at its points' test costs ({cmp['points_in_range']} in range): "
-          f"mean {cmp['mean_difference']:+.2f}, min {cmp['min_difference']:+.2f} points; "
-          f"over the shared cost range {cmp['area_difference']:+.2f} points")
+    print(f"\nagainst the {grid} protocol ({len(protocol)} points; the same criterion and calibration split):")
+    if not args.pareto:  # per budget: the test accuracy of the point each picks within it on the calibration split
+        for row in compare_at_budgets(result, protocol).to_dict("records"):
+            print(f"  budget {row['budget']:.4g}: {budget_verdict(row)}")
+    cmp = compare_with_protocol(result.curve, protocol).attrs
+    if cmp["points_in_range"]:
+        area = (f"; over the shared test-cost range {cmp['area_difference']:+.2f} points"
+                if np.isfinite(cmp["area_difference"]) else "")
+        print(f"  at the protocol's {cmp['points_in_range']} points within the searched curve's test costs: mean "
+              f"{cmp['mean_difference']:+.2f}, min {cmp['min_difference']:+.2f} points{area}")
+    elif args.pareto:
+        print("  no protocol point lies within the searched curve's test-cost range")
     print(f"\nwrote {out}, {trials_path} and {figure} (data: {figure.with_suffix('.csv')})")
     return 0
 

@@ -28,7 +28,9 @@ def print_status(experiment) -> None:
     from dynexit.runs.folders import experiment_status
 
     rows = experiment_status(experiment)
-    print(f"{experiment.name}: {len(rows)} runs in {experiment.results_dir}")
+    others = sum(not row["in_spec"] for row in rows)
+    print(f"{experiment.name}: {len(rows) - others} runs in {experiment.results_dir}"
+          + (f", and {others} other run folders there (marked *: not runs of this spec)" if others else ""))
     jobs = _job_column(experiment, rows)
     job_header = f"{'job (scheduler state)':<26} " if jobs else ""
     print(f"{'run':<11} {'state':<12} {'variant':<14} {job_header}overrides / error")
@@ -37,7 +39,8 @@ def print_status(experiment) -> None:
         if row["eval_changes"]:
             detail += f"  [to evaluate again: {'; '.join(row['eval_changes'])}]"
         job = f"{jobs.get(row['run_id'], '-'):<26} " if jobs else ""
-        print(f"{row['run_id']:<11} {row['state']:<12} {row['variant']:<14} {job}{detail}")
+        variant = row["variant"] if row["in_spec"] else f"*{row['variant']}"
+        print(f"{row['run_id']:<11} {row['state']:<12} {variant:<14} {job}{detail}")
     _print_running(experiment, rows)
     counts = Counter(row["state"] for row in rows)
     print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())))
@@ -45,7 +48,7 @@ def print_status(experiment) -> None:
 
 def _print_running(experiment, rows) -> None:
     """Each running run's epoch k/N, last evaluated accuracy (last exit) and time left, from its folder's files."""
-    from dynexit.runs.folders import RUNNING, run_dir
+    from dynexit.runs.folders import RUNNING
     from dynexit.runs.run_progress import run_progress
     from dynexit.runs.runner import clock
 
@@ -54,7 +57,7 @@ def _print_running(experiment, rows) -> None:
         return
     print(f"{'running run':<11} {'epoch':<9} {'last accuracy':<26} time left")
     for row in running:
-        progress = run_progress(run_dir(experiment, experiment.run(row["run_id"])))
+        progress = run_progress(experiment.results_dir / "runs" / row["run_id"])
         epoch = f"{progress['epoch']}/{progress['epochs']}" if progress["epochs"] is not None else "starting"
         accuracy = (f"{progress['accuracy']:.2f}% ({progress['accuracy_column']})"
                     if progress["accuracy"] is not None else "-")
@@ -87,7 +90,7 @@ def run(args) -> int:
         spec_copy = target / "experiment.yaml"
         if not spec_copy.is_file():
             raise FileNotFoundError(f"{target} holds no experiment.yaml; is it an experiment's results folder?")
-        experiment = load_spec(spec_copy)
+        experiment = load_spec(spec_copy, import_factories=False)  # a results folder is data
         experiment.results_dir = target
     else:
         experiment = load_spec(target)

@@ -36,11 +36,19 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from dynexit.config import load_run_config
+    from dynexit.runs.folders import lock_held_by_parent, run_lock
     from dynexit.training import train
 
     cfg = load_run_config(args.config, args.set)
-    out = args.out if args.out is not None else Path("runs") / Path(args.config).stem
-    result = train(cfg, out, device=args.device, resume=not args.no_resume)
+    out = Path(args.out if args.out is not None else Path("runs") / Path(args.config).stem)
+    if lock_held_by_parent(out) or int(os.environ.get("RANK", "0")) != 0:  # rank 0 locks for all ranks
+        result = train(cfg, out, device=args.device, resume=not args.no_resume)
+    else:
+        with run_lock(out) as acquired:
+            if not acquired:
+                raise RuntimeError(f"{out} is locked by another process that trains or evaluates this run; "
+                                   f"wait for it to end, or train into another --out folder")
+            result = train(cfg, out, device=args.device, resume=not args.no_resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print_result(result)
     return 0

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from dynexit.config import DataConfig
+from dynexit.config import DATASET_SIZES, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The in-memory copy resized for the small recipe must stay reasonable; above this, use recipe=imagenet.
 MAX_IN_MEMORY_BYTES = 4 << 30
-DIGITS_TEST_SIZE = 360  # digits has no test split of its own: a fixed 20%, the same for every seed
+DIGITS_TEST_SIZE = DATASET_SIZES["digits"][1]  # digits has no test split of its own: a fixed 20%, for every seed
 _DIGITS_TEST_SEED = 20230611
 
 

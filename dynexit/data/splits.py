@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dynexit.config import DataConfig, validate_data_config
+from dynexit.config import DataConfig, calibration_count, validate_data_config
 from dynexit.data.datasets import (
     _INFO,
     CALIB_FILE,
@@ -62,11 +62,7 @@ class Splits:
 
 
 def _calib_count(cfg: DataConfig, n_train: int) -> int:
-    n = max(1, round(cfg.calib_size * n_train)) if cfg.calib_size < 1 else int(cfg.calib_size)
-    if n >= n_train:
-        raise ValueError(f"data.calib_size={cfg.calib_size:g} asks for {n} calibration images, but the "
-                         f"training set has {n_train}; at least one must stay for training")
-    return n
+    return calibration_count(cfg.calib_size, n_train)
 
 
 def calibration_indices(cfg: DataConfig, name: str, n_train: int, run_dir: Optional[Path]) -> np.ndarray:

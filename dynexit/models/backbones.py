@@ -1,8 +1,12 @@
-"""CNN backbones as stem + four stages, adapted from torchvision and timm (no copies of their code).
+"""CNN backbones as a stem and stages, adapted from torchvision and timm (no copies of their code).
 
 The adapter only regroups the library's own modules, so torchvision or timm ImageNet weights load into
 the CNN branch through ``load_backbone_weights``. The Dyn-Perceiver latent branch attaches to the input
-of each stage, so each backbone reports its four stage-input widths and its output width.
+of each of four stages, so each backbone reports its stage-input widths and its output width.
+
+Two kinds: the named backbones of ``BACKBONES`` (four stages each; ``register_backbone`` adds one), and any
+timm or torchvision CNN named ``"timm:NAME"`` or ``"torchvision:NAME"`` (:func:`library_backbone`): the
+library's model run as the sequence of its modules, cut into stages where its feature map shrinks.
 """
 from __future__ import annotations
 
@@ -28,16 +32,17 @@ class StagedBackbone(nn.Module):
     module in the library's own model, for loading the library's weights.
     """
 
-    def __init__(self, stem: nn.Module, stages: list[nn.Module], source_prefixes: dict[str, str]):
+    def __init__(self, stem: nn.Module, stages: list[nn.Module], source_prefixes: dict[str, str],
+                 widths: list[int] | None = None):
         super().__init__()
-        if len(stages) != 4:
-            raise ValueError(f"a staged backbone needs 4 stages, got {len(stages)}")
+        if not stages:
+            raise ValueError("a staged backbone needs at least one stage")
         self.stem = stem
         self.stages = nn.ModuleList(stages)
         self.source_prefixes = source_prefixes
-        widths = [_out_channels(stem)] + [_out_channels(s) for s in stages]
-        self.stage_channels = tuple(widths[:4])  # input width of each stage
-        self.out_channels = widths[4]
+        widths = widths or [_out_channels(stem)] + [_out_channels(s) for s in stages]
+        self.stage_channels = tuple(widths[:-1])  # input width of each stage
+        self.out_channels = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -153,10 +158,119 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def build_backbone(name: str, drop_path: float) -> StagedBackbone:
+def register_backbone(name: str, spec: BackboneSpec) -> None:
+    """Adds a named backbone (``spec.build(drop_path)`` returns a StagedBackbone of four stages) for
+    Dyn-Perceiver and branchy models: ``create_model("branchy", backbone=name)``. ValueError for a name
+    taken or of the form of a library backbone."""
+    if not isinstance(spec, BackboneSpec):
+        raise TypeError(f"register_backbone({name!r}, ...) takes a BackboneSpec, got {type(spec).__name__}")
+    if name in BACKBONES or is_library_backbone(name):
+        raise ValueError(f"backbone name {name!r} is taken (or names a timm/torchvision model); choose another")
+    BACKBONES[name] = spec
+
+
+LIBRARIES = ("timm", "torchvision")
+LIBRARY_SPEC = BackboneSpec(build=lambda drop_path: None, description="a timm or torchvision CNN, untrained")
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The defaults of backbone ``name``'s heads (a library backbone: a linear head, no dropout)."""
+    if is_library_backbone(name):
+        return LIBRARY_SPEC
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}, or 'timm:NAME' or "
+                         f"'torchvision:NAME' for any CNN of those libraries")
+    return BACKBONES[name]
+
+
+def is_library_backbone(name: object) -> bool:
+    """Whether ``name`` names a timm or torchvision model (``"timm:resnet10t"``, ``"torchvision:resnet18"``)."""
+    return isinstance(name, str) and name.partition(":")[0] in LIBRARIES and bool(name.partition(":")[2])
+
+
+def build_backbone(name: str, drop_path: float, input_size: int | None = None) -> StagedBackbone:
+    """The backbone ``name``: a registered one, or a timm/torchvision model cut into stages at ``input_size``."""
+    if is_library_backbone(name):
+        if input_size is None:
+            raise ValueError(f"backbone {name!r}: a library backbone is cut into stages at an input size; give one")
+        return library_backbone(name, input_size, drop_path)
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}, or 'timm:NAME' or "
+                         f"'torchvision:NAME' for any CNN of those libraries")
     return BACKBONES[name].build(drop_path)
+
+
+# Top-level children of a library classifier that belong to its head, not its feature extractor.
+_HEAD_CHILDREN = frozenset({"avgpool", "global_pool", "fc", "classifier", "head", "head_drop", "pre_logits",
+                            "flatten", "fc_norm", "dropout"})
+
+
+def _feature_sequence(net: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The modules that compute ``net``'s feature map, in order, with their names in ``net``: its children
+    without the head, ``nn.Sequential`` containers opened (so that stages can be cut between their blocks)."""
+    out = []
+    for name, child in net.named_children():
+        if not prefix and name in _HEAD_CHILDREN:
+            continue
+        if isinstance(child, nn.Sequential):
+            out += _feature_sequence(child, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", child))
+    return out
+
+
+def library_backbone(name: str, input_size: int, drop_path: float = 0.0) -> StagedBackbone:
+    """A timm or torchvision CNN as a staged backbone: its feature modules run in sequence (checked against
+    timm's ``forward_features``), a new stage starting wherever the feature map shrinks (the first module
+    belongs to the stem, whatever it does). Untrained; its library's ImageNet weights load with
+    ``load_backbone_weights``."""
+    library, _, model_name = name.partition(":")
+    try:
+        if library == "timm":
+            import timm
+
+            extra = {"drop_path_rate": drop_path} if drop_path else {}
+            net = timm.create_model(model_name, pretrained=False, **extra)
+        else:
+            _no_drop_path(name, drop_path)
+            net = torchvision.models.get_model(model_name, weights=None)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"backbone {name!r}: {library} has no model {model_name!r} ({err})") from None
+    modules = _feature_sequence(net)
+    groups: list[list[tuple[str, nn.Module]]] = [[]]
+    widths: list[int] = [0]
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        x = torch.zeros(1, 3, input_size, input_size)
+        height = x.shape[-1]
+        for qualified, module in modules:
+            x = module(x)
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                raise ValueError(f"backbone {name!r}: its module {qualified} does not give a feature map "
+                                 f"(N, C, H, W); it does not run as a sequence of modules: register your own "
+                                 f"backbone (dynexit.models.backbones.register_backbone)")
+            if x.shape[-1] < height and groups[-1]:
+                groups.append([])  # the map shrank: a new stage
+                widths.append(0)
+            groups[-1].append((qualified, module))
+            widths[-1] = int(x.shape[1])  # a group's width: that of its last module's output
+            height = x.shape[-1]
+        if library == "timm":
+            expected = net.forward_features(torch.zeros(1, 3, input_size, input_size))
+            if not torch.equal(expected, x):
+                raise ValueError(f"backbone {name!r}: running its modules in sequence does not give timm's "
+                                 f"forward_features; register your own backbone instead")
+    net.train(was_training)
+    if len(groups) < 2:
+        raise ValueError(f"backbone {name!r} at {input_size} px has no stage after its stem (its feature map "
+                         f"never shrinks): exits need at least one stage")
+    prefixes, parts = {}, []
+    for g, group in enumerate(groups):
+        part = "stem" if g == 0 else f"stages.{g - 1}"
+        prefixes.update({f"{part}.{j}": qualified for j, (qualified, _) in enumerate(group)})
+        parts.append(nn.Sequential(*(module for _, module in group)))
+    return StagedBackbone(parts[0], parts[1:], prefixes, widths=widths)
 
 
 def load_backbone_weights(backbone: StagedBackbone, weights: str | Path | dict) -> list[str]:

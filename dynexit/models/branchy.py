@@ -3,8 +3,9 @@
 Shallow-Deep Networks (Kaya et al., ICML 2019) attach an internal classifier after intermediate layers
 of an off-the-shelf network, each a feature reduction to a small map followed by a linear layer, and
 keep the network's own head as the last exit. Here the backbone is any one of ``BACKBONES`` split into
-stem and four stages (``dynexit.models.backbones``), and an internal classifier can follow stage 1, 2
-or 3:
+stem and four stages, or any timm or torchvision CNN (``backbone="timm:resnet10t"``,
+``"torchvision:resnet18"``) cut into stages where its feature map shrinks (``dynexit.models.backbones``),
+and an internal classifier can follow any stage but the last (``exits_after``; default: every one):
 
     internal classifier: adaptive average pooling to pool_size x pool_size -> flatten -> Linear
     last exit ("stage4"):  the backbone's own head, exactly the StaticClassifier's (global average
@@ -14,39 +15,41 @@ SDN reduces with a learned mix of max and average pooling to 4x4; a plain averag
 (2x2 by default: a little spatial layout at four times the width of a global average) is simpler and
 costs one multiply-add per input element, which fvcore counts.
 
-Exits are named after the stage they follow (``stage1`` ... ``stage4``); segment k runs the stages up
+Exits are named after the stage they follow (``stage1`` ... ``stageN``); segment k runs the stages up
 to exit k and that exit, so ``forward``, per-exit costs and real early exit run the same code.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from dynexit.models.backbones import BACKBONES
-from dynexit.models.perceiver import CNNExit, MultiExitModel, State, _backbone
+from dynexit.models.backbones import BACKBONES, backbone_spec, is_library_backbone
+from dynexit.models.base import CNNExit, MultiExitModel, State, configured_backbone
 from dynexit.models.presets import check_preset
+from dynexit.models.registry import ModelFamily, register_family
 
-STAGES = 4  # every staged backbone has four stages; the last is followed by the backbone's head
+STAGES = 4  # the named backbones have four stages; a library backbone has as many as its map shrinks
 
 
 @dataclass
 class BranchyConfig:
     """Everything that defines a backbone with internal exits.
 
-    ``exit_stages``: the stages (numbered 1-3, as torchvision's ``layer1``...) after which an internal
-    classifier sits, increasing; the head after stage 4 is always the last exit. ``pool_size``: the
-    internal classifiers average-pool their stage's output to ``pool_size x pool_size``.
+    ``backbone``: a name of ``BACKBONES`` or ``"timm:NAME"`` / ``"torchvision:NAME"``. ``exits_after``: the
+    stages (numbered from 1, as torchvision's ``layer1``...) after which an internal classifier sits,
+    increasing; None: after every stage but the last; the head after the last stage is always the last exit.
+    ``pool_size``: the internal classifiers average-pool their stage's output to ``pool_size x pool_size``.
     ``cnn_dropout`` and ``drop_path`` as in PerceiverConfig (None: the backbone's default).
     """
 
     backbone: str = "regnet_y_800mf"
     num_classes: int = 1000
     input_size: int = 224
-    exit_stages: list[int] = field(default_factory=lambda: [1, 2, 3])
+    exits_after: list[int] | None = None
     pool_size: int = 2
     cnn_dropout: float | None = None  # dropout before the last exit's classifier
     drop_path: float | None = None  # stochastic depth (timm ResNet backbones only)
@@ -61,8 +64,9 @@ BRANCHY_OVERRIDES = tuple(f.name for f in dataclasses.fields(BranchyConfig))
 # 10 classes at 32 px for the small backbones that train on a CPU.
 _SMALL_BACKBONES = ("resnet_tiny", "resnet_small")
 BRANCHY_PRESETS: dict[str, dict[str, Any]] = {
-    f"branchy_{name}": {"backbone": name, **({"num_classes": 10, "input_size": 32} if name in _SMALL_BACKBONES else {})}
-    for name in BACKBONES
+    "branchy": {},  # give the backbone: create_model("branchy", backbone="timm:resnet10t", num_classes=10, ...)
+    **{f"branchy_{name}": {"backbone": name, **({"num_classes": 10, "input_size": 32} if name in _SMALL_BACKBONES
+                                                else {})} for name in BACKBONES},
 }
 
 
@@ -82,20 +86,24 @@ def _is_int(value: Any) -> bool:
 
 def validate(cfg: BranchyConfig) -> None:
     """Raises ValueError/TypeError naming the first bad field of ``cfg``."""
-    if cfg.backbone not in BACKBONES:
-        raise ValueError(f"model field 'backbone': unknown {cfg.backbone!r}; valid: {', '.join(sorted(BACKBONES))}")
+    if cfg.backbone not in BACKBONES and not is_library_backbone(cfg.backbone):
+        raise ValueError(f"model field 'backbone': unknown {cfg.backbone!r}; valid: {', '.join(sorted(BACKBONES))}, "
+                         f"or 'timm:NAME' or 'torchvision:NAME' for any CNN of those libraries")
     for name in ("num_classes", "input_size", "pool_size"):
         value = getattr(cfg, name)
         if not _is_int(value):
             raise TypeError(f"model field {name!r} must be int, got {value!r}")
         if value < 1:
             raise ValueError(f"model field {name!r} must be positive, got {value}")
-    stages = cfg.exit_stages
-    if not isinstance(stages, (list, tuple)) or not all(_is_int(s) for s in stages):
-        raise TypeError(f"model field 'exit_stages' must be a list of stage numbers, got {stages!r}")
-    if not stages or any(not 1 <= s < STAGES for s in stages) or list(stages) != sorted(set(stages)):
-        raise ValueError(f"model field 'exit_stages' must list increasing stage numbers from 1 to {STAGES - 1} "
-                         f"(the head after stage {STAGES} is always the last exit), got {list(stages)!r}")
+    stages = cfg.exits_after
+    if stages is not None:
+        if not isinstance(stages, (list, tuple)) or not all(_is_int(s) for s in stages):
+            raise TypeError(f"model field 'exits_after' must be a list of stage numbers, got {stages!r}")
+        if not stages or stages[0] < 1 or list(stages) != sorted(set(stages)):
+            raise ValueError(f"model field 'exits_after' must list increasing stage numbers from 1 (the head "
+                             f"after the last stage is always the last exit), got {list(stages)!r}")
+        if not is_library_backbone(cfg.backbone):
+            check_exits_after(stages, STAGES)
     for name in ("cnn_dropout", "drop_path"):
         value = getattr(cfg, name)
         if value is None:
@@ -104,6 +112,13 @@ def validate(cfg: BranchyConfig) -> None:
             raise TypeError(f"model field {name!r} must be float, got {value!r}")
         if not 0.0 <= value < 1.0:
             raise ValueError(f"model field {name!r} must be in [0, 1), got {value}")
+
+
+def check_exits_after(stages: list[int], count: int) -> None:
+    if any(s >= count for s in stages):
+        raise ValueError(f"model field 'exits_after' must list stages from 1 to {count - 1}: the backbone has "
+                         f"{count} stages and the head after stage {count} is always the last exit; got "
+                         f"{list(stages)!r}")
 
 
 class StageExit(nn.Module):
@@ -119,22 +134,25 @@ class StageExit(nn.Module):
 
 
 class BranchyNet(MultiExitModel):
-    """A staged backbone with internal classifiers after ``cfg.exit_stages`` and its own head last;
+    """A staged backbone with internal classifiers after ``cfg.exits_after`` and its own head last;
     ``forward`` returns the logits of every exit, in stage order."""
 
     def __init__(self, cfg: BranchyConfig):
         super().__init__()
         self.config = cfg
-        self.backbone, cnn_dropout = _backbone(cfg)
+        self.backbone, cnn_dropout = configured_backbone(cfg)
         # Output width of stage n (1-based): the input width of the next stage, the backbone's at the end.
         widths = (*self.backbone.stage_channels[1:], self.backbone.out_channels)
-        stops = [*cfg.exit_stages, STAGES]
+        count = len(self.backbone.stages)
+        exits_after = list(range(1, count)) if cfg.exits_after is None else list(cfg.exits_after)
+        check_exits_after(exits_after, count)
+        stops = [*exits_after, count]
         self.exit_names = tuple(f"stage{n}" for n in stops)
         exits: dict[str, nn.Module] = {
-            f"stage{n}": StageExit(widths[n - 1], cfg.num_classes, cfg.pool_size) for n in cfg.exit_stages
+            f"stage{n}": StageExit(widths[n - 1], cfg.num_classes, cfg.pool_size) for n in exits_after
         }
-        exits[f"stage{STAGES}"] = CNNExit(self.backbone.out_channels, cfg.num_classes,
-                                          BACKBONES[cfg.backbone].head_hidden, cnn_dropout)
+        exits[f"stage{count}"] = CNNExit(self.backbone.out_channels, cfg.num_classes,
+                                         backbone_spec(cfg.backbone).head_hidden, cnn_dropout)
         self.exits = nn.ModuleDict(exits)
         plan, done = [], 0
         for n in stops:  # segment: the stages not run yet up to stage n, then the exit after it
@@ -150,3 +168,7 @@ class BranchyNet(MultiExitModel):
 
 for _name, _values in BRANCHY_PRESETS.items():  # typed presets: a malformed one fails at import, named
     check_preset(_name, _values, BranchyConfig)
+
+
+register_family(ModelFamily(name="branchy", config_class=BranchyConfig, build=BranchyNet, presets=BRANCHY_PRESETS,
+                            description="internal classifiers after the stages of any backbone (SDN-style)"))

@@ -1,12 +1,14 @@
 """dynexit model checkpoints: weights plus the architecture they belong to.
 
 A dynexit checkpoint is a dict with ``model`` (state dict), ``model_config`` (the model's configuration
-as a dict), ``model_kind`` (which architecture that configuration is for: ``perceiver``, the default for
-files that name none, ``msdnet``, ``branchy``, or ``factory`` for a model made by a ``module:function`` factory, whose
-``model_config`` holds ``factory`` and its keyword arguments ``kwargs``) and, when it comes from training,
-``ema`` and the training state.
-``load_model`` rebuilds the model from the file alone (a factory's module is imported again, so it must be
-importable where the file is loaded).
+as a dict), ``model_kind`` (which architecture that configuration is for: the name of a registered model
+family, :mod:`dynexit.models.registry` (``perceiver``, the default for files that name none, ``msdnet``,
+``branchy``, ...), or ``factory`` for a model made by a ``module:function`` factory, whose ``model_config``
+holds ``factory`` and its keyword arguments ``kwargs``) and, when it comes from training, ``ema`` and the
+training state.
+``load_model`` rebuilds the model from the file. A factory named in the file is data: it is called only with
+the caller's consent (``factory=`` or ``DYNEXIT_TRUSTED_MODULES``, see :mod:`dynexit.models.interface`), and its
+module must be importable where the file is loaded.
 """
 from __future__ import annotations
 
@@ -16,28 +18,23 @@ from typing import Any
 
 import torch
 
-from dynexit.models import BranchyConfig, BranchyNet, MSDNet, MSDNetConfig, MultiExitModel, PerceiverConfig, build_model
-from dynexit.models.interface import build_from_factory
+from dynexit.models import FAMILIES, MultiExitModel
+from dynexit.models.interface import build_from_factory, check_factory_name, consented_factory
+from dynexit.models.registry import FACTORY, family_of_model
 from dynexit.utils import UnsafeFileError, atomic_write, load_torch_file
 
-# model_kind -> (configuration class, builder)
-ARCHITECTURES = {"perceiver": (PerceiverConfig, build_model), "msdnet": (MSDNetConfig, MSDNet),
-                 "branchy": (BranchyConfig, BranchyNet)}
-
-
-FACTORY_KIND = "factory"
+FACTORY_KIND = FACTORY
 
 
 def model_kind(model: MultiExitModel) -> str:
-    """The ``model_kind`` that rebuilds ``model`` (Dyn-Perceiver and its static backbone: ``perceiver``; a
-    model made by a ``module:function`` factory: ``factory``). TypeError for a model dynexit cannot rebuild."""
+    """The ``model_kind`` that rebuilds ``model``: its registered family (whose configuration class its
+    ``config`` is), or ``factory`` for a model made by a ``module:function`` factory. TypeError for a model
+    dynexit cannot rebuild."""
     if getattr(model, "dynexit_factory", None) is not None:
         return FACTORY_KIND
-    for kind, (_, build) in ARCHITECTURES.items():
-        if isinstance(build, type) and isinstance(model, build):
-            return kind
-    if isinstance(getattr(model, "config", None), PerceiverConfig):
-        return "perceiver"
+    family = family_of_model(model)
+    if family is not None:
+        return family.name
     raise TypeError(f"cannot save a {type(model).__name__} as a dynexit checkpoint: it was made neither from a "
                     f"preset nor by a 'module:function' factory through dynexit.create_model, so nothing "
                     f"says how to rebuild it")
@@ -88,22 +85,34 @@ def read(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model(path: str | Path, ema: bool = False) -> MultiExitModel:
-    """The model stored in a dynexit checkpoint (its EMA weights with ``ema=True``), in eval mode."""
+def load_model(path: str | Path, ema: bool = False, factory: str | None = None) -> MultiExitModel:
+    """The model stored in a dynexit checkpoint (its EMA weights with ``ema=True``), in eval mode.
+
+    A checkpoint of a factory's model is rebuilt only with the caller's consent: ``factory`` names the
+    ``module:function`` to call (with the keyword arguments the file records), or the factory the file names
+    has its module in ``DYNEXIT_TRUSTED_MODULES``; otherwise UntrustedFactoryError, naming the file and the
+    factory. ``factory`` is refused for a checkpoint of a preset (it names no code to run)."""
     checkpoint = read(path)
     kind = checkpoint.get("model_kind", "perceiver")
+    if factory is not None:
+        check_factory_name(factory)
+        if kind != FACTORY_KIND:
+            raise ValueError(f"{path} holds a {kind} model, built from its configuration: it needs no factory, "
+                             f"but factory={factory!r} was given")
     if kind == FACTORY_KIND:
         spec = checkpoint["model_config"]
         if not isinstance(spec, dict) or not isinstance(spec.get("factory"), str) or not isinstance(
                 spec.get("kwargs"), dict):
             raise ValueError(f"{path}: model_kind 'factory' needs model_config with 'factory' (module:function) "
                              f"and 'kwargs' (a dict)")
-        model = build_from_factory(spec["factory"], **spec["kwargs"])
-    elif kind not in ARCHITECTURES:
-        raise ValueError(f"{path}: unknown model_kind {kind!r}; valid: {', '.join([*ARCHITECTURES, FACTORY_KIND])}")
+        name = consented_factory(spec["factory"], str(path), factory)
+        model = build_from_factory(name, **spec["kwargs"])
+    elif kind not in FAMILIES:
+        raise ValueError(f"{path}: unknown model_kind {kind!r}; valid: {', '.join([*FAMILIES, FACTORY_KIND])} (a "
+                         f"family registers when its module is imported)")
     else:
-        config_class, build = ARCHITECTURES[kind]
-        model = build(config_class(**checkpoint["model_config"]))
+        family = FAMILIES[kind]
+        model = family.build(family.config_class(**checkpoint["model_config"]))
     key = "ema" if ema else "model"
     if key not in checkpoint:
         raise ValueError(f"{path} holds no {key!r} weights")

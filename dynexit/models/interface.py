@@ -15,19 +15,27 @@ For per-exit costs counted by fvcore and for real early exit (``dynexit.early_ex
 - ``init_state(x) -> state``: the state before segment 0;
 - ``run_segment(k, state) -> state``: runs segment k (the work between exit k-1 and exit k) and returns the
   new state, with exit k's logits appended to ``state.logits`` (a tuple);
-- the state is a ``NamedTuple`` whose fields are tensors or tuples of tensors, batch first, with a ``logits``
-  field and a ``select(index)`` method that keeps only the samples at ``index``.
+- the state is a ``NamedTuple``, a dataclass or a dict whose values are tensors (batch first), tuples of
+  tensors or constants, with the exits' logits as ``logits``; a ``select(index)`` method that keeps only the
+  samples at ``index`` is optional (without it, every batch-first tensor is indexed). See
+  :mod:`dynexit.models.state`. Whatever ``init_state`` computes counts in the first exit's cost.
 
 ``forward`` must give what running the segments 0..K-1 gives. :class:`MultiExitModel` is a base class that
 provides ``forward`` from the segments, but any class with these members works: nothing checks the type.
 
 Name a model factory as ``"package.module:function"`` wherever a preset name is accepted
 (:func:`dynexit.create_model`, ``dynexit costs``, ``dynexit bench``, a spec's ``model: {factory: ...}``): the
-module is imported and the function called with the keyword arguments given.
+module is imported and the function called with the keyword arguments given. What you name yourself (an
+argument, a command-line option, the spec you pass) is your own code, like a Python script. A factory named
+inside a file dynexit reads (a checkpoint, a run or results folder) is data: it is imported only when you
+consent to it, by naming it yourself (``load_model(path, factory=...)``, ``--factory``) or by listing its module
+in the environment variable ``DYNEXIT_TRUSTED_MODULES`` (comma-separated module names; a package trusts its
+submodules). Otherwise the load is refused with :class:`UntrustedFactoryError`, naming the file and the factory.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -36,6 +44,9 @@ import torch
 
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 SEGMENT_MEMBERS = ("init_state", "run_segment")
+# Exit names that would collide with the summary columns of runs.csv (acc_<exit> beside acc_final, acc_at_<B>).
+RESERVED_EXIT_NAMES = frozenset({"final"})
+RESERVED_EXIT_PREFIXES = ("at_",)
 
 
 @runtime_checkable
@@ -76,12 +87,17 @@ def check_multi_exit_model(model: Any, need_segments: bool = False, purpose: str
             or len(set(names)) != len(names)):
         raise TypeError(f"{name} has no valid exit_names: a multi-exit model needs exit_names, a tuple of "
                         f"distinct non-empty str in exit order (got {names!r}); see dynexit.models.interface")
+    reserved = [n for n in names if n in RESERVED_EXIT_NAMES or n.startswith(RESERVED_EXIT_PREFIXES)]
+    if reserved:
+        raise TypeError(f"{name}: exit name {reserved[0]!r} is reserved (runs.csv has the columns acc_final, "
+                        f"gmacs_final and acc_at_<budget> beside acc_<exit>); rename the exit")
     if need_segments:
         missing = [m for m in SEGMENT_MEMBERS if not callable(getattr(model, m, None))]
         if missing:
             raise TypeError(f"{needs} a model that runs exit by exit, but {name} has no {' and no '.join(missing)} "
                             f"(init_state(x) -> state; run_segment(k, state) -> state with exit k's logits "
-                            f"appended to state.logits; state.select(index)); see dynexit.models.interface. "
+                            f"appended to state.logits; a NamedTuple, dataclass or dict); see "
+                            f"dynexit.models.interface. "
                             f"Without them, give its per-exit costs yourself (model.costs in a spec, or a costs CSV)")
     return tuple(names)
 
@@ -91,25 +107,63 @@ def is_factory_name(name: str) -> bool:
     return isinstance(name, str) and ":" in name
 
 
-def load_factory(name: str) -> Callable[..., Any]:
-    """The function ``"package.module:function"`` names: the module imported with importlib, the function
-    taken from it (never evaluated). ValueError for any other string, a module that cannot be imported or a
-    function it lacks."""
+TRUST_ENV = "DYNEXIT_TRUSTED_MODULES"
+
+
+class UntrustedFactoryError(ValueError):
+    """A file names a model factory (code to run) that the caller has not consented to."""
+
+
+def trusted_modules() -> tuple[str, ...]:
+    """The module names listed in ``DYNEXIT_TRUSTED_MODULES`` (comma-separated; blanks ignored)."""
+    return tuple(m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip())
+
+
+def is_trusted(name: str) -> bool:
+    """Whether the factory ``name``'s module, or a package above it, is listed in ``DYNEXIT_TRUSTED_MODULES``."""
+    module = name.partition(":")[0]
+    return any(module == m or module.startswith(m + ".") for m in trusted_modules())
+
+
+def consented_factory(asked: str, source: str, given: str | None = None) -> str:
+    """The factory to call for a model that the file ``source`` asks to be built by ``asked``: ``given`` when
+    the caller named one (their consent), else ``asked`` when its module is trusted; else
+    UntrustedFactoryError naming the file, the factory and how to consent."""
+    if given is not None:
+        return given
+    if is_trusted(asked):
+        return asked
+    module = asked.partition(":")[0] if isinstance(asked, str) else "?"
+    raise UntrustedFactoryError(
+        f"{source} asks to build its model by calling {asked!r}: code that dynexit does not run because a file "
+        f"names it. If you trust it, name it yourself (load_model(path, factory={asked!r}), or --factory "
+        f"{asked} on the command line) or list its module: {TRUST_ENV}={module}")
+
+
+def check_factory_name(name: str) -> None:
+    """ValueError unless ``name`` has the form ``package.module:function`` (nothing is imported)."""
     if not isinstance(name, str) or not FACTORY_PATTERN.match(name):
         raise ValueError(f"model factory {name!r} is not of the form 'package.module:function' "
                          f"(dotted Python names, one colon)")
+
+
+def load_factory(name: str, what: str = "model factory") -> Callable[..., Any]:
+    """The function ``"package.module:function"`` names: the module imported with importlib, the function
+    taken from it (never evaluated). ValueError, naming ``what``, for any other string, a module that cannot
+    be imported or a function it lacks. Only for names the user gave (see the module docstring)."""
+    check_factory_name(name)
     module_name, _, function_name = name.partition(":")
     if module_name.split(".")[0] == "dynexit":  # the package's own models are named by their presets
-        raise ValueError(f"model factory {name!r}: a factory names a module of your own, not one of dynexit's "
+        raise ValueError(f"{what} {name!r}: a factory names a module of your own, not one of dynexit's "
                          f"(name dynexit's models by their presets, see 'dynexit models')")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"model factory {name!r}: cannot import module {module_name!r} ({err}); is it on "
+        raise ValueError(f"{what} {name!r}: cannot import module {module_name!r} ({err}); is it on "
                          f"PYTHONPATH?") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(f"model factory {name!r}: module {module_name!r} has no function {function_name!r}")
+        raise ValueError(f"{what} {name!r}: module {module_name!r} has no function {function_name!r}")
     return function
 
 

@@ -23,8 +23,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from dynexit.models.perceiver import MultiExitModel
+from dynexit.models.base import MultiExitModel
 from dynexit.models.presets import check_preset
+from dynexit.models.registry import ModelFamily, register_family
 
 VARIANTS = ("cifar", "imagenet")
 STEPMODES = ("even", "lin_grow")
@@ -379,3 +380,7 @@ def msdnet_config(name: str, **overrides: Any) -> MSDNetConfig:
 
 for _name, _values in MSDNET_PRESETS.items():  # typed presets: a malformed one fails at import, named
     check_preset(_name, _values, MSDNetConfig)
+
+
+register_family(ModelFamily(name="msdnet", config_class=MSDNetConfig, build=MSDNet, presets=MSDNET_PRESETS,
+                            description="MSDNet (multi-scale dense network), faithful to its reference"))

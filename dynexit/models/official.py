@@ -181,16 +181,28 @@ _OFFICIAL_ARGS = {"depth_factor": "depth_factor", "SA_widening_factor": "widenin
                   "nb_classes": "num_classes", "input_size": "input_size", "dropout": "dropout"}
 
 
-def official_architecture(checkpoint: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    """The preset name and overrides recorded in an official checkpoint's ``args`` (None, {} if absent)."""
+def official_architecture(checkpoint: dict[str, Any], where: str = "checkpoint",
+                          model: str | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The model name and overrides recorded in an official checkpoint's ``args`` (None, {} if absent);
+    ``model``, the caller's own choice (a preset or a factory), replaces the recorded name. A recorded name
+    must be one of dynexit's Dyn-Perceiver presets: a file names no code to run (ValueError naming ``where``
+    and the name otherwise)."""
     args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if args is None:
-        return None, {}
+        return model, {}
     args = vars(args) if not isinstance(args, dict) else args
     overrides = {ours: args[theirs] for theirs, ours in _OFFICIAL_ARGS.items() if args.get(theirs) is not None}
     if "depth_factor" in overrides:
         overrides["depth_factor"] = [int(v) for v in overrides["depth_factor"]]
-    return args.get("model"), overrides
+    name = model if model is not None else args.get("model")
+    if model is None and name is not None:
+        from dynexit.models.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"{where}: its args.model {name!r} is not a Dyn-Perceiver preset of dynexit; a model "
+                             f"is taken from a checkpoint only by preset name. Pass --model PRESET (or your own "
+                             f"package.module:function) to say which architecture its weights belong to")
+    return name, overrides
 
 
 def load_official(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> nn.Module:

@@ -16,12 +16,11 @@ z2x (k > 1), x2z, then self-attention.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-from dynexit.models.backbones import BACKBONES, StagedBackbone, build_backbone
+from dynexit.models.backbones import BACKBONES
+from dynexit.models.base import CNNExit, MultiExitModel, State, classifier, configured_backbone
 from dynexit.models.layers import (
     FeaturesToLatents,
     LatentsToFeatures,
@@ -29,19 +28,8 @@ from dynexit.models.layers import (
     TokenExpander,
     TokenMixer,
 )
-from dynexit.models.presets import PerceiverConfig
-
-
-class State(NamedTuple):
-    """What flows between segments; every tensor has the batch first, so samples can be dropped."""
-
-    x: torch.Tensor  # CNN feature map (B, C, H, W)
-    z: torch.Tensor  # latent tokens (B, N, C)
-    logits: tuple[torch.Tensor, ...]  # logits of the exits run so far
-
-    def select(self, index: torch.Tensor) -> State:
-        """The state of the samples at ``index`` only."""
-        return State(self.x[index], self.z[index], tuple(y[index] for y in self.logits))
+from dynexit.models.presets import PRESETS, PerceiverConfig
+from dynexit.models.registry import ModelFamily, register_family
 
 
 class LatentStage(nn.Module):
@@ -78,19 +66,6 @@ class LogitConnection(nn.Sequential):
         super().__init__(nn.Linear(num_classes, channels), nn.BatchNorm1d(channels), nn.ReLU(inplace=True))
 
 
-def classifier(in_features: int, num_classes: int, hidden: int | None, norm: bool = False) -> nn.Module:
-    """A linear classifier, or Linear-Hardswish-Dropout(0.2)-Linear where the backbone has a hidden head;
-    ``norm`` puts a BatchNorm1d in front (the merge exit)."""
-    if hidden is None and not norm:
-        return nn.Linear(in_features, num_classes)
-    layers: list[nn.Module] = [nn.BatchNorm1d(in_features)] if norm else []
-    if hidden is None:
-        layers.append(nn.Linear(in_features, num_classes))
-    else:
-        layers += [nn.Linear(in_features, hidden), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(hidden, num_classes)]
-    return nn.Sequential(*layers)
-
-
 class LatentExit(nn.Module):
     """Exit on the latent branch: mean of the tokens [+ isc of an earlier exit's logits] -> classifier."""
 
@@ -105,18 +80,6 @@ class LatentExit(nn.Module):
         if self.isc is not None:
             h = torch.cat([h, self.isc(s.logits[self.isc_from])], dim=1)
         return self.fc(h)
-
-
-class CNNExit(nn.Module):
-    """Exit on the CNN branch: global average pooling -> classifier."""
-
-    def __init__(self, channels: int, num_classes: int, hidden: int | None, dropout: float):
-        super().__init__()
-        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.fc = classifier(channels, num_classes, hidden)
-
-    def forward(self, s: State) -> torch.Tensor:
-        return self.fc(self.drop(s.x.mean(dim=(2, 3))))
 
 
 class MergeExit(nn.Module):
@@ -150,58 +113,6 @@ SEGMENT_PLAN: tuple[tuple[tuple[str, int | str], ...], ...] = (
 )
 
 
-def _backbone(cfg: PerceiverConfig) -> tuple[StagedBackbone, float]:
-    """The configured backbone and the dropout before its classifier (backbone defaults where unset)."""
-    spec = BACKBONES[cfg.backbone]
-    drop_path = spec.drop_path if cfg.drop_path is None else cfg.drop_path
-    cnn_dropout = spec.cnn_dropout if cfg.cnn_dropout is None else cfg.cnn_dropout
-    return build_backbone(cfg.backbone, drop_path), cnn_dropout
-
-
-class MultiExitModel(nn.Module):
-    """Common interface of the models here: named exits, segments, the state between them.
-
-    Subclasses define ``segment_plan``, ``exit_names``, ``init_state``, ``backbone`` and ``exits``, and
-    extend ``_step`` with their own kinds of step.
-    """
-
-    segment_plan: tuple
-    exit_names: tuple[str, ...]
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.exit_names)
-
-    backbone: StagedBackbone
-    exits: nn.ModuleDict
-
-    def init_state(self, images: torch.Tensor) -> State:
-        raise NotImplementedError
-
-    def _step(self, step: tuple[str, int | str], s: State) -> State:
-        kind, i = step
-        if kind == "stem":
-            return s._replace(x=self.backbone.stem(s.x))
-        if kind == "cnn":
-            return s._replace(x=self.backbone.stages[i](s.x))
-        if kind == "exit":
-            return s._replace(logits=s.logits + (self.exits[i](s),))
-        raise ValueError(f"unknown step {step!r}")
-
-    def run_segment(self, k: int, s: State) -> State:
-        """Runs segment ``k``; the new exit's logits are ``state.logits[-1]``."""
-        for step in self.segment_plan[k]:
-            s = self._step(step, s)
-        return s
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every exit, in exit order."""
-        s = self.init_state(images)
-        for k in range(self.num_exits):
-            s = self.run_segment(k, s)
-        return list(s.logits)
-
-
 class DynPerceiver(MultiExitModel):
     """Dyn-Perceiver on a staged CNN backbone; ``forward`` returns the logits of the four exits."""
 
@@ -214,7 +125,7 @@ class DynPerceiver(MultiExitModel):
             raise ValueError("a static configuration builds a StaticClassifier, not a DynPerceiver")
         self.config = cfg
         spec = BACKBONES[cfg.backbone]
-        self.backbone, cnn_dropout = _backbone(cfg)
+        self.backbone, cnn_dropout = configured_backbone(cfg)
         channels = self.backbone.stage_channels
         tokens = [cfg.num_latents >> k for k in range(4)]
         self.latent = nn.Parameter(nn.init.trunc_normal_(torch.empty(tokens[0], channels[0]), std=0.02, a=-2, b=2))
@@ -250,7 +161,7 @@ class StaticClassifier(MultiExitModel):
         super().__init__()
         self.config = cfg
         spec = BACKBONES[cfg.backbone]
-        self.backbone, cnn_dropout = _backbone(cfg)
+        self.backbone, cnn_dropout = configured_backbone(cfg)
         self.exits = nn.ModuleDict({"cnn": CNNExit(self.backbone.out_channels, cfg.num_classes, spec.head_hidden,
                                                    cnn_dropout)})
 
@@ -265,3 +176,9 @@ def model_class(cfg: PerceiverConfig) -> type[MultiExitModel]:
 
 def build_model(cfg: PerceiverConfig) -> MultiExitModel:
     return model_class(cfg)(cfg)
+
+
+register_family(ModelFamily(
+    name="perceiver", config_class=PerceiverConfig, build=build_model, presets=PRESETS,
+    description="Dynamic Perceiver (CNN and latent branches, four exits), or its backbone alone (static=true)",
+    exit_names=lambda cfg: tuple(model_class(cfg).exit_names)))

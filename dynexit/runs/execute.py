@@ -60,10 +60,12 @@ def execute(experiment: Experiment, run: Run, devices: list[str],
                 link_tensorboard(experiment, folder, name)
             run_pipeline(run.config, folder, devices, name=f"{experiment.name}/{name}")
         except Exception as err:  # noqa: BLE001 - a failed run is recorded; the others go on
-            message = f"{type(err).__name__}: {err}"
-            atomic_write_text(folder / "error.txt", traceback.format_exc())
+            message = f"{type(err).__name__}: {err}{failure_hint(err, run)}"
+            text = traceback.format_exc()
+            atomic_write_text(folder / "error.txt", text)
             write_status(folder, FAILED, error=message)
-            log.error("run %s failed: %s", run.run_id, message)
+            log.error("run %s failed: %s\n%s\n(the whole traceback: %s)", run.run_id, message,
+                      "\n".join(text.rstrip().splitlines()[-6:]), folder / "error.txt")
             return Outcome(run.run_id, FAILED, message)
         write_status(folder, DONE)
     return Outcome(run.run_id, DONE)
@@ -92,15 +94,27 @@ def _reevaluate(run: Run, folder: Path, device: str) -> Outcome:
     return Outcome(run.run_id, DONE)
 
 
+def failure_hint(err: Exception, run: Run) -> str:
+    """What to change when a run fails in a way a setting explains ("" otherwise)."""
+    text = str(err)
+    if run.config.train.channels_last and ("view size is not compatible" in text or "channels_last" in text):
+        return (" (train.channels_last is on: the model's tensors are NHWC and an op of it needs contiguous NCHW "
+                "ones, e.g. .view; use .reshape in the model or set train.channels_last: false)")
+    return ""
+
+
 TB_LINKS = "tb"  # <results_dir>/tb/<variant>_seed<k>: links to each run's event files
 
 
 def tensorboard_name(experiment: Experiment, run: Run) -> str:
-    """``<variant>_seed<k>``, with the grid keys the run sets beyond its variant and seed (``_key=value``)."""
+    """``<variant>_seed<k>_<run id>``, with the grid keys the run sets beyond its variant and seed
+    (``_key=value``); the run id keeps names unique when two differ only in characters a file name cannot
+    hold (``lr/hi`` and ``lr-hi``)."""
     variant_keys = set(((experiment.raw.get("variants") or {}).get(run.variant) or {}).keys())
     extra = [f"_{key}={value}" for key, value in sorted(run.overrides.items())
              if key != "seed" and key not in variant_keys]
-    return f"{run.variant}{''.join(extra)}_seed{run.config.seed}".replace("/", "-")
+    readable = f"{run.variant}{''.join(extra)}_seed{run.config.seed}".replace("/", "-").replace("\0", "")
+    return f"{readable}_{run.run_id}"
 
 
 def link_tensorboard(experiment: Experiment, folder, name: str) -> None:

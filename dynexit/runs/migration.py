@@ -56,10 +56,15 @@ def plan_migration(spec_path: str | Path, results_dir: str | Path | None = None,
     plan: list[Rename] = []
     for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         config_path = folder / "config.yaml"
-        if not config_path.is_file():
-            raise ValueError(f"{folder} has no config.yaml: it cannot be given its current run id")
-        raw = yaml.safe_load(config_path.read_text()) or {}
-        cfg = load_run_config(config_path)
+        try:
+            if not config_path.is_file():
+                raise ValueError(f"{folder} has no config.yaml")
+            raw = yaml.safe_load(config_path.read_text()) or {}
+            cfg = load_run_config(config_path, import_factories=False)
+        except (ValueError, TypeError, OSError, yaml.YAMLError) as err:  # reported; the other folders go on
+            log.warning("%s left as it is: its configuration cannot be read, so its current run id is not "
+                        "known (%s)", folder, str(err).splitlines()[0])
+            continue
         if "threads" not in (raw.get("train") or {}):
             recorded = read_status(folder).get("threads")
             if recorded is not None and threads is not None and int(recorded) != threads:
@@ -96,12 +101,13 @@ def migrate_run_ids(spec_path: str | Path, results_dir: str | Path | None = None
     runs_dir = experiment.results_dir / "runs"
     for rename in plan:
         old, new = runs_dir / rename.old_id, runs_dir / rename.new_id
-        cfg = load_run_config(old / "config.yaml")
+        cfg = load_run_config(old / "config.yaml", import_factories=False)
         cfg.train.threads = rename.threads
         if not (old / EVAL_FILE).is_file():
             atomic_write_text(old / EVAL_FILE, _json(evaluation_record(cfg.eval)))
         save_yaml(cfg, old / "config.yaml")
         old.rename(new)
+        _relink_tensorboard(experiment.results_dir, old, new)
         log.info("%s -> %s (train.threads=%d)%s", rename.old_id, rename.new_id, rename.threads,
                  "" if rename.in_spec else "; not a run of the spec")
     if not plan:
@@ -121,6 +127,20 @@ def migrate_run_ids(spec_path: str | Path, results_dir: str | Path | None = None
     write_experiment_files(experiment)
     aggregate(experiment)
     return plan
+
+
+def _relink_tensorboard(results_dir: Path, old: Path, new: Path) -> None:
+    """Points the experiment's TensorBoard links (``<results_dir>/tb/*``) to a renamed run folder."""
+    import os
+
+    from dynexit.runs.execute import TB_LINKS
+
+    links = results_dir / TB_LINKS
+    for link in links.iterdir() if links.is_dir() else []:
+        if link.is_symlink() and (links / os.readlink(link)).resolve() == (old / "tb").resolve():
+            tmp = links / f".{link.name}.{os.getpid()}.tmp"
+            os.symlink(os.path.relpath(new / "tb", links), tmp, target_is_directory=True)
+            os.replace(tmp, link)
 
 
 def _json(data: dict) -> str:

@@ -24,6 +24,7 @@ from dynexit.config import RunConfig, save_yaml
 from dynexit.curves import accuracy_at_budget
 from dynexit.runs.folders import (
     EVAL_FILE,
+    LOCK_HELD_ENV,
     LOGIT_SETTINGS,
     SUMMARY_FILE,
     evaluation_record,
@@ -69,13 +70,17 @@ def _evaluate(cfg: RunConfig, folder: Path, device: str) -> dict:
     record = read_evaluation_record(folder)
     model = None
     logit_paths = _logit_paths(folder)
-    if record.get("logits") == want["logits"] and all(p.is_file() for p in logit_paths.values()):
+    logits_current = record.get("logits") == want["logits"] and all(p.is_file() for p in logit_paths.values())
+    # What this evaluation rewrites is marked out of date before any of it is touched, and the record is
+    # written whole last: a kill at any point leaves the run to be evaluated again, never done with outputs
+    # of two evaluations (calibration logits of one set of weights, test logits of another).
+    _write_record(folder, {"logits": want["logits"]} if logits_current else {})
+    if logits_current:
         calib, test = _load_logits(logit_paths)
     else:
         model = _trained_model(cfg, folder)
         calib, test = _collect_logits(cfg, folder, model, device)
-        record = {"logits": want["logits"]}  # the outputs computed from the old logits are stale now
-        _write_record(folder, record)
+        _write_record(folder, {"logits": want["logits"]})
     costs = _costs(cfg, folder, model)
     curve, anytime = _curves(cfg, folder, calib, test, costs)
     names = [str(e) for e in costs["exit"]]
@@ -96,7 +101,8 @@ def _train(cfg: RunConfig, folder: Path, devices: list[str], name: str | None = 
                "-m", "dynexit", "train", str(folder / "config.yaml"), "--out", str(folder),
                "--device", "cuda" if devices[0].startswith("cuda") else "cpu"]  # no GPU: an error, never the CPU
         log.info("launching %s", " ".join(cmd))
-        env = {**os.environ, **device_environment(devices)}  # torchrun's ranks see exactly these GPUs
+        # torchrun's ranks see exactly these GPUs, and train under this process's lock on the folder
+        env = {**os.environ, **device_environment(devices), LOCK_HELD_ENV: str(folder.resolve())}
         subprocess.run(cmd, check=True, env=env)
         return
     train(cfg, folder, device=devices[0], resume=True, run_name=name)
@@ -120,7 +126,7 @@ def _trained_model(cfg: RunConfig, folder: Path):
         raise FileNotFoundError(f"{path} is missing: the run's logits must be collected again (they are "
                                 f"missing, or eval.{' or eval.'.join(LOGIT_SETTINGS)} changed) and that needs "
                                 f"its checkpoint; restore it, or delete {folder} to train the run again")
-    return load_model(path, ema=cfg.eval.use_ema)
+    return load_model(path, ema=cfg.eval.use_ema, factory=cfg.model.factory)  # the spec names the factory
 
 
 def _logit_paths(folder: Path) -> dict[str, Path]:
@@ -163,7 +169,7 @@ def _parameters(cfg: RunConfig, model) -> int:
 
 
 def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
-    from dynexit.costs import exit_costs
+    from dynexit.costs import exit_costs, resolve_handles
 
     path = folder / "costs.csv"
     if path.is_file():
@@ -173,7 +179,7 @@ def _costs(cfg: RunConfig, folder: Path, model) -> pd.DataFrame:
     if cfg.model.costs is not None:  # given by the user (a model without segments)
         costs = given_costs(model.exit_names, cfg.model.costs)
     else:
-        costs = exit_costs(model.cpu(), input_size=cfg.data.image_size)
+        costs = exit_costs(model.cpu(), input_size=cfg.data.image_size, handles=resolve_handles(cfg.model.op_handles))
     atomic_write(path, lambda tmp: costs.to_csv(tmp, index=False))
     return costs
 

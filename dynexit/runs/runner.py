@@ -22,7 +22,7 @@ import time
 from dynexit.runs.aggregate import aggregate, write_experiment_files
 from dynexit.runs.devices import available_cores, device_environment, device_locks, is_cuda_error, lock_names
 from dynexit.runs.execute import Outcome, execute
-from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, run_dir, run_state
+from dynexit.runs.folders import DONE, FAILED, RUNNING, STALE, check_results_folder, run_dir, run_state
 from dynexit.runs.slurm import job_layout, job_resources, live_job_ids, submit
 from dynexit.runs.spec import Experiment, Run, reload_spec
 from dynexit.training.progress_bar import NO_BAR_ENV
@@ -94,7 +94,8 @@ def _worker(raw: dict, spec_path: str, overrides: list[str], results_dir: str, g
 
 def check_experiment(experiment: Experiment) -> None:
     """What can be wrong with an experiment before it runs, checked before anything is written: every run's
-    configuration (an error names the run, its variant and the key) and the executor."""
+    configuration (an error names the run, its variant and the key), the executor and the results folder
+    (new, or this experiment's)."""
     from dynexit.config import validate_run_config
 
     where = str(experiment.path) if experiment.path else f"experiment {experiment.name!r}"
@@ -113,6 +114,7 @@ def check_experiment(experiment: Experiment) -> None:
             job_resources(experiment, experiment.runs)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+    check_results_folder(experiment)
 
 
 def run_experiment(experiment: Experiment, devices: str = "auto", workers: int | None = None,

@@ -15,6 +15,7 @@ A spec (YAML)::
     zip:                                 # groups of equally long lists, varied together
       - {model.name: [a, b], train.lr: [0.001, 0.0006]}
     seeds: [0, 1]                        # default: the base seed
+    reference: full                      # the report compares every variant with this one (default: the first)
     executor: {kind: local}              # local | slurm | submitit_local
 
 Runs = variants x grid x zip groups x seeds. Every run is validated against the typed RunConfig before
@@ -132,6 +133,7 @@ class SpecFile:
     zip: list[dict[str, list[Any]]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    reference: Optional[str] = None  # the variant the report's deltas and verdicts are taken against
 
 
 @dataclass
@@ -190,14 +192,16 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None,
-              results_dir: str | Path | None = None) -> Experiment:
+              results_dir: str | Path | None = None, import_factories: bool = True) -> Experiment:
     """Reads, validates and expands a spec file; ``overrides`` (``key=value``) apply to every run;
-    ``results_dir`` replaces the spec's own."""
+    ``results_dir`` replaces the spec's own. A spec the user passes is their own code: its factories are
+    imported to check their models. ``import_factories=False`` for a spec read from a results folder
+    (``experiment.yaml``): data, whose factories are never imported."""
     path = Path(path)
     raw = read_yaml(path, "spec file")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a spec is a mapping with at least 'name' and 'base'")
-    experiment = expand(raw, path, overrides)
+    experiment = expand(raw, path, overrides, import_factories)
     if results_dir is not None:
         experiment.results_dir = Path(results_dir)
     return experiment
@@ -212,9 +216,15 @@ def reload_spec(raw: dict[str, Any], path: str | Path | None, overrides: list[st
     return experiment
 
 
-def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None) -> Experiment:
+def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] | None = None,
+           import_factories: bool = True) -> Experiment:
     where = str(path) if path else "spec"
     spec: SpecFile = merge(SpecFile, check_sections(raw, where), where=where)
+    check_names(spec, where)
+    if spec.reference is not None and spec.reference not in (spec.variants or {"base": {}}):
+        raise ValueError(f"{where}: reference {spec.reference!r} is not one of the variants "
+                         f"({', '.join(spec.variants or {'base': {}})})")
+    check_keys_given_once(spec, overrides or [], where)
     cli = to_plain(parse_set(overrides)) if overrides else {}
     cli_executor: dict[str, Any] = {}
     if "executor" in cli:  # --set executor.KEY=VALUE: the spec's executor section, not the runs' configuration
@@ -251,7 +261,7 @@ def expand(raw: dict[str, Any], path: Path | None = None, overrides: list[str] |
                 if seed is not None:
                     dotted["seed"] = seed
                 label = f"{where}: variant {variant!r}" + (f" with {dotted}" if dotted else "")
-                cfg = build_run_config(spec.base, dotted, cli, label, path)
+                cfg = build_run_config(spec.base, dotted, cli, label, path, import_factories)
                 rid = run_id(cfg)
                 if rid in seen:
                     raise ValueError(f"{where}: runs {seen[rid]} and {label} have the same configuration, "
@@ -281,6 +291,7 @@ _SECTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "[{model.name: [a, b], train.lr: [0.001, 0.0006]}]"),
     "seeds": (lambda v: v is None or (isinstance(v, list) and all(
         isinstance(s, int) and not isinstance(s, bool) for s in v)), "a list of integers, e.g. [0, 1, 2]"),
+    "reference": (lambda v: v is None or isinstance(v, str), "a variant's name (the report's reference)"),
     "executor": (lambda v: v is None or isinstance(v, dict),
                  "a mapping, e.g. {kind: local} or {kind: slurm, slurm_partition: gpu}"),
 }
@@ -301,6 +312,76 @@ def check_sections(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one file or folder name (None when it can)."""
+    if not name.strip():
+        return "it is blank"
+    if name in (".", ".."):
+        return "it names a folder's parent or itself"
+    bad = sorted({c for c in name if c in "/\\" or ord(c) < 32})
+    if bad:
+        return f"it holds {', '.join(repr(c) for c in bad)}"
+    if len(name.encode()) > 200:
+        return "it is longer than 200 bytes"
+    return None
+
+
+def check_names(spec: SpecFile, where: str) -> None:
+    """The experiment's and the variants' names become folder and file names: each must be one."""
+    problem = file_name_problem(spec.name)
+    if problem:
+        raise ValueError(f"{where}: name {spec.name!r} cannot name the results folder: {problem}")
+    for variant in spec.variants:
+        problem = file_name_problem(variant.replace("/", "-"))  # a '/' becomes '-' in file names
+        if problem:
+            raise ValueError(f"{where}: variant name {variant!r} cannot be part of a file name: {problem}")
+
+
+def dotted_leaves(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys that ``tree`` sets, written nested or dotted alike (``{a: {b: 1}}`` and ``{a.b: 1}``)."""
+    leaves = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        leaves += dotted_leaves(value, f"{path}.") if isinstance(value, dict) and value else [path]
+    return leaves
+
+
+def _clash(keys: list[str]) -> tuple[str, str] | None:
+    """Two keys that set the same value (equal, or one inside the other), if any."""
+    ordered = sorted(keys)
+    for a, b in zip(ordered, ordered[1:]):
+        if a == b or b.startswith(a + "."):
+            return a, b
+    return None
+
+
+def check_keys_given_once(spec: SpecFile, overrides: list[str], where: str) -> None:
+    """ValueError naming a key given twice in any form: within a variant or ``--set`` (dotted and nested), or
+    by two of variant, grid, zip groups and seeds, where one would silently win over the other."""
+    for variant, tree in spec.variants.items():
+        clash = _clash(dotted_leaves(tree or {}))
+        if clash:
+            raise ValueError(f"{where}: variant {variant!r} sets {clash[0]!r} twice ({' and '.join(clash)}); "
+                             f"give each key once")
+    if overrides:
+        clash = _clash([key for item in overrides for key in dotted_leaves(to_plain(parse_set([item])))])
+        if clash:
+            raise ValueError(f"--set gives {clash[0]!r} twice ({' and '.join(clash)}); give each key once")
+    sources = {"grid": list(spec.grid), **{f"zip group {g}": list(group) for g, group in enumerate(spec.zip)}}
+    if spec.seeds:
+        sources["seeds"] = ["seed"]
+    for variant, tree in spec.variants.items():
+        sources[f"variant {variant!r}"] = dotted_leaves(tree or {})
+    names = list(sources)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if first.startswith("variant") and second.startswith("variant"):
+                continue  # variants are alternatives, not layers
+            clash = _clash(sources[first] + sources[second])
+            if clash and not (_clash(sources[first]) or _clash(sources[second])):
+                raise ValueError(f"{where}: {first} and {second} both set {clash[0]!r}; set it in one place")
+
+
 def _describe_value(value: Any) -> str:
     kind = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(type(value))
     kind = kind or ("nothing" if value is None else type(value).__name__)
@@ -308,15 +389,21 @@ def _describe_value(value: Any) -> str:
     return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
-def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, path: Path | None) -> RunConfig:
+def build_run_config(base: dict, dotted: dict[str, Any], cli: dict, label: str, path: Path | None,
+                     import_factories: bool = True) -> RunConfig:
     """base + dotted overrides + command-line overrides, validated; errors name the key (and line)."""
     try:
         cfg = merge(RunConfig, base, where="base")
         cfg = merge(cfg, OmegaConf.from_dotlist([f"{k}={_yaml(v)}" for k, v in dotted.items()]), where="grid")
         if cli:
             cfg = merge(cfg, cli, where="--set")
-        validate_run_config(cfg)
+        validate_run_config(cfg, import_factories)
     except (ValueError, TypeError) as err:
+        from dynexit.yaml_files import key_in_message
+
+        key = key_in_message(str(err))
+        if cli and key is not None and any(key == k or key.startswith(k + ".") for k in dotted_leaves(cli)):
+            raise ValueError(f"{label}: --set: {err}") from None  # the option's value, not the spec's line
         line = line_note(path, str(err))
         raise ValueError(f"{label}: {err}{line}") from None
     return cfg

@@ -22,6 +22,8 @@ from dynexit.search.study import SearchStorage, open_storage, open_study, run_qu
 from dynexit.search.thresholds import (
                                        ThresholdProblem,
                                        ThresholdSearch,
+                                       budget_verdict,
+                                       compare_at_budgets,
                                        compare_with_protocol,
                                        curve_of_thresholds,
                                        protocol_budgets,
@@ -32,6 +34,6 @@ from dynexit.search.thresholds import (
 )
 
 __all__ = ["LossWeightSearch", "LossWeightSpace", "SearchStorage", "ThresholdProblem", "ThresholdSearch",
-           "budgeted_area", "compare_with_protocol", "curve_of_thresholds", "open_storage", "open_study",
-           "protocol_budgets", "protocol_curve", "run_quick_trials", "run_trials", "search_budgets",
-           "search_loss_weights", "search_pareto", "sqlite_url", "threshold_problem"]
+           "budget_verdict", "budgeted_area", "compare_at_budgets", "compare_with_protocol", "curve_of_thresholds",
+           "open_storage", "open_study", "protocol_budgets", "protocol_curve", "run_quick_trials", "run_trials",
+           "search_budgets", "search_loss_weights", "search_pareto", "sqlite_url", "threshold_problem"]

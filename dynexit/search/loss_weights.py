@@ -49,7 +49,7 @@ import pandas as pd
 import yaml
 
 from dynexit.curves import mean_best_within_budget
-from dynexit.policies import anytime_accuracy, curve_from_scores, scores
+from dynexit.policies import DEFAULT_GRID, anytime_accuracy, curve_from_scores, scores
 from dynexit.search.study import SearchStorage, open_storage, open_study, run_trials
 from dynexit.utils import atomic_write_text
 
@@ -82,7 +82,7 @@ class LossWeightSpace:
 # ------------------------------------------------------------------------------------------ objective
 
 def budgeted_area(logits, targets, costs: Sequence[float], cost_range: tuple[float, float],
-                  criterion: str = "max_softmax", grid="official") -> float:
+                  criterion: str = "max_softmax", grid=DEFAULT_GRID) -> float:
     """Mean budgeted accuracy (percent) of one split over ``cost_range`` (see the module docstring):
     the integral over [lo, hi] of the best accuracy reachable within each budget, divided by hi - lo."""
     lo, hi = (float(v) for v in cost_range)
@@ -190,11 +190,16 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
         raise ValueError(f"cost range {cost_range} must be increasing and start at or above the first exit's cost "
                          f"({costs[0]:g} GMACs; the exits cost {', '.join(f'{c:.4g}' for c in costs)})")
 
+    if study_dir is None:  # inside the experiment's results folder, which must be new or this experiment's
+        from dynexit.runs.folders import check_results_folder, mark_results_folder
+
+        check_results_folder(experiment)
+        mark_results_folder(experiment)
     study_dir = Path(study_dir) if study_dir is not None else experiment.results_dir / "search" / "loss_weights"
     study_dir.mkdir(parents=True, exist_ok=True)
     storage = storage if isinstance(storage, SearchStorage) else open_storage(storage)
     name = study_name or f"loss-weights-{experiment.name}"
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    sampler = trial_sampler(seed, 0)
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
     # a study holds the trials of one base configuration, cost range, objective and search space (checked on
     # resume); the run id leaves eval out, and the objective's curve follows eval.criterion and eval.grid
@@ -224,8 +229,17 @@ def search_loss_weights(spec: str | Path, n_trials: int, storage: SearchStorage 
         trial.set_user_attr("run_id", rid)
         return _train_and_score(trial, cfg, folder, trainer, callback, scorer, device)
 
-    run_trials(storage, study, objective, n_trials, desc=f"study {name}")
+    run_trials(storage, study, objective, n_trials, desc=f"study {name}",
+               sampler_for=lambda number: trial_sampler(seed, number))
     return export(study, study_dir, names, cost_range, storage.url)
+
+
+def trial_sampler(seed: int, number: int) -> optuna.samplers.TPESampler:
+    """The sampler of trial ``number``: TPE over the study's finished trials, its randomness drawn from
+    ``(seed, number)``, so that no two trials of a study (resumed, extended or shared by workers) repeat
+    one draw, and the same study gives the same trials."""
+    trial_seed = int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=trial_seed, multivariate=True, constant_liar=True)
 
 
 def _default_trainer() -> Callable:
@@ -242,12 +256,12 @@ def _parse_overrides(overrides: Optional[list[str]]):
 
 def _exit_costs(cfg) -> tuple[tuple[str, ...], np.ndarray]:
     from dynexit.config import build_configured_model
-    from dynexit.costs import exit_costs
+    from dynexit.costs import exit_costs, resolve_handles
 
     model = build_configured_model(cfg.model)
     if cfg.model.costs is not None:  # a model without segments: its costs come from the spec
         return tuple(model.exit_names), np.asarray(cfg.model.costs, dtype=float)
-    table = exit_costs(model, input_size=cfg.data.image_size)
+    table = exit_costs(model, input_size=cfg.data.image_size, handles=resolve_handles(cfg.model.op_handles))
     return tuple(model.exit_names), table["gmacs"].to_numpy(dtype=float)
 
 
@@ -315,7 +329,7 @@ def _train_and_score(trial: optuna.Trial, cfg, folder: Path, trainer: Callable, 
 def _load_trained(cfg, folder: Path):
     from dynexit.models.checkpoint import load_model
 
-    return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema)
+    return load_model(folder / "checkpoint.pt", ema=cfg.eval.use_ema, factory=cfg.model.factory)
 
 
 # ------------------------------------------------------------------------------------------ outputs

@@ -284,10 +284,15 @@ def count_trials(study: optuna.Study, states=_FINISHED) -> int:
 
 
 def run_trials(storage: SearchStorage, study: optuna.Study, objective: Callable[[optuna.Trial], Any],
-               n_trials: int, desc: str = "trials") -> int:
+               n_trials: int, desc: str = "trials",
+               sampler_for: Optional[Callable[[int], optuna.samplers.BaseSampler]] = None) -> int:
     """Runs ``objective`` on new trials of ``study`` until it holds ``n_trials`` finished (complete or
     pruned) trials, with any number of processes doing the same (see the module docstring); returns
     the number of trials this process finished.
+
+    ``sampler_for(trial number)``: the sampler of each trial. Seeded by the trial's number, a trial draws
+    new values whichever process runs it and however the study was resumed or extended; one sampler
+    seeded once per process would draw the same values again in every process.
 
     ``objective(trial)`` returns the value(s) or raises ``optuna.TrialPruned``; any other exception
     marks the trial failed and propagates (running the command again resumes the study).
@@ -310,6 +315,8 @@ def run_trials(storage: SearchStorage, study: optuna.Study, objective: Callable[
                 time.sleep(POLL_S)  # other workers' trials, or a dead worker's until its grace period ends
                 fail_stale_trials(storage, study)
                 continue
+            if sampler_for is not None:
+                study.sampler = sampler_for(storage.backend.get_trial_number_from_id(trial_id))
             trial = optuna.Trial(study, trial_id)
             state, values = _run_one(storage, trial_id, trial, objective)
             with _quiet():

@@ -37,6 +37,7 @@ import pandas as pd
 from dynexit.curves import area_under_curve, interpolate
 from dynexit.policies import (
     ALWAYS,
+    DEFAULT_GRID,
     NEVER,
     _as_costs,
     _as_logits,
@@ -161,13 +162,13 @@ def _curve_columns(names: Sequence[str]) -> list[str]:
             + [f"calib_share_{n}" for n in names] + [f"test_share_{n}" for n in names])
 
 
-def protocol_curve(problem: ThresholdProblem, grid="official") -> pd.DataFrame:
+def protocol_curve(problem: ThresholdProblem, grid=DEFAULT_GRID) -> pd.DataFrame:
     """The budgeted protocol's curve on the same scores (:func:`dynexit.policies.curve_from_scores`)."""
     return curve_from_scores(problem.calib_conf, problem.calib_correct, problem.test_conf, problem.test_correct,
                              problem.costs, grid, problem.exit_names, problem.criterion, problem.temperatures)
 
 
-def protocol_budgets(problem: ThresholdProblem, grid="official") -> list[float]:
+def protocol_budgets(problem: ThresholdProblem, grid=DEFAULT_GRID) -> list[float]:
     """The distinct expected calibration costs of the protocol's operating points (budgets that put one
     searched point at each protocol point)."""
     return sorted(set(protocol_curve(problem, resolve_grid(grid, problem.num_exits))["calib_expected_cost"]))
@@ -196,6 +197,53 @@ def compare_with_protocol(curve: pd.DataFrame, protocol: pd.DataFrame) -> pd.Dat
                      mean_difference=float(diff.mean()) if len(diff) else np.nan,
                      area_difference=area, points_in_range=int(len(diff)))
     return out
+
+
+def compare_at_budgets(result: ThresholdSearch, protocol: pd.DataFrame) -> pd.DataFrame:
+    """Per budget of a budget search: the searched point's test accuracy against the protocol point the same
+    rule picks within the budget (highest calibration accuracy among the points whose calibration cost is
+    within it; ties to the lower cost, then the earlier point), and the difference in points. Columns:
+    ``budget``, ``searched_point``, ``searched_calib_cost``, ``searched_test_accuracy``, ``protocol_point``,
+    ``protocol_calib_cost``, ``protocol_test_accuracy``, ``difference`` (searched minus protocol; NaN where
+    either has no point within the budget)."""
+    from dynexit.policies import _row_within_budget
+
+    trials = result.trials
+    if "budget" not in trials or trials["budget"].isna().all():
+        raise ValueError("not a budget search: its trials have no budget")
+    rows = []
+    for budget in sorted(trials["budget"].dropna().unique()):
+        chosen = trials[(trials["budget"] == budget) & trials["point"].notna()]
+        row = {"budget": float(budget), "searched_point": np.nan, "searched_calib_cost": np.nan,
+               "searched_test_accuracy": np.nan, "protocol_point": np.nan, "protocol_calib_cost": np.nan,
+               "protocol_test_accuracy": np.nan}
+        if len(chosen):
+            point = result.curve.iloc[int(chosen["point"].iloc[0])]
+            row.update(searched_point=int(chosen["point"].iloc[0]), searched_calib_cost=point["calib_expected_cost"],
+                       searched_test_accuracy=point["test_accuracy"])
+        if (protocol["calib_expected_cost"] <= budget).any():
+            best = _row_within_budget(protocol, float(budget), "protocol")
+            row.update(protocol_point=int(best["point"]), protocol_calib_cost=best["calib_expected_cost"],
+                       protocol_test_accuracy=best["test_accuracy"])
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["difference"] = out["searched_test_accuracy"] - out["protocol_test_accuracy"]
+    return out
+
+
+def budget_verdict(row) -> str:
+    """One line on a row of :func:`compare_at_budgets`: whether the search beat the protocol, and by how much."""
+    if np.isnan(row["searched_test_accuracy"]):
+        return "no searched point within the budget (no trial met it)"
+    if np.isnan(row["protocol_test_accuracy"]):
+        return (f"search {row['searched_test_accuracy']:.2f} %; the protocol has no point within the budget, "
+                "so the search wins by default")
+    diff = row["difference"]
+    outcome = ("beat the protocol by" if diff > 0 else "lost to the protocol by" if diff < 0
+               else "tied with the protocol:")
+    return (f"search {row['searched_test_accuracy']:.2f} % (calib cost {row['searched_calib_cost']:.4g}) vs "
+            f"protocol {row['protocol_test_accuracy']:.2f} % (point {int(row['protocol_point'])}, calib cost "
+            f"{row['protocol_calib_cost']:.4g}): {outcome} {diff:+.2f} points")
 
 
 # ------------------------------------------------------------------------------------------ searches

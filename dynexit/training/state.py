@@ -156,7 +156,7 @@ def check_run_folder(run_dir: Path, config: dict, resume: bool, source: str) -> 
                              f"({'; '.join(diffs)}); use another run folder")
         return checkpoint
     if config_path.exists():
-        saved = to_container(load_run_config(config_path))
+        saved = to_container(load_run_config(config_path, import_factories=False))  # data, not code
         diffs = config_differences(saved, config)
         if diffs:
             raise ValueError(f"run folder {run_dir} belongs to another configuration: {config_path} differs "
