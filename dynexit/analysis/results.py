@@ -137,6 +137,8 @@ def load_results(results_dir: str | Path, allow_mixed: bool = False) -> Results:
 def _mixed_evaluations(runs: pd.DataFrame, where: Path, allow_mixed: bool) -> list[str]:
     """The configurations whose runs were evaluated differently; ValueError naming them unless allowed."""
     columns = [c for c in EVAL_COLUMNS if c in runs.columns]
+    if not columns:  # a runs.csv written before it recorded evaluations: nothing to compare
+        return []
     mixed, lines = [], []
     for config, group in runs.groupby("config", sort=False):
         settings = group[columns].astype(str).drop_duplicates()
