@@ -53,14 +53,16 @@ NEW_MODEL_KEYS = ("factory", "costs", "options", "op_handles")
 def model_family(cfg: Any) -> str:
     """Which family the model section ``cfg`` builds: a registered family's name (perceiver, msdnet, branchy,
     ...; see dynexit.models.registry) or factory."""
-    from dynexit.models import family_of
+    from dynexit.models import FAMILIES
+    from dynexit.models.registry import preset_hint
 
     if cfg.factory is not None:
         return "factory"
-    try:
-        return family_of(cfg.name).name
-    except ValueError as err:
-        raise ValueError(f"model.name: {err}; or give model.factory: 'package.module:function'") from None
+    for family in FAMILIES.values():
+        if cfg.name in family.presets:
+            return family.name
+    raise ValueError(f"model.name: unknown preset {cfg.name!r}{preset_hint(cfg.name)}; or give model.factory: "
+                     f"'package.module:function'")
 
 
 def model_overrides(cfg: Any) -> dict[str, Any]:

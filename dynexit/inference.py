@@ -29,6 +29,7 @@ from dynexit.models.base import MultiExitModel
 from dynexit.models.interface import check_multi_exit_model
 from dynexit.models.state import logits_of, select
 from dynexit.policies import ExitPolicy, check_criterion, confidence, exit_scores, find_thresholds
+from dynexit.utils import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor,
     exits = torch.empty(n, dtype=torch.long, device=x.device)
     if n == 0:
         return predictions, exits
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             running = torch.arange(n, device=x.device)  # original positions of the samples still running
             s = model.init_state(x)
@@ -127,8 +126,6 @@ def early_exit(model: MultiExitModel, x: torch.Tensor,
                 keep = (~done).nonzero().squeeze(1)
                 running = running[keep]
                 s = select(s, keep)
-    finally:
-        model.train(was_training)
     return predictions, exits
 
 
@@ -203,12 +200,6 @@ def time_calls(fns: Mapping[str, Callable[[], Any]], repeats: int = 20, warmup: 
     return {name: Timing(tuple(t)) for name, t in times.items()}
 
 
-def measure_latency(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3,
-                    device: torch.device | str | None = None) -> Timing:
-    """Latency of ``fn()``: see :func:`time_calls`."""
-    return time_calls({"fn": fn}, repeats, warmup, device)["fn"]
-
-
 def run_to_exit(model: MultiExitModel, x: torch.Tensor, k: int) -> torch.Tensor:
     """Logits of exit ``k`` of every sample, running segments 0..k (the work of reaching exit k)."""
     check_multi_exit_model(model, need_segments=True, purpose="running segments")
@@ -221,13 +212,9 @@ def run_to_exit(model: MultiExitModel, x: torch.Tensor, k: int) -> torch.Tensor:
 def exit_latencies(model: MultiExitModel, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> list[Timing]:
     """Latency of reaching each exit (segments 0..k on the batch ``x``), in exit order; the last one is
     the full model. Eval mode (restored after), interleaved timings."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         fns = {str(k): (lambda k=k: run_to_exit(model, x, k)) for k in range(len(model.exit_names))}
         timings = time_calls(fns, repeats, warmup, x.device)
-    finally:
-        model.train(was_training)
     return [timings[str(k)] for k in range(len(model.exit_names))]
 
 
@@ -267,13 +254,9 @@ def thresholds_for_shares(model: MultiExitModel, images: torch.Tensor, shares: S
                           criterion: str = "max_softmax", batch_size: int = 64) -> np.ndarray:
     """Thresholds that send the given ``shares`` of ``images`` out at each exit: the budgeted protocol
     (``policies.find_thresholds``) on these images' own confidences."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             chunks = [torch.stack(model(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-    finally:
-        model.train(was_training)
     logits = torch.cat(chunks, dim=1).float().cpu().numpy()
     return find_thresholds(confidence(logits, criterion), shares)
 
@@ -309,15 +292,11 @@ def _time_policy(model: MultiExitModel, images: torch.Tensor, policy: ExitPolicy
     exits = torch.cat([early_exit(model, b, policy)[1] for b in batches]).cpu()
     measured = torch.bincount(exits, minlength=len(model.exit_names)).double() / len(exits)
     expected = float(sum(s * c for s, c in zip(measured.tolist(), costs)))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         timings = time_calls({
             "full": lambda: [model(b) for b in batches],
             "early": lambda: [early_exit(model, b, policy) for b in batches],
         }, repeats, warmup, images.device)
-    finally:
-        model.train(was_training)
     return OperatingPoint(tuple(float(s) for s in shares), policy.thresholds,
                           tuple(measured.tolist()), expected, timings["full"], timings["early"],
                           tuple(float(c) for c in costs))

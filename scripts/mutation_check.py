@@ -94,7 +94,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "done = conf.double() >= limits[k]", "done = conf.double() > limits[k]",
            ("tests/test_early_exit.py",)),
     Mutant("inference: the finished samples are not dropped from the batch", "dynexit/inference.py",
-           "                running = running[keep]\n                s = s.select(keep)\n",
+           "                running = running[keep]\n                s = select(s, keep)\n",
            "                done[:] = False\n",
            ("tests/test_early_exit.py",)),
     # ------------------------------------------------------------------ safe loading and checkpoints
