@@ -11,7 +11,7 @@ Two figures, both measured in one process on random weights and random images (t
    time) >= 90% of the gain the expected cost promises (full cost / expected cost, about 1.48x).
 
 Unless --default-malloc is given, glibc's malloc keeps freed memory for reuse
-(dynexit.inference.reuse_freed_memory); by default every large activation is fresh memory whose pages
+(dynexit.timing.reuse_freed_memory); by default every large activation is fresh memory whose pages
 fault in again on each run, which slows batch-64 runs at 224 px by about 1.5x and hits the
 high-resolution first segment hardest.
 
@@ -28,7 +28,7 @@ import torch
 
 import dynexit
 from dynexit.costs import UNIT, count_costs
-from dynexit.inference import exit_latencies, operating_point, reuse_freed_memory, time_calls
+from dynexit.timing import exit_latencies, operating_point, reuse_freed_memory, time_calls
 
 
 def main() -> None:

@@ -53,14 +53,16 @@ NEW_MODEL_KEYS = ("factory", "costs", "options", "op_handles")
 def model_family(cfg: Any) -> str:
     """Which family the model section ``cfg`` builds: a registered family's name (perceiver, msdnet, branchy,
     ...; see dynexit.models.registry) or factory."""
-    from dynexit.models import family_of
+    from dynexit.models import FAMILIES
+    from dynexit.models.registry import preset_hint
 
     if cfg.factory is not None:
         return "factory"
-    try:
-        return family_of(cfg.name).name
-    except ValueError as err:
-        raise ValueError(f"model.name: {err}; or give model.factory: 'package.module:function'") from None
+    for family in FAMILIES.values():
+        if cfg.name in family.presets:
+            return family.name
+    raise ValueError(f"model.name: unknown preset {cfg.name!r}{preset_hint(cfg.name)}; or give model.factory: "
+                     f"'package.module:function'")
 
 
 def model_overrides(cfg: Any) -> dict[str, Any]:
@@ -118,7 +120,8 @@ def model_exit_names(cfg: Any) -> tuple[str, ...]:
 
 def _fold_model_options(source: Any) -> Any:
     """``source`` with the keys of its model section that are not ModelConfig fields moved into
-    ``model.options`` (another family's knobs, a factory's keyword arguments)."""
+    ``model.options`` (another family's knobs, a factory's keyword arguments), and likewise the keys of a
+    data section that names a factory (its keyword arguments) into ``data.options``."""
     if OmegaConf.is_config(source):
         if not OmegaConf.is_dict(source):
             return source
@@ -127,15 +130,17 @@ def _fold_model_options(source: Any) -> Any:
         tree = dict(source)
     else:
         return source
-    model = tree.get("model")
-    if not isinstance(model, Mapping):
-        return source
-    extra = {k: v for k, v in model.items() if k not in MODEL_FIELDS}
-    if not extra:
-        return source
-    folded = {k: v for k, v in model.items() if k in MODEL_FIELDS}
-    folded["options"] = {**(folded.get("options") or {}), **extra}
-    return {**tree, "model": folded}
+    folded_tree = dict(tree)
+    for section, fields in (("model", MODEL_FIELDS), ("data", DATA_FIELDS)):
+        part = tree.get(section)
+        if not isinstance(part, Mapping) or (section == "data" and part.get("factory") is None):
+            continue  # a data section without a factory keeps its unknown keys: errors
+        extra = {k: v for k, v in part.items() if k not in fields}
+        if extra:
+            folded = {k: v for k, v in part.items() if k in fields}
+            folded["options"] = {**(folded.get("options") or {}), **extra}
+            folded_tree[section] = folded
+    return folded_tree if folded_tree != tree else source
 
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
@@ -169,10 +174,33 @@ class DataConfig:
     # Copy data.root to this folder (a node's local disk, e.g. $SLURM_TMPDIR; environment variables expanded
     # where the run runs) once per node, and read it from there (speed only, not part of a run's id).
     stage_to: Optional[str] = None
+    # Your own data: "package.module:function", called with ``options`` (the section's other keys) as keyword
+    # arguments; it returns (train, test), two torch Datasets of (C x H x W float image, int label), final as
+    # the model takes them (no transform or normalisation is added). The calibration split is held out of
+    # train as for the built-in data sets; ``name`` is then unused.
+    factory: Optional[str] = None
+    options: Optional[dict[str, Any]] = None
 
 
-def validate_data_config(cfg: DataConfig) -> None:
-    """Raises ValueError naming the first bad field of ``cfg`` (as ``data.<name>``)."""
+DATA_FIELDS = frozenset(f.name for f in dataclasses.fields(DataConfig))
+# Keys added to the data section after the first committed results; left out of a config's plain form (and
+# so of run ids) while unused.
+NEW_DATA_KEYS = ("factory", "options", "stage_to")
+
+
+def validate_data_config(cfg: DataConfig, import_factories: bool = True) -> None:
+    """Raises ValueError naming the first bad field of ``cfg`` (as ``data.<name>``); a data factory is
+    imported to check it (unless ``import_factories`` is False: a file's configuration is data)."""
+    if cfg.factory is not None:
+        from dynexit.models.interface import check_factory_name, load_factory
+
+        try:
+            load_factory(cfg.factory, what="data factory") if import_factories else check_factory_name(cfg.factory)
+        except ValueError as err:
+            raise ValueError(f"data.factory: {err}") from None
+    elif cfg.options:
+        raise ValueError(f"data.options {sorted(cfg.options)!r}: keyword arguments for a data.factory, but none "
+                         f"is given")
     if cfg.name not in DATASETS:
         raise ValueError(f"data.name: unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
     if cfg.fallback is not None and (cfg.fallback not in DATASETS or cfg.fallback == cfg.name):
@@ -203,7 +231,7 @@ def validate_data_config(cfg: DataConfig) -> None:
         if cfg.root is None:
             raise ValueError("data.stage_to needs data.root: the folder it copies")
     check_seed(cfg.split_seed, "data.split_seed")
-    if cfg.name in DATASET_SIZES:  # a built-in data set: its size is known without loading it
+    if cfg.name in DATASET_SIZES and cfg.factory is None:  # a built-in data set: its size is known
         calibration_count(cfg.calib_size, DATASET_SIZES[cfg.name][0], cfg.name)
 
 
@@ -490,7 +518,7 @@ def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
     _check_op_handles(cfg.model, import_factories)
     if cfg.model.factory is not None and not import_factories:
         _check_factory_section(cfg.model)
-        validate_data_config(cfg.data)
+        validate_data_config(cfg.data, import_factories)
         validate_train_config(cfg.train)
         validate_eval_config(cfg.eval)
         return
@@ -499,7 +527,7 @@ def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
     except (ValueError, TypeError) as err:  # the model families speak of their own fields: name the key
         key = key_in_message(str(err))
         raise type(err)(f"{key}: {err}" if key and key not in str(err) else str(err)) from None
-    validate_data_config(cfg.data)
+    validate_data_config(cfg.data, import_factories)
     validate_train_config(cfg.train)
     if len(exit_names) > 1:  # one exit: plain cross-entropy, the weights are not used
         check_exit_weights(exit_names, exit_loss_weights(exit_names, cfg.train.loss_weights))
@@ -578,11 +606,12 @@ def to_container(cfg: Any) -> dict[str, Any]:
     """A plain dict of a dataclass config (for YAML, hashing, CSV columns); the model section's
     ``NEW_MODEL_KEYS`` only when set."""
     tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    model = tree.get("model") if isinstance(tree, dict) else None
-    if isinstance(model, dict) and MODEL_FIELDS.issuperset(model):
-        for key in NEW_MODEL_KEYS:
-            if model.get(key, 0) is None:
-                del model[key]
+    for section, fields, new in (("model", MODEL_FIELDS, NEW_MODEL_KEYS), ("data", DATA_FIELDS, NEW_DATA_KEYS)):
+        part = tree.get(section) if isinstance(tree, dict) else None
+        if isinstance(part, dict) and fields.issuperset(part):
+            for key in new:
+                if part.get(key, 0) is None:
+                    del part[key]
     return tree
 
 

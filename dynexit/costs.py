@@ -42,7 +42,7 @@ from torch import nn
 from dynexit.models.base import MultiExitModel
 from dynexit.models.interface import check_multi_exit_model, model_setting
 from dynexit.models.state import flatten
-from dynexit.utils import atomic_write_text
+from dynexit.utils import atomic_write_text, eval_mode
 
 with warnings.catch_warnings():
     # fvcore's import scripts a loss function with torch.jit.script, which torch deprecates.
@@ -257,10 +257,8 @@ def count_costs(model: MultiExitModel, input_size: int | None = None,
     seen: set[int] = {id(p) for p in model.parameters(recurse=False)}  # used by init_state
     segment_macs, params = [], []
     component_macs: dict[str, int] = {}
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             s, init_macs = images, 0
             for k in [None, *range(len(exit_names))]:  # init_state's work counts in the first exit
                 segment = _Segment(model, k, s)
@@ -285,7 +283,6 @@ def count_costs(model: MultiExitModel, input_size: int | None = None,
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
 
     component_params: dict[str, int] = {}
     for name, p in model.named_parameters():
@@ -303,13 +300,9 @@ def count_macs(model: nn.Module, input_size: int, handles: Mapping[str, Handle] 
     torchvision classifier. The model is counted in eval mode; its mode is restored after."""
     first = next(model.parameters())
     images = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(first)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             return int(_flop_counter(model, (images,), handles).total())
-    finally:
-        model.train(was_training)
 
 
 def exit_costs(model: MultiExitModel, input_size: int | None = None,

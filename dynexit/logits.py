@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dynexit.utils import atomic_write
+from dynexit.utils import atomic_write, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -27,28 +27,23 @@ def collect_logits(model: torch.nn.Module, loader: Iterable, device: str | torch
     """Runs ``model`` in eval mode under ``torch.inference_mode`` over ``loader`` (batches of
     ``(images, targets)``) and returns ``(logits, targets)``: float32 (exits, samples, classes) and
     int64 (samples,), in loader order. The model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
     per_exit: list[list[np.ndarray]] = []
     targets: list[np.ndarray] = []
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc="logits", disable=None, leave=False):
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise TypeError("the loader must yield (images, targets) batches")
-                images, target = batch[0], batch[1]
-                outputs = model(images.to(device, non_blocking=True))
-                if isinstance(outputs, torch.Tensor):  # a single-exit model
-                    outputs = [outputs]
-                if not per_exit:
-                    per_exit = [[] for _ in outputs]
-                if len(outputs) != len(per_exit):
-                    raise ValueError(f"the model returned {len(outputs)} exits, then {len(per_exit)}")
-                for store, out in zip(per_exit, outputs):
-                    store.append(out.float().cpu().numpy())
-                targets.append(torch.as_tensor(target).cpu().numpy().astype(np.int64, copy=False))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for batch in tqdm(loader, desc="logits", disable=None, leave=False):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError("the loader must yield (images, targets) batches")
+            images, target = batch[0], batch[1]
+            outputs = model(images.to(device, non_blocking=True))
+            if isinstance(outputs, torch.Tensor):  # a single-exit model
+                outputs = [outputs]
+            if not per_exit:
+                per_exit = [[] for _ in outputs]
+            if len(outputs) != len(per_exit):
+                raise ValueError(f"the model returned {len(outputs)} exits, then {len(per_exit)}")
+            for store, out in zip(per_exit, outputs):
+                store.append(out.float().cpu().numpy())
+            targets.append(torch.as_tensor(target).cpu().numpy().astype(np.int64, copy=False))
     if not targets:
         raise ValueError("the loader yielded no batches")
     exits = [np.concatenate(store) for store in per_exit]

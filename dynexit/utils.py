@@ -223,3 +223,14 @@ def flatten_dict(tree: dict, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode inside the block, its own mode (training or not) restored after, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

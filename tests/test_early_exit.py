@@ -5,8 +5,9 @@ import torch
 
 import dynexit
 from dynexit import policies
-from dynexit.inference import Timing, early_exit, operating_point, thresholds_for_shares
+from dynexit.inference import early_exit
 from dynexit.policies import CRITERIA, exit_scores
+from dynexit.timing import Timing, operating_point, thresholds_for_shares
 
 NAME = "tiny_perceiver_t16"
 SIZE, N = 16, 24  # 16 px images keep the tests fast; the model pools any size to its token grid

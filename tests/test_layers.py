@@ -18,7 +18,8 @@ LAYER_NAMES = {LIBRARY: "library", WORKFLOW: "workflow", PRESENTATION: "presenta
 # The first name below ``dynexit`` decides a module's layer.
 LAYERS = {
     "config": LIBRARY, "models": LIBRARY, "costs": LIBRARY, "policies": LIBRARY, "curves": LIBRARY,
-    "inference": LIBRARY, "logits": LIBRARY, "data": LIBRARY, "utils": LIBRARY, "yaml_files": LIBRARY,
+    "inference": LIBRARY, "timing": LIBRARY, "logits": LIBRARY, "data": LIBRARY, "utils": LIBRARY,
+    "yaml_files": LIBRARY,
     "training": WORKFLOW, "search": WORKFLOW, "runs": WORKFLOW,
     "analysis": PRESENTATION, "cli": PRESENTATION,
 }

@@ -9,6 +9,7 @@ from multi_exit_checks import assert_early_exit_equals_the_simulated_policy, ass
 from torch import nn
 
 import dynexit
+import dynexit.models
 from dynexit.cli import main as cli_main
 from dynexit.config import RunConfig, build_configured_model, merge, validate_run_config
 from dynexit.costs import count_costs
@@ -113,3 +114,29 @@ def test_a_family_must_not_take_another_familys_names(chain_family):
 def test_a_misspelt_preset_gets_the_closest_names():
     with pytest.raises(ValueError, match="did you mean tiny_perceiver_t16"):
         dynexit.create_model("tiny_perceiver_t61")
+
+
+def conformance_size(preset: str) -> dict:
+    """Small settings every preset builds with: 10 classes, and 64 px (MSDNet keeps its own input size:
+    its scales are tied to it)."""
+    family = dynexit.models.family_of(preset)
+    small = {"num_classes": 10}
+    if family.name != "msdnet":
+        small["input_size"] = 64
+    return small
+
+
+@pytest.mark.parametrize("preset", dynexit.list_models())
+def test_every_registered_preset_meets_the_interface(preset):
+    """The conformance checks, on every preset any family registers: its segments are its forward pass,
+    samples can be dropped between them, and its exits have valid names."""
+    from dynexit.models.interface import check_multi_exit_model
+
+    torch.manual_seed(0)
+    settings = conformance_size(preset)
+    model = dynexit.create_model(preset, **settings).eval()
+    names = check_multi_exit_model(model, need_segments=True)
+    size = settings.get("input_size") or model.config.input_size
+    x = torch.randn(3, 3, size, size)
+    assert_segments_are_the_forward_pass(model, x, drop_after=0, keep=[0, 2])
+    assert len(names) == len(model(x[:1]))

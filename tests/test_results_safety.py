@@ -277,3 +277,26 @@ def test_migration_moves_tensorboard_links_and_reports_unreadable_folders(traine
     folder.rename(new)
     _relink_tensorboard(experiment.results_dir, folder, new)
     assert (links / "base_seed0").resolve() == (new / "tb").resolve()
+
+
+# --------------------------------------------------------------------------- reports never mix evaluations
+
+def test_a_report_refuses_to_pool_runs_evaluated_differently_and_names_what_it_leaves_out(trained, tmp_path,
+                                                                                           capsys):
+    results = tmp_path / "results"
+    shutil.copytree(trained, results)
+    first = load_spec(write_spec(tmp_path / "first.yaml", results)).runs[0].run_id
+    second = load_spec(write_spec(tmp_path / "second.yaml", results, seed=1, criterion="entropy"))
+    assert [o.state for o in run_experiment(second, devices="cpu")] == [DONE]
+    junk = results / "runs" / "junk"
+    junk.mkdir()
+    (junk / "status.json").write_text(json.dumps({"state": "failed", "error": "boom"}))
+    assert cli_main(["report", str(results), "--formats", "png"]) == 1
+    err = capsys.readouterr().err
+    assert "evaluated differently" in err and first in err and second.runs[0].run_id in err
+    assert "eval.criterion=entropy" in err and "eval.criterion=max_softmax" in err and "--allow-mixed" in err
+    assert not (results / "report").exists()  # refused before anything was written
+    assert cli_main(["report", str(results), "--formats", "png", "--allow-mixed"]) == 0
+    table = (results / "report" / "ablation.md").read_text()
+    assert "Pooled over runs evaluated differently (--allow-mixed): base" in table
+    assert "run junk (failed: boom)" in table

@@ -4,7 +4,7 @@ of every operating point of the budgeted curves (``report/latency.csv`` and a fi
 
 Weights do not change latency, so each configuration is timed on an untrained copy of its architecture (the
 model section of one of its runs' ``config.yaml``), at batch 1 and at a larger batch, as the median of
-repeated runs after warm-up (:func:`dynexit.inference.exit_latencies`: segments 0..k on one batch, all exits
+repeated runs after warm-up (:func:`dynexit.timing.exit_latencies`: segments 0..k on one batch, all exits
 interleaved). The expected latency of an operating point is the sum over exits of the share of test images
 leaving there times the per-image latency of reaching that exit (batch time / batch size), the same
 expectation as its expected GMACs.
@@ -54,8 +54,8 @@ def measure_latency(results_dir: str | Path, batch_sizes: Sequence[int] = BATCH_
     import torch
 
     from dynexit.config import build_configured_model, load_run_config
-    from dynexit.inference import exit_latencies
     from dynexit.models.interface import check_multi_exit_model, model_setting
+    from dynexit.timing import exit_latencies
 
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")

@@ -69,7 +69,7 @@ def save_figure(fig, path: str | Path, formats: Sequence[str] = ("png", "pdf"), 
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
                  formats: Sequence[str] = ("png", "pdf"), budgets: Sequence[float] | None = None,
-                 published: bool | str = "auto") -> dict[str, list[Path]]:
+                 published: bool | str = "auto", allow_mixed: bool = False) -> dict[str, list[Path]]:
     """Writes an experiment's figures and tables into ``out_dir`` (default ``RESULTS_DIR/report``):
     budgeted curves, exit shares, exit accuracy and confidence histograms (each in ``formats``), the
     ablation table (CSV, Markdown, LaTeX) and the data behind the figures (CSV). All or nothing: every file
@@ -78,7 +78,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     for fmt in formats:
         if fmt not in ("png", "pdf", "svg"):
             raise ValueError(f"figure format {fmt!r} is not one of png, pdf, svg")
-    results = load_results(results_dir)
+    results = load_results(results_dir, allow_mixed=allow_mixed)
     out = Path(out_dir) if out_dir is not None else results.path / "report"
     with staged_folder(out) as stage:
         written = _render_report(results, stage, formats, budgets, published)
@@ -97,7 +97,7 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
 
     evaluation = describe_evaluation(results)  # stated in the header, the tables' notes and the captions
     table = ablation_table(results, budgets)
-    table.attrs["notes"] = [evaluation, *table.attrs["notes"]]
+    table.attrs["notes"] = [evaluation, *table.attrs["notes"], *completeness_notes(results)]
     written["ablation table"] = [csv("ablation", table)]
     atomic_write_text(out / "ablation.md", to_markdown(table))
     atomic_write_text(out / "ablation.tex", to_latex(table))
@@ -153,6 +153,17 @@ def _render_report(results: Results, out: Path, formats: Sequence[str], budgets:
                                                      page, tables, evaluation))
     written["page"] = [out / REPORT_FILE]
     return written
+
+
+def completeness_notes(results: Results) -> list[str]:
+    """What the tables leave out or pool against the rule, by name."""
+    notes = []
+    if results.mixed:
+        notes.append(f"Pooled over runs evaluated differently (--allow-mixed): {', '.join(results.mixed)}.")
+    if results.left_out:
+        notes.append("Left out (not in runs.csv): " + "; ".join(f"run {rid} ({why})"
+                                                              for rid, why in results.left_out.items()) + ".")
+    return notes
 
 
 def _render_latency(results: Results, out: Path, written: dict[str, list[Path]], csv, figure, evaluation: str) -> None:

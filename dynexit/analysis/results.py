@@ -6,6 +6,7 @@ differ only by seed, and every number shown for it is a mean with a standard dev
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -44,6 +45,8 @@ class Results:
     reference: str
     budgets: list[float]
     spec: dict = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # run folders not in runs.csv -> why
+    mixed: list[str] = field(default_factory=list)  # configurations pooled over different evaluations
 
     @property
     def dynamic_configs(self) -> list[str]:
@@ -76,8 +79,17 @@ def find_results_dir(default: str = DEFAULT_RESULTS, env: str = RESULTS_ENV) -> 
     return path
 
 
-def load_results(results_dir: str | Path) -> Results:
-    """Reads an experiment's results folder (``runs.csv``, ``curves.csv``, ``experiment.yaml``)."""
+# runs.csv's columns that say how a run was evaluated (dynexit.runs.aggregate.EVAL_COLUMNS)
+EVAL_COLUMNS = ("eval.criterion", "eval.grid", "eval.use_ema", "eval.batch_size")
+
+
+def load_results(results_dir: str | Path, allow_mixed: bool = False) -> Results:
+    """Reads an experiment's results folder (``runs.csv``, ``curves.csv``, ``experiment.yaml``).
+
+    Runs of one configuration evaluated differently (``EVAL_COLUMNS``) are not pooled: ValueError naming
+    them, unless ``allow_mixed`` (then ``Results.mixed`` lists the configurations, and the report says so).
+    Run folders that runs.csv leaves out (not finished, failed, or an incomplete evaluation) are listed in
+    ``Results.left_out`` with the reason."""
     path = Path(results_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"results folder not found: {path}")
@@ -99,6 +111,7 @@ def load_results(results_dir: str | Path) -> Results:
 
     config_keys = _config_keys(runs)
     runs.insert(1, "config", [_label(row, config_keys) for row in runs.to_dict("records")])
+    mixed = _mixed_evaluations(runs, path / "runs.csv", allow_mixed)
     num_exits = runs["run_id"].map(lambda rid: len(run_exit_names[rid]))
     with_curve = list(dict.fromkeys(runs.loc[num_exits > 1, "variant"]))
     configs, reference = _order_configs(runs, config_keys, list((spec.get("variants") or {}).keys()),
@@ -117,7 +130,46 @@ def load_results(results_dir: str | Path) -> Results:
     budgets = [float(c[len("acc_at_"):]) for c in runs.columns if re.fullmatch(r"acc_at_[-+.0-9eE]+", c)]
     return Results(path=path, name=str(spec.get("name") or path.name), runs=runs, curves=curves, exits=exits,
                    exit_names=exit_names, config_keys=config_keys, configs=configs, static_configs=static,
-                   reference=reference, budgets=budgets, spec=spec)
+                   reference=reference, budgets=budgets, spec=spec, left_out=_left_out(path, runs),
+                   mixed=mixed)
+
+
+def _mixed_evaluations(runs: pd.DataFrame, where: Path, allow_mixed: bool) -> list[str]:
+    """The configurations whose runs were evaluated differently; ValueError naming them unless allowed."""
+    columns = [c for c in EVAL_COLUMNS if c in runs.columns]
+    if not columns:  # a runs.csv written before it recorded evaluations: nothing to compare
+        return []
+    mixed, lines = [], []
+    for config, group in runs.groupby("config", sort=False):
+        settings = group[columns].astype(str).drop_duplicates()
+        if len(settings) > 1:
+            mixed.append(str(config))
+            described = "; ".join(f"run {rid}: " + ", ".join(f"{c}={row[c]}" for c in columns)
+                                  for rid, row in zip(group["run_id"], group[columns].astype(str).to_dict("records")))
+            lines.append(f"{config} ({described})")
+    if mixed and not allow_mixed:
+        raise ValueError(f"{where}: runs of one configuration were evaluated differently, so their curves cannot "
+                         f"be pooled: {' | '.join(lines)}. Evaluate them alike ('dynexit run' with the spec's "
+                         f"eval settings re-evaluates stale runs), or pass --allow-mixed to pool them anyway")
+    return mixed
+
+
+def _left_out(path: Path, runs: pd.DataFrame) -> dict[str, str]:
+    """Run folders of the results folder that runs.csv does not list, with what their status says."""
+    listed = set(runs["run_id"])
+    folders = sorted(p for p in (path / "runs").iterdir() if p.is_dir()) if (path / "runs").is_dir() else []
+    out = {}
+    for folder in folders:
+        if folder.name in listed:
+            continue
+        try:
+            status = json.loads((folder / "status.json").read_text())
+        except (OSError, ValueError):
+            status = {}
+        state = status.get("state", "not started") if isinstance(status, dict) else "unreadable status"
+        error = status.get("error") if isinstance(status, dict) else ""
+        out[folder.name] = f"{state}: {error}" if error else str(state)
+    return out
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

@@ -40,7 +40,7 @@ threads and torch version; 'dynexit report RESULTS_DIR' then adds the expected l
 point (report/latency.csv) and a figure of accuracy against latency.
 
 Unless --default-malloc is given, glibc's malloc is told to keep freed memory for reuse
-(dynexit.inference.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
+(dynexit.timing.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
 pages fault in again on each run, which made batch 32-64 runs at 224 px about 1.5x slower.
 Weights are random: only timing matters here.
 
@@ -152,7 +152,8 @@ def run(args) -> int:
     import torch
 
     from dynexit.costs import UNIT, count_costs
-    from dynexit.inference import check_policy_fits, exit_latencies, operating_point, policy_point, reuse_freed_memory
+    from dynexit.inference import check_policy_fits
+    from dynexit.timing import exit_latencies, operating_point, policy_point, reuse_freed_memory
 
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:

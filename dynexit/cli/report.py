@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budgets", metavar="B,B,...",
                    help="GMACs budgets of the tables' accuracy columns and of budgets.csv (default: five "
                         "spread over the cost range that every multi-exit curve covers)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="pool the runs of a configuration even when they were evaluated differently (criterion, "
+                        "grid, EMA, batch size); the report says which. Without it, such a folder is refused")
     p.add_argument("--no-published", action="store_true",
                    help="leave the published numbers of the released ImageNet models out of the figure")
     p.set_defaults(func=run)
@@ -60,7 +63,7 @@ def run(args) -> int:
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     budgets = _floats(args.budgets, "--budgets") if args.budgets else None
     written = write_report(results_dir, args.out, formats=formats, budgets=budgets,
-                           published=False if args.no_published else "auto")
+                           published=False if args.no_published else "auto", allow_mixed=args.allow_mixed)
     markdown = next(p for p in written["ablation table"] if p.suffix == ".md")
     print(markdown.read_text())
     width = max(len(item) for item in written)

@@ -134,6 +134,8 @@ def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None, uint8_tra
     ``Splits.train_input`` normalizes them on the training device (the same numbers, a quarter of the bytes).
     """
     validate_data_config(cfg)
+    if cfg.factory is not None:
+        return _factory_splits(cfg, run_dir)
     if cfg.stage_to is not None:
         from dynexit.data.staging import stage
 
@@ -196,3 +198,42 @@ def _in_memory_splits(cfg: DataConfig, src: _Arrays, info: _Info, train_idx: np.
     return (InMemoryImages(train_x, src.train_targets, train_idx, train_tf),
             InMemoryImages(train_x, src.train_targets, calib_idx, eval_tf),
             InMemoryImages(test_x, src.test_targets, test_idx, eval_tf))
+
+
+def _factory_splits(cfg: DataConfig, run_dir: Path | str | None) -> Splits:
+    """The splits of a user's data set: ``data.factory(**data.options)`` gives (train, test) Datasets of
+    (C x H x W float image, int label); the calibration split is held out of train, the subsets thinned, as
+    for the built-in data sets. The images are used as they come (no transform, no normalisation)."""
+    from torch.utils.data import Subset
+
+    from dynexit.models.interface import load_factory
+
+    made = load_factory(cfg.factory, what="data factory")(**(cfg.options or {}))
+    if not (isinstance(made, (tuple, list)) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(
+            d, "__len__") for d in made)):
+        raise TypeError(f"data.factory {cfg.factory!r} must return (train, test), two torch Datasets; got "
+                        f"{type(made).__name__}")
+    source_train, source_test = made
+    n_train, n_test = len(source_train), len(source_test)
+    image, _ = source_train[0]
+    if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.is_floating_point()):
+        raise TypeError(f"data.factory {cfg.factory!r}: a sample must be (C x H x W float tensor, int label), got "
+                        f"an image of {type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
+    if tuple(image.shape[1:]) != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"data.factory {cfg.factory!r} gives {tuple(image.shape[1:])} images, but "
+                         f"data.image_size is {cfg.image_size}; set data.image_size: {image.shape[-1]}")
+    name = cfg.factory
+    calib_idx = calibration_indices(cfg, name, n_train, Path(run_dir) if run_dir is not None else None)
+    rest = np.setdiff1d(np.arange(n_train), calib_idx, assume_unique=True)
+    train_idx = _subset(rest, cfg.train_subset, [cfg.split_seed, 1],
+                        "training images left after calibration", "train_subset")
+    test_idx = _subset(np.arange(n_test), cfg.test_subset, [cfg.split_seed, 2], "test images", "test_subset")
+    classes = list(getattr(source_train, "classes", []) or [])
+    num_classes = len(classes) or 1 + max(int(source_train[i][1]) for i in range(n_train))
+    log.info("%s: %d train, %d calibration, %d test images, %d classes, %d px, as the factory gives them", name,
+             len(train_idx), len(calib_idx), len(test_idx), num_classes, cfg.image_size)
+    channels = image.shape[0]
+    return Splits(train=Subset(source_train, train_idx.tolist()), calib=Subset(source_train, calib_idx.tolist()),
+                  test=Subset(source_test, test_idx.tolist()), num_classes=num_classes, image_size=cfg.image_size,
+                  calib_indices=calib_idx, train_indices=train_idx, test_indices=test_idx, name=name,
+                  classes=classes, mean=(0.0,) * channels, std=(1.0,) * channels)

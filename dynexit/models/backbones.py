@@ -20,7 +20,7 @@ import torchvision
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
-from dynexit.utils import load_torch_file
+from dynexit.utils import eval_mode, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,7 @@ def library_backbone(name: str, input_size: int, drop_path: float = 0.0) -> Stag
     modules = _feature_sequence(net)
     groups: list[list[tuple[str, nn.Module]]] = [[]]
     widths: list[int] = [0]
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
+    with eval_mode(net), torch.no_grad():
         x = torch.zeros(1, 3, input_size, input_size)
         height = x.shape[-1]
         for qualified, module in modules:
@@ -261,7 +259,6 @@ def library_backbone(name: str, input_size: int, drop_path: float = 0.0) -> Stag
             if not torch.equal(expected, x):
                 raise ValueError(f"backbone {name!r}: running its modules in sequence does not give timm's "
                                  f"forward_features; register your own backbone instead")
-    net.train(was_training)
     if len(groups) < 2:
         raise ValueError(f"backbone {name!r} at {input_size} px has no stage after its stem (its feature map "
                          f"never shrinks): exits need at least one stage")

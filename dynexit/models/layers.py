@@ -198,10 +198,3 @@ class TokenExpander(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(z))
-
-
-class Identity2(nn.Module):
-    """Stand-in for a switched-off interaction: returns its first argument."""
-
-    def forward(self, x: torch.Tensor, _other: torch.Tensor) -> torch.Tensor:
-        return x

@@ -93,15 +93,10 @@ def _check_perceiver_preset(name: str, values: dict[str, Any]) -> None:
         raise ValueError(f"model preset {name!r}: {err}") from None
 
 
-def list_models() -> list[str]:
-    """Names of every preset, sorted."""
-    return sorted(PRESETS)
-
-
 def preset_config(name: str, **overrides: Any) -> PerceiverConfig:
     """The configuration of preset ``name`` with ``overrides`` applied (validated)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; valid presets: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise ValueError(f"unknown override(s) {', '.join(unknown)} for {name}; valid: {', '.join(OVERRIDES)}")

@@ -95,10 +95,14 @@ def family_of(preset: str) -> ModelFamily:
     for family in FAMILIES.values():
         if preset in family.presets:
             return family
+    raise ValueError(f"unknown model {preset!r}{preset_hint(preset)}")
+
+
+def preset_hint(preset: str) -> str:
+    """`` (did you mean ...?); valid presets: ...`` for a name no family has."""
     close = difflib.get_close_matches(str(preset), list_models(), n=3)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    raise ValueError(f"unknown model {preset!r}{hint}; valid presets: {', '.join(list_models())}; or give a "
-                     f"factory as 'package.module:function'")
+    return f"{hint}; valid presets: {', '.join(list_models())}"
 
 
 def family_of_model(model: Any) -> ModelFamily | None:

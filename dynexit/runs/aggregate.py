@@ -79,12 +79,15 @@ def aggregate(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
             except (ValueError, OSError) as err:
                 log.error("run %s left out of runs.csv: %s", run.run_id, err)
                 continue
-            ids = {**run_columns(experiment, run), **evaluation_columns(folder)}
-            rows.append({**ids, **summary})
+            ids = run_columns(experiment, run)
+            evaluation = {k: v for k, v in evaluation_columns(folder).items() if k not in ids}  # last columns
+            rows.append({**ids, **summary, **evaluation})
             if "point" not in curve.columns:  # a static run's single point
                 curve.insert(0, "point", range(len(curve)))
             for i, (key, value) in enumerate(ids.items()):
                 curve.insert(i, key, value)
+            for key, value in evaluation.items():
+                curve[key] = value
             curves.append(curve)
         runs = pd.DataFrame(rows)
         curves_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()

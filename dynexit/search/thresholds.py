@@ -39,12 +39,12 @@ from dynexit.policies import (
     ALWAYS,
     DEFAULT_GRID,
     NEVER,
-    _as_costs,
-    _as_logits,
-    _as_targets,
-    _names,
+    as_costs,
+    as_logits,
+    as_targets,
     curve_from_scores,
     evaluate_thresholds,
+    exit_labels,
     fit_temperatures,
     policy_columns,
     resolve_grid,
@@ -110,18 +110,18 @@ def threshold_problem(calib_logits, calib_targets, test_logits, test_targets, co
                       exit_names: Optional[Sequence[str]] = None) -> ThresholdProblem:
     """Scores both splits once (:func:`dynexit.policies.scores`). ``temperatures``: None, one value per
     exit, or ``"fit"`` (fitted on the calibration split)."""
-    calib_logits = _as_logits(calib_logits, "calib_logits")
-    test_logits = _as_logits(test_logits, "test_logits")
+    calib_logits = as_logits(calib_logits, "calib_logits")
+    test_logits = as_logits(test_logits, "test_logits")
     if calib_logits.shape[0] != test_logits.shape[0] or calib_logits.shape[2] != test_logits.shape[2]:
         raise ValueError(f"calib_logits {calib_logits.shape} and test_logits {test_logits.shape} must have the "
                          "same number of exits and classes")
     num_exits, _, num_classes = calib_logits.shape
     if num_exits < 2:
         raise ValueError("a threshold search needs a model with at least 2 exits")
-    calib_targets = _as_targets(calib_targets, calib_logits.shape[1], num_classes, "calib_targets")
-    test_targets = _as_targets(test_targets, test_logits.shape[1], num_classes, "test_targets")
-    costs = _as_costs(costs, num_exits, exit_names)
-    names = tuple(_names(exit_names, num_exits))
+    calib_targets = as_targets(calib_targets, calib_logits.shape[1], num_classes, "calib_targets")
+    test_targets = as_targets(test_targets, test_logits.shape[1], num_classes, "test_targets")
+    costs = as_costs(costs, num_exits, exit_names)
+    names = tuple(exit_labels(exit_names, num_exits))
     if isinstance(temperatures, str):
         if temperatures != "fit":
             raise ValueError(f"temperatures must be None, 'fit' or one value per exit, got {temperatures!r}")
@@ -206,7 +206,7 @@ def compare_at_budgets(result: ThresholdSearch, protocol: pd.DataFrame) -> pd.Da
     ``budget``, ``searched_point``, ``searched_calib_cost``, ``searched_test_accuracy``, ``protocol_point``,
     ``protocol_calib_cost``, ``protocol_test_accuracy``, ``difference`` (searched minus protocol; NaN where
     either has no point within the budget)."""
-    from dynexit.policies import _row_within_budget
+    from dynexit.policies import row_within_budget
 
     trials = result.trials
     if "budget" not in trials or trials["budget"].isna().all():
@@ -222,7 +222,7 @@ def compare_at_budgets(result: ThresholdSearch, protocol: pd.DataFrame) -> pd.Da
             row.update(searched_point=int(chosen["point"].iloc[0]), searched_calib_cost=point["calib_expected_cost"],
                        searched_test_accuracy=point["test_accuracy"])
         if (protocol["calib_expected_cost"] <= budget).any():
-            best = _row_within_budget(protocol, float(budget), "protocol")
+            best = row_within_budget(protocol, float(budget), "protocol")
             row.update(protocol_point=int(best["point"]), protocol_calib_cost=best["calib_expected_cost"],
                        protocol_test_accuracy=best["test_accuracy"])
         rows.append(row)
