@@ -46,8 +46,8 @@ class ExecutorConfig:
     gpus_per_run: int = 1  # > 1: each run trains through torchrun on that many GPUs (all nodes together)
     nodes: int = 1  # > 1 (slurm only): each run spans that many nodes, gpus_per_run / nodes GPUs on each
     timeout_min: int = 60 * 24  # SLURM job time limit
-    slurm_partition: Optional[str] = None
-    slurm_account: Optional[str] = None
+    slurm_partition: Optional[str] = None  # SLURM partition; None: the cluster's default
+    slurm_account: Optional[str] = None  # SLURM account to charge; None: the user's default
     cpus_per_task: Optional[int] = None  # None: gpus_per_run x (data.num_workers + 1) (dynexit.runs.slurm)
     mem_gb: Optional[int] = None  # None: 8 GB per CPU
     slurm_array_parallelism: int = 16  # runs of one submission the scheduler runs at once
