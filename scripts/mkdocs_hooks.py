@@ -1,7 +1,7 @@
 """MkDocs hooks (mkdocs.yml ``hooks``): the generated reference pages, and the committed reports' figures.
 
-``<!-- generated: spec -->`` and ``<!-- generated: cli -->`` in a page are replaced by the pages of
-``scripts/docs_reference.py`` when the site is built, so the spec and command-line references always say what
+A page holding ``<!-- generated: spec -->`` or ``<!-- generated: cli -->`` is replaced by the page of
+``scripts/docs_reference.py`` when the site is built (its committed text only says so, for readers of the file), so the spec and command-line references always say what
 the code says. The figures of ``results/*/report/`` are added to the site under ``results/``, so that pages
 show them (``![...](results/compare/report/budgeted_curves.png)`` from a top-level page) without copying them
 into ``docs/``.
@@ -24,7 +24,7 @@ GENERATED = {"<!-- generated: spec -->": docs_reference.spec_reference,
 def on_page_markdown(markdown, page, config, files):
     for marker, make in GENERATED.items():
         if marker in markdown:
-            markdown = markdown.replace(marker, make())
+            return make()
     return markdown
 
 

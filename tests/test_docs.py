@@ -16,6 +16,7 @@ import yaml
 from test_readme import ROOT, blocks, check_commands_parse, run_python_blocks
 
 import dynexit
+from dynexit.runs.spec import load_spec
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import docs_reference  # noqa: E402
@@ -80,6 +81,11 @@ def test_the_own_model_page_runs(tmp_path, monkeypatch):
             del FAMILIES[name]
     assert namespace["tiny_exits"].shape == (16,) and namespace["wide"].config.width == 16
     assert namespace["wide"].heads[0][-1].out_features == 5
+    # The page's spec trains the factory's model: it loads, and names the model's exits.
+    (spec,) = blocks(DOCS / "own-model.md", "yaml")
+    (Path.cwd() / "tiny.yaml").write_text(spec)
+    experiment = load_spec("tiny.yaml")
+    assert [run.config.model.factory for run in experiment.runs] == ["tiny_exits:make_model"]
 
 
 def test_the_trained_run_page_runs(tmp_path, monkeypatch, capsys):
@@ -117,6 +123,28 @@ def test_the_notebooks_page_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DYNEXIT_RESULTS", raising=False)
     namespace = run_python_blocks(DOCS / "notebooks.md", folder, monkeypatch)
     assert set(namespace["results"].configs) == {"branchy", "static", "perceiver", "msdnet"}
+
+
+def test_every_yaml_block_is_a_valid_spec_or_executor_section(tmp_path):
+    """A spec (with ``base``) loads and validates every run; an ``executor`` fragment is a valid ExecutorConfig.
+    The own-model page's spec names its factory: test_the_own_model_page_runs loads it."""
+    from omegaconf import OmegaConf
+
+    from dynexit.runs.spec import ExecutorConfig
+
+    checked = 0
+    for page in [ROOT / "README.md", *PAGES]:
+        for index, block in enumerate(blocks(page, "yaml")):
+            tree = yaml.safe_load(block)
+            if "base" in tree and "factory" not in block:
+                (tmp_path / f"{page.stem}_{index}.yaml").write_text(block)
+                assert load_spec(tmp_path / f"{page.stem}_{index}.yaml").runs
+            elif "executor" in tree:
+                OmegaConf.merge(OmegaConf.structured(ExecutorConfig), tree["executor"])
+            else:
+                assert "factory" in block, f"{page.name} yaml block {index}: neither a spec nor an executor"
+            checked += 1
+    assert checked >= 3
 
 
 def test_every_python_block_of_the_docs_runs_in_some_test():
