@@ -49,7 +49,7 @@ point (report/latency.csv) and a figure of accuracy against latency.
 
 Unless --default-malloc is given, glibc's malloc is told to keep freed memory for reuse
 (dynexit.inference.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
-pages fault in again on each run, which made batch 32-64 runs at 224 px about 1.5x slower.
+pages fault in again on each run, a cost of the allocator that would be timed as the model's.
 Weights are random: only timing matters here.
 
 """ + SET_RULE
