@@ -277,7 +277,7 @@ SCHEDULES = ("cosine", "multistep")
 class TrainConfig:
     """How one model is trained (the ``train`` section of a RunConfig)."""
 
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split
     batch_size: int = 64  # per process
     eval_batch_size: Optional[int] = None  # None: 2 * batch_size
     accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
@@ -286,7 +286,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-6  # the cosine schedule ends here
     warmup_epochs: float = 0.0  # linear per-iteration warm-up, then the schedule
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # decoupled (adamw) or L2 (sgd) weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     eps: float = 1e-8  # adamw
     optimizer: str = "adamw"  # adamw | sgd
@@ -303,17 +303,17 @@ class TrainConfig:
     # Loss: sum over exits of weight * CE, plus self-distillation from the detached last exit.
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
     distill_alpha: float = 0.5  # 0 turns self-distillation off
-    distill_temperature: float = 1.0
-    label_smoothing: float = 0.0
+    distill_temperature: float = 1.0  # softmax temperature of self-distillation
+    label_smoothing: float = 0.0  # of the cross-entropy targets
     # Mixup/CutMix through timm (off when both alphas are 0); label_smoothing goes into the mixed targets.
     mixup: float = 0.0  # mixup alpha
     cutmix: float = 0.0  # cutmix alpha
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     mixup_mode: str = "batch"  # batch | pair | elem
     # Exponential moving average of the weights, evaluated each epoch and saved in the checkpoint.
     ema: bool = True
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # decay of the weights' moving average
     ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) (timm), capped at ema_decay
     # Speed and devices.
     threads: int = 1  # CPU threads of the run (torch); part of its identity: the thread count changes the numbers
@@ -327,7 +327,7 @@ class TrainConfig:
     # The global batch (processes x batch_size x accum_steps) the recipe's lr is for: another global batch
     # is logged with the lr that linear scaling gives, and scale_lr applies it (lr and min_lr).
     reference_batch: Optional[int] = None
-    scale_lr: bool = False
+    scale_lr: bool = False  # apply the linearly scaled lr (and min_lr) for another global batch
     compile: bool = False  # torch.compile the training forward (the first steps compile; evaluation stays eager)
     # Reporting.
     eval_every: int = 1  # evaluate calibration and test splits every N epochs (and always after the last)
@@ -460,7 +460,7 @@ class EvalConfig:
     grid: str = "full"  # budgeted-protocol grid: "full" (first exit to last), "official" or "msdnet"
     criterion: str = "max_softmax"  # max_softmax | entropy | margin
     budgets: list[float] = field(default_factory=list)  # GMACs at which runs.csv reports test accuracy
-    batch_size: int = 256
+    batch_size: int = 256  # images per batch when collecting a run's logits
     use_ema: bool = False  # evaluate the EMA weights instead of the trained ones
     compile: bool = False  # torch.compile the model that collects a run's logits (the same logits, faster on GPUs)
 
@@ -471,7 +471,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = 0  # seeds the weights, the batches and the augmentations (not the data split: data.split_seed)
 
 
 def exit_loss_weights(exit_names: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:

@@ -48,9 +48,9 @@ def reuse_freed_memory(limit: int = 1 << 30) -> bool:
     """Makes glibc's malloc keep freed blocks of up to ``limit`` bytes for reuse (process-wide).
 
     By default glibc serves large blocks with mmap and gives them back on free, so every large activation
-    of a CPU forward is fresh memory whose pages fault in again on each run; at batch 32-64 and 224 px
-    that made CPU inference here about 1.5x slower (a cost of the allocator, not of the model; tcmalloc
-    or jemalloc avoid it too). Call once, before timing. Returns False where it does not apply
+    of a CPU forward is fresh memory whose pages fault in again on each run: a cost of the allocator, not of
+    the model, that would be timed as the model's (tcmalloc or jemalloc avoid it too; figures in
+    benchmarks/README.md). Call once, before timing. Returns False where it does not apply
     (not glibc)."""
     import ctypes
     import ctypes.util

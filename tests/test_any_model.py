@@ -1,7 +1,7 @@
-"""Any model meeting the documented multi-exit interface: the README's "Bring your own multi-exit model"
-example (its module written to a scratch folder and put on sys.path) goes through `dynexit costs`, early exit
-(equal to the simulated policy, batched and one image at a time), a `dynexit run` of a spec and a checkpoint
-round trip; a model with `forward` only, bad factory names and bad model sections fail clearly."""
+"""Any model meeting the documented multi-exit interface: the example of docs/own-model.md (its module written
+to a scratch folder and put on sys.path) goes through `dynexit costs`, early exit (equal to the simulated policy,
+batched and one image at a time), a `dynexit run` of a spec and a checkpoint round trip; a model with `forward`
+only, bad factory names and bad model sections fail clearly."""
 import re
 import sys
 import textwrap
@@ -29,14 +29,14 @@ from dynexit.inference import early_exit
 from dynexit.models.interface import check_multi_exit_model, load_factory
 from dynexit.policies import assign_exits, confidence
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "own-model.md"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def readme_section() -> str:
-    text = README.read_text()
-    start = text.index("### Bring your own multi-exit model")
-    return text[start:text.index("\n## ", start)]
+    """The page's example, up to its section on a new method (a family)."""
+    text = PAGE.read_text()
+    return text[:text.index("\n## A new method")]
 
 
 def blocks(kind: str) -> list[str]:
@@ -69,7 +69,7 @@ def make(num_classes=10):
 
 @pytest.fixture
 def user_modules(tmp_path, monkeypatch):
-    """The README's tiny_exits.py and a forward-only model, importable from a scratch folder."""
+    """The documented tiny_exits.py and a forward-only model, importable from a scratch folder."""
     folder = tmp_path / "user"
     folder.mkdir()
     (folder / "tiny_exits.py").write_text(blocks("python")[0])
@@ -104,7 +104,7 @@ def test_the_readme_example_counts_costs_through_the_cli(user_modules, tmp_path,
 
 def test_the_readme_early_exit_block_runs_and_equals_the_simulated_policy(user_modules):
     namespace: dict = {}
-    exec(compile(blocks("py")[0], "README early-exit block", "exec"), namespace)
+    exec(compile(blocks("python")[1], "docs/own-model.md early-exit block", "exec"), namespace)
     tiny, batch = namespace["tiny"], namespace["batch"]
     logits = namespace["tiny_logits"]
     # Thresholds halfway between two confidences (no sample sits on one), so every exit takes some samples.
@@ -239,7 +239,7 @@ def test_model_sections_of_every_family_are_checked_at_load(user_modules, tmp_pa
         ("stage2", "stage3", "final"), 1.0)
     for model, message in [({"name": "msdnet_small", "x2z": False}, "model.x2z: not a setting of msdnet_small"),
                            ({"name": "tiny_perceiver_t16", "nBlocks": 3}, "model.nBlocks: not a setting of tiny"),
-                           ({"name": "no_such_preset"}, "model.name: unknown preset 'no_such_preset'"),
+                           ({"name": "no_such_preset"}, "model.name: unknown model 'no_such_preset'"),
                            ({"factory": "no_such_module_xyz:f"}, "model.factory: .*cannot import")]:
         with pytest.raises(ValueError, match=f"run.yaml: {message}"):
             load_run_config(write_config(tmp_path, model))

@@ -147,6 +147,46 @@ def _msdnet_checkpoint(root: Path, words: list[str]) -> None:
     torch.save({"epoch": 1, "arch": "msdnet", "state_dict": state, "best_prec1": 0.0}, root / words[2])
 
 
+# The factory of the `costs mypkg.models:build --op-handle aten::cumsum=zero` example: two exits, each segment
+# with a cumsum, an op fvcore has no handle for.
+MYPKG_MODELS = """import torch
+from typing import NamedTuple
+from torch import nn
+
+
+class State(NamedTuple):
+    x: torch.Tensor
+    logits: tuple = ()
+
+
+class CumsumExits(nn.Module):
+    exit_names = ("a", "b")
+
+    def __init__(self, num_classes=10, input_size=16):
+        super().__init__()
+        self.input_size = input_size
+        self.convs = nn.ModuleList(nn.Conv2d(3 if k == 0 else 4, 4, 3, padding=1) for k in range(2))
+        self.heads = nn.ModuleList(nn.Linear(4, num_classes) for _ in range(2))
+
+    def init_state(self, x):
+        return State(x)
+
+    def run_segment(self, k, s):
+        x = torch.relu(self.convs[k](s.x)).cumsum(-1)
+        return State(x, (*s.logits, self.heads[k](x.mean((2, 3)))))
+
+    def forward(self, x):
+        s = self.init_state(x)
+        for k in range(2):
+            s = self.run_segment(k, s)
+        return list(s.logits)
+
+
+def build(num_classes=10, input_size=16):
+    return CumsumExits(num_classes, input_size)
+"""
+
+
 def _old_run_folders(root: Path) -> None:
     """For the migrate-ids examples: the committed Fashion-MNIST results with their run folder under a name
     that is not its current id (results/fashion_mnist), and the same without any record of the run's threads
@@ -190,6 +230,9 @@ def workdir(tmp_path_factory, one_torch_thread) -> Path:
             _msdnet_checkpoint(root, words)
     _official_checkpoints(root)
     _old_run_folders(root)
+    (root / "mypkg").mkdir()
+    (root / "mypkg" / "__init__.py").write_text("")
+    (root / "mypkg" / "models.py").write_text(MYPKG_MODELS)
     results = write_synthetic_results(root / "results" / "quickstart", seeds=(0,), samples=60)
     write_architectures(results)  # for 'dynexit bench RESULTS_DIR'
     shutil.copy(root / "experiments" / "quickstart.yaml", results / "experiment.yaml")  # as 'dynexit run' keeps it
@@ -235,9 +278,112 @@ def _argv(example: str, root: Path) -> list[str]:
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_help_example_runs(example, workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))  # the examples' own factory (mypkg)
     try:
         code = main(_argv(example, workdir))
     finally:  # each example starts without the studies of the others (a study keeps its settings)
         shutil.rmtree(workdir / "results" / "quickstart" / "search", ignore_errors=True)
         (workdir / "shared.db").unlink(missing_ok=True)
     assert code == 0, f"{example}\n{capsys.readouterr().err}"
+
+
+# ------------------------------------------------------------------------- one name per concept
+
+VISIBLE_OLD_SPELLINGS = ("--csv", "--results-dir", "--study-dir", "--device")
+
+
+def visible_options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings}
+
+
+def test_outputs_devices_and_grids_are_spelled_one_way_in_every_command():
+    for words, parser in parsers():
+        shown = visible_options(parser)
+        old = shown & set(VISIBLE_OLD_SPELLINGS)
+        assert not old, f"dynexit {' '.join(words)} shows {old}"
+        for action in parser._actions:
+            if action.dest in ("out", "device", "devices") and action.help != argparse.SUPPRESS:
+                assert action.option_strings == ["--out" if action.dest == "out" else "--devices"], (words, action)
+        text = parser.format_help()
+        assert "'official'" not in text, f"dynexit {' '.join(words)}: a grid is named by --grid, not --budgets"
+
+
+@pytest.mark.parametrize("argv,dest,value", [
+    (["costs", "tiny_perceiver_t16", "--csv", "c.csv"], "out", "c.csv"),
+    (["run", "spec.yaml", "--results-dir", "r"], "out", "r"),
+    (["run", "spec.yaml", "--device", "cpu"], "devices", "cpu"),
+    (["migrate-ids", "spec.yaml", "--results-dir", "r"], "out", "r"),
+    (["search", "loss-weights", "spec.yaml", "--trials", "1", "--study-dir", "s"], "out", Path("s")),
+    (["train", "c.yaml", "--device", "cpu"], "device", "cpu"),
+    (["bench", "tiny_perceiver_t16", "--device", "cpu"], "device", "cpu"),
+])
+def test_old_spellings_are_hidden_aliases_of_the_new_ones(argv, dest, value):
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == value
+    new = {"--csv": "--out", "--results-dir": "--out", "--study-dir": "--out", "--device": "--devices"}
+    renamed = [new.get(word, word) for word in argv]
+    assert getattr(build_parser().parse_args(renamed), dest) == value
+
+
+def test_a_one_device_command_refuses_a_list(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "c.yaml", "--devices", "cuda:0,cuda:1"])
+    err = capsys.readouterr().err
+    assert "usage: dynexit train" in err and "one device" in err
+
+
+def test_abbreviations_are_not_silently_taken(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "spec.yaml", "--dev", "cpu"])
+    assert "usage: dynexit run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_options_go_before_or_after_the_command(where, capsys):
+    options = ["--debug", "-v"]
+    argv = [*options, "costs", "tiny_perceiver_t16"] if where == "before" else ["costs", "tiny_perceiver_t16", *options]
+    args = build_parser().parse_args(argv)
+    assert args.debug is True and args.verbose is True
+    plain = build_parser().parse_args(["costs", "tiny_perceiver_t16"])
+    assert plain.debug is False and plain.verbose is False
+    # --debug after the command shows the traceback: the error propagates instead of one line
+    with pytest.raises(ValueError, match="unknown model 'no_such_model'"):
+        main(["costs", "no_such_model", "--debug"])
+    assert main(["costs", "no_such_model"]) == 1
+    assert capsys.readouterr().err.startswith("dynexit costs: error: unknown model 'no_such_model'")
+
+
+def test_a_misspelt_command_or_option_gets_the_closest_and_its_command_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["cost", "tiny_perceiver_t16"])
+    assert "did you mean 'costs'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", "results/compare", "--budgts", "0.01"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: dynexit report") and "did you mean '--budgets'?" in err
+    with pytest.raises(SystemExit):
+        main(["search", "thresholds", "--calib", "c", "--test", "t", "--costs", "1,2", "--out", "o", "--paretto"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: dynexit search thresholds") and "did you mean '--pareto'?" in err
+    with pytest.raises(SystemExit):
+        main(["search", "threshold"])
+    assert "did you mean 'thresholds'?" in capsys.readouterr().err
+
+
+def test_every_command_that_takes_a_model_names_factories():
+    for words, parser in parsers():
+        if words and words[0] in ("costs", "bench", "train", "run") or words == ("search", "loss-weights"):
+            assert "package.module:function" in parser.format_help(), f"dynexit {' '.join(words)} --help"
+
+
+def test_status_takes_set_like_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["status", "experiments/quickstart.yaml", "--set", "train.epochs=30"]) == 0
+    longer = capsys.readouterr().out
+    assert main(["status", "experiments/quickstart.yaml"]) == 0
+    plain = capsys.readouterr().out
+    # The committed runs are done; with 30 epochs they are other runs (a run's id covers train), none done yet.
+    assert plain.splitlines()[-1] == "done: 14" and longer.splitlines()[-1] == "done: 14  pending: 14"
+    assert "14 other run folders there" in longer
+    assert main(["status", "experiments/quickstart.yaml", "--set", "train.epochs=-1"]) == 1
+    assert "train.epochs" in capsys.readouterr().err

@@ -1,8 +1,16 @@
-"""The README's Python snippets run as written: every ```python block, in order, in one namespace, in a
-scratch folder. Blocks that need ImageNet are skipped by name; files a block names (``*.pth``) are made
-there first by ``STAND_INS`` (same layout as the real files, deterministic or random weights)."""
+"""The README and the documentation's code runs as written.
+
+Every ```python block of a document runs, in order, in one namespace per document, in a scratch folder of its
+own. Blocks that need ImageNet are skipped by name; files a block names (``*.pth``) are made there first by
+``STAND_INS`` (same layout as the real files, deterministic or random weights). A block whose first line is a
+docstring naming a file (``\"\"\"tiny_exits.py: ...``) is also written to that file, importable from then on.
+Every ``dynexit ...`` line of a ```bash block parses with the command line's parser (so a renamed command or
+option cannot linger in the documentation). tests/test_docs.py runs the pages of docs/ with these helpers.
+"""
 import argparse
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +19,13 @@ from official_layout import deterministic_weights, load_fixture
 
 import dynexit
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+def blocks(path: Path, language: str = "python") -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), flags=re.S | re.M)
 
 
 def needs_imagenet(code: str) -> bool:
@@ -44,40 +53,75 @@ STAND_INS = {"reg800m_perceiver_t128.pth": official_reg800m, "regnet_y_800mf.pth
              "msdnet_cifar_anytime.pth.tar": reference_msdnet_cifar_anytime}
 
 
-def test_the_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
-    blocks = python_blocks()
-    runnable = [code for code in blocks if not needs_imagenet(code)]
-    assert len(blocks) - len(runnable) == 1  # the official ImageNet evaluation
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__readme__"}
-    for index, code in enumerate(runnable):
+def run_python_blocks(path: Path, folder: Path, monkeypatch) -> dict:
+    """Runs the python blocks of ``path`` in order in ``folder``; their namespace."""
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    namespace: dict = {"__name__": f"__doc_{path.stem}__"}
+    for index, code in enumerate(c for c in blocks(path) if not needs_imagenet(c)):
         for name in sorted(set(re.findall(r"\"([\w.-]+\.pth(?:\.tar)?)\"", code))):
-            assert name in STAND_INS, f"README block {index} reads {name}: add a stand-in to STAND_INS"
-            STAND_INS[name](tmp_path / name)
-        exec(compile(code, f"README.md python block {index}", "exec"), namespace)
-    assert len(runnable) >= 3
-    # What the blocks say they print and compute.
+            assert name in STAND_INS, f"{path.name} block {index} reads {name}: add a stand-in to STAND_INS"
+            STAND_INS[name](folder / name)
+        module = re.match(r'"""([\w]+)\.py:', code)
+        if module:
+            (folder / f"{module.group(1)}.py").write_text(code)
+            sys.modules.pop(module.group(1), None)
+        exec(compile(code, f"{path.name} python block {index}", "exec"), namespace)
+    return namespace
+
+
+def dynexit_lines(path: Path) -> list[str]:
+    """The ``dynexit ...`` commands of the bash blocks of ``path`` (comments dropped, continuations joined);
+    lines showing alternatives (``[--dry-run]``, ``<run id>``) are left out."""
+    found = []
+    for block in blocks(path, "bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            for command in line.split("&&"):
+                command = command.strip()
+                if command.startswith("dynexit ") and not re.search(r"[\[<|]", command):
+                    found.append(command)
+    return found
+
+
+def check_commands_parse(path: Path) -> int:
+    from dynexit.cli import build_parser
+
+    lines = dynexit_lines(path)
+    for line in lines:
+        try:
+            build_parser().parse_args(shlex.split(line)[1:])
+        except SystemExit:
+            pytest.fail(f"{path.relative_to(ROOT)}: {line!r} does not parse (see the error above)")
+    return len(lines)
+
+
+def test_the_readme_is_short_and_says_how_to_install():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    assert "## Install" in text and "pip install -e ." in text and "conda env create -f environment.yml" in text
+    for forbidden in ("this machine", "quiet machine", "this CPU"):
+        assert forbidden not in text, f"README.md says {forbidden!r}: measurements go to benchmarks/README.md"
+
+
+def test_the_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
+    namespace = run_python_blocks(README, tmp_path, monkeypatch)
+    assert len(blocks(README)) >= 1
     out = capsys.readouterr().out
-    assert "('early3', 'att', 'cnn', 'merge')" in out and "reg800m_perceiver_t128" in out
-    # The weights block loaded the stand-ins: official weights outside the backbone, torchvision's inside.
-    model = namespace["model"]
-    official = deterministic_weights(load_fixture("reg800m_perceiver_t128")["keys"])
-    assert torch.equal(model.latent, official["latent"])
-    regnet = torch.load(tmp_path / "regnet_y_800mf.pth", weights_only=True)
-    assert torch.equal(model.backbone.state_dict()["stem.0.weight"], regnet["stem.0.weight"])
-    # The last block's results.
-    assert namespace["preds"].shape == namespace["exits"].shape == (len(namespace["images"]),)
-    costs = namespace["costs"]
-    assert namespace["curve"]["test_expected_cost"].between(costs.min() - 1e-9, costs.max() + 1e-9).all()
-    assert (tmp_path / "logits_test.npz").is_file()
+    assert "('early3', 'att', 'cnn', 'merge')" in out and "'branchy'" in out
+    assert [tuple(y.shape) for y in namespace["logits"]] == [(2, 10)] * 4
 
 
-def test_every_dynexit_name_the_readme_uses_exists():
-    """``dynexit.NAME`` anywhere in the README (code blocks and inline code) is a public attribute or a
-    module of the package."""
+def test_the_commands_parse():
+    assert check_commands_parse(README) >= 3
+
+
+def test_every_dynexit_name_the_docs_use_exists():
+    """``dynexit.NAME`` anywhere in the README and docs (code blocks and inline code) is a public attribute or
+    a module of the package."""
     import importlib
 
-    text = README.read_text()
+    text = "\n".join(p.read_text() for p in [README, *sorted((ROOT / "docs").glob("**/*.md"))])
     names = set(re.findall(r"\bdynexit\.(\w+)", text))
     assert "load_backbone_weights" in names and "load_official" in names
     missing = []
@@ -88,4 +132,4 @@ def test_every_dynexit_name_the_readme_uses_exists():
             importlib.import_module(f"dynexit.{name}")
         except ImportError:
             missing.append(name)
-    assert not missing, f"README uses dynexit.{missing} which do not exist"
+    assert not missing, f"the documentation uses dynexit.{missing} which do not exist"

@@ -1,4 +1,4 @@
-"""The result tables of README.md and docs/**/*.md say what the committed reports under results/ say.
+"""The result tables of README.md, results/README.md and docs/**/*.md say what the committed reports under results/ say.
 
 A table declares its source in an HTML comment right before it (invisible once rendered):
 
@@ -27,7 +27,7 @@ NUMBER = re.compile(r"^[+-]?\d+(?:\.\d+)?$")
 
 
 def documents() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+    return [ROOT / "README.md", ROOT / "results" / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
 def declared_tables() -> list[tuple[str, str, dict, list[list[str]]]]:

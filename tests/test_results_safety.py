@@ -83,7 +83,7 @@ def test_a_users_folder_is_refused_before_anything_is_written(tmp_path, capsys):
     for argv in (["run", str(spec), "--devices", "cpu", "--dry-run"], ["run", str(spec), "--devices", "cpu"]):
         assert cli_main(argv) == 1
         err = capsys.readouterr().err
-        assert str(mine) in err and MARK_FILE in err and "--results-dir" in err
+        assert str(mine) in err and MARK_FILE in err and "--out or the spec's results_dir" in err
     assert sorted(p.name for p in mine.iterdir()) == ["runs.csv"]
     assert (mine / "runs.csv").read_text() == "my,own\n1,2\n"
 

@@ -418,7 +418,7 @@ def test_make_quickstart_trains_into_an_ignored_folder_and_compares_with_the_ref
     out = re.search(r"^QUICKSTART_OUT \?= (\S+)$", makefile, re.M).group(1)
     recipe = re.search(r"^quickstart:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
     commands = [line.strip().replace("$(QUICKSTART_OUT)", out) for line in recipe.splitlines()]
-    assert commands == [f"$(BIN)/dynexit run experiments/quickstart.yaml --devices cpu --workers 2 --results-dir {out}",
+    assert commands == [f"$(BIN)/dynexit run experiments/quickstart.yaml --devices cpu --workers 2 --out {out}",
                         f"$(BIN)/dynexit report {out}",
                         f"$(BIN)/dynexit compare {out} results/quickstart"]
     ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/runs.csv"], cwd=ROOT)

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import logging
 
-from dynexit.cli.options import SET_RULE, HelpFormatter, add_criterion, add_device, add_model, build_model
+from dynexit.cli.options import (
+    MODEL_RULE,
+    SET_RULE,
+    HelpFormatter,
+    add_criterion,
+    add_device,
+    add_model,
+    build_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,7 @@ point (report/latency.csv) and a figure of accuracy against latency.
 
 Unless --default-malloc is given, glibc's malloc is told to keep freed memory for reuse
 (dynexit.timing.reuse_freed_memory): otherwise every large CPU activation is fresh memory whose
-pages fault in again on each run, which made batch 32-64 runs at 224 px about 1.5x slower.
+pages fault in again on each run, a cost of the allocator that would be timed as the model's.
 Weights are random: only timing matters here.
 
 """ + SET_RULE
@@ -51,7 +59,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="latency of each exit and of early exit, against the counted costs",
         description="Measure the latency of reaching each exit and of early exit at operating points, "
-                    "and compare them with the per-exit costs counted by fvcore.",
+                    "and compare them with the per-exit costs counted by fvcore; "
+                    f"{MODEL_RULE}.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     add_model(p)
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (default: 1)")

@@ -1,10 +1,19 @@
 """dynexit costs: per-exit cost (fvcore GMACs) and parameters of a model preset."""
 from __future__ import annotations
 
-from dynexit.cli.options import SET_RULE, HelpFormatter, add_model, add_op_handles, build_model, op_handles
+from dynexit.cli.options import (
+    MODEL_RULE,
+    SET_RULE,
+    HelpFormatter,
+    add_model,
+    add_op_handles,
+    add_out,
+    build_model,
+    op_handles,
+)
 
 EPILOG = """examples:
-  dynexit costs reg800m_perceiver_t128 --csv costs.csv
+  dynexit costs reg800m_perceiver_t128 --out costs.csv
   dynexit costs resnet50_0375_perceiver_t128 --input-size 160 --num-classes 100
   dynexit costs tiny_perceiver_t16 --input-size 28 --set model.x2z=false --set model.depth_factor=[1,1,1,1]
   dynexit costs reg800m_perceiver_t128 --set model.static=true      # the backbone alone, one exit
@@ -24,11 +33,12 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "costs", help="per-exit cost (GMACs, fvcore) and parameters of a model",
         description="Count the multiply-adds of reaching each exit with fvcore, on the same segments the "
-                    "model runs, and the parameters used up to each exit, with a breakdown by component.",
+                    "model runs, and the parameters used up to each exit, with a breakdown by component; "
+                    f"{MODEL_RULE}.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     add_model(p)
     add_op_handles(p)
-    p.add_argument("--csv", metavar="PATH", help="write the per-exit table to this CSV file")
+    add_out(p, "COSTS.csv", "write the per-exit table to this CSV file", old=("--csv",))
     p.set_defaults(func=run)
 
 
@@ -38,7 +48,7 @@ def run(args) -> int:
     model = build_model(args, "costs")
     costs = count_costs(model, handles=op_handles(args.op_handles))
     print(format_costs(costs, args.name))
-    if args.csv:
-        costs.to_csv(args.csv)
-        print(f"\nwrote {args.csv}")
+    if args.out:
+        costs.to_csv(args.out)
+        print(f"\nwrote {args.out}")
     return 0

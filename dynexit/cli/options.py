@@ -1,5 +1,9 @@
 """Options shared by several commands, declared once, and the readers of their values.
 
+One name per concept, in every command: ``--out`` is where a command writes (a file or a folder, as its help
+says), ``--devices`` the devices it computes on, ``--grid`` a protocol grid by name (full, official, msdnet),
+``--budgets`` costs in GMACs. Older spellings stay as hidden aliases (:func:`add_hidden_alias`) for one release.
+
 Nothing here imports torch, pandas or the models at import time: ``dynexit --help`` and every command's
 ``--help`` answer without loading them; the readers import what they need when a command runs.
 
@@ -22,6 +26,15 @@ a model from a preset (costs, bench, convert-official) take model.* keys only.""
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the line breaks of descriptions and example epilogs."""
+
+
+MODEL_RULE = ("a model is a preset (see 'dynexit models') or your own factory, named as package.module:function "
+              "(in a spec: model: {factory: \"package.module:function\", ...})")
+
+
+def add_hidden_alias(parser: argparse.ArgumentParser, option: str, dest: str, **kwargs: Any) -> None:
+    """An older spelling of an option: parsed into the same ``dest``, left out of ``--help``."""
+    parser.add_argument(option, dest=dest, help=argparse.SUPPRESS, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- --set
@@ -62,7 +75,8 @@ def model_set(items: list[str], command: str) -> dict[str, Any]:
 
 def add_model(parser: argparse.ArgumentParser) -> None:
     """NAME, --input-size, --num-classes and --set (model.* keys): a model built from a preset."""
-    parser.add_argument("name", metavar="NAME", help="model preset (see 'dynexit models')")
+    parser.add_argument("name", metavar="NAME", help="model preset (see 'dynexit models'), or your own factory as "
+                                                     "package.module:function")
     parser.add_argument("--input-size", type=int, metavar="N", help="image size in pixels (default: the preset's)")
     parser.add_argument("--num-classes", type=int, metavar="C", help="number of classes (default: the preset's)")
     add_set(parser, model_only=True)
@@ -180,12 +194,25 @@ def add_grid(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------- devices, outputs
 
+def one_device(value: str) -> str:
+    if "," in value:
+        raise argparse.ArgumentTypeError(f"this command computes on one device, got {value!r}")
+    return value
+
+
 def add_device(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--devices`` for a command that computes on one device (``args.device``; ``--device`` is its old
+    spelling)."""
     shown = default or "CUDA when available, else the CPU"
-    parser.add_argument("--device", default=default, help=f"cpu, cuda, cuda:1, ... (default: {shown})")
+    parser.add_argument("--devices", dest="device", default=default, type=one_device, metavar="DEVICE",
+                        help=f"the device to compute on: cpu, cuda, cuda:1, ... (default: {shown})")
+    add_hidden_alias(parser, "--device", "device", type=one_device)
 
 
 def add_out(parser: argparse.ArgumentParser, metavar: str, text: str, required: bool = False,
-            kind: Any = str) -> None:
-    """--out: where a command writes (a file or a folder, as ``metavar`` and ``text`` say)."""
+            kind: Any = str, old: tuple[str, ...] = ()) -> None:
+    """--out: where a command writes (a file or a folder, as ``metavar`` and ``text`` say); ``old``: earlier
+    spellings, kept as hidden aliases."""
     parser.add_argument("--out", required=required, metavar=metavar, type=kind, help=text)
+    for option in old:
+        add_hidden_alias(parser, option, "out", type=kind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynexit.cli.options import (
+    MODEL_RULE,
     SET_RULE,
     HelpFormatter,
     add_criterion,
@@ -18,7 +19,7 @@ from dynexit.policies import DEFAULT_GRID, GRIDS
 
 EPILOG = """examples:
   dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
-      --budgets official --out run/search_curve.csv
+      --grid official --out run/search_curve.csv
   dynexit search thresholds --calib c.npz --test t.npz --costs 0.46,1.06,1.23,1.30 --pareto --trials 3000 \\
       --out pareto.csv
   dynexit search loss-weights experiments/quickstart.yaml --trials 20 --set train.epochs=2
@@ -29,7 +30,7 @@ can run the same command to share one study. Watch a study: optuna-dashboard sql
 
 THRESHOLDS_EPILOG = """examples:
   dynexit search thresholds --calib run/logits_calib.npz --test run/logits_test.npz --costs run/costs.csv \\
-      --budgets official --out run/search_curve.csv
+      --grid official --out run/search_curve.csv
   dynexit search thresholds --calib c.npz --test t.npz --costs costs.csv --budgets 0.5,0.8,1.1 --trials 300 \\
       --criterion margin --out budgets.csv
   dynexit search thresholds --calib c.npz --test t.npz --costs costs.csv --pareto --seed 1 --out pareto.csv \\
@@ -38,9 +39,10 @@ THRESHOLDS_EPILOG = """examples:
 The search space is one share per exit but the last: the fraction of calibration samples whose
 confidence at that exit reaches its threshold. Thresholds are searched on the calibration logits only
 and applied once to the test logits. --budgets: one TPE study per budget (highest calibration accuracy
-with expected calibration cost within the budget); 'full', 'official' or 'msdnet' takes the calibration
-costs of that protocol grid's points. --pareto: one NSGA-II study, its Pareto front of calibration accuracy
-against cost. --trials counts finished trials per study (default 200 per budget, 3000 for --pareto).
+with expected calibration cost within the budget). --grid alone: the same at the calibration costs of that
+protocol grid's points; with --budgets or --pareto, the grid the search is compared with. --pareto: one
+NSGA-II study, its Pareto front of calibration accuracy against cost. --trials counts finished trials per
+study (default 200 per budget, 3000 for --pareto).
 
 Writes CURVE.csv (the columns of 'dynexit curve'; target_share_<exit> holds the calibration shares the
 searched thresholds give), CURVE.trials.csv (every trial: parameters, thresholds, calibration
@@ -52,7 +54,7 @@ resumes or, when done, only rewrites the files."""
 LOSS_EPILOG = """examples:
   dynexit search loss-weights experiments/quickstart.yaml --trials 20
   dynexit search loss-weights experiments/quickstart.yaml --trials 40 --set train.epochs=3 \\
-      --cost-range 0.012,0.015 --device cuda:0
+      --cost-range 0.012,0.015 --devices cuda:0
   dynexit search loss-weights experiments/quickstart.yaml --trials 100 --storage postgresql://user@db-host/optuna
 
 Each trial trains the spec's base configuration with its own loss weights (every exit but the last; the
@@ -81,8 +83,8 @@ def add_parser(subparsers) -> None:
                                    "apply them to test logits, and write the curve and the trials.",
                        epilog=THRESHOLDS_EPILOG, formatter_class=HelpFormatter)
     add_logits_inputs(t)
-    mode = t.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets, or 'full' / 'official' / 'msdnet'")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--budgets", metavar="B1,B2,...", help="cost budgets in GMACs: one study per budget")
     mode.add_argument("--pareto", action="store_true", help="one multi-objective study: the Pareto front")
     t.add_argument("--trials", type=int, default=None,
                    help="finished trials per study (default 200; 3000 with --pareto)")
@@ -91,8 +93,8 @@ def add_parser(subparsers) -> None:
     add_criterion(t)
     add_temperature(t)
     t.add_argument("--grid", choices=GRIDS, default=None,
-                   help="the protocol grid the search is compared with (default: the grid named by --budgets, "
-                        f"else {DEFAULT_GRID})")
+                   help="alone: one study per point of this protocol grid, at its calibration costs; with "
+                        f"--budgets or --pareto: the grid the search is compared with (default: {DEFAULT_GRID})")
     t.add_argument("--population", type=int, default=50, help="NSGA-II population with --pareto (default 50)")
     t.add_argument("--study-name", default="thresholds", help="prefix of the study names (default: thresholds)")
     add_out(t, "CURVE.csv", "curve CSV to write (trials: CURVE.trials.csv)", required=True)
@@ -100,7 +102,8 @@ def add_parser(subparsers) -> None:
 
     w = sub.add_parser("loss-weights", help="per-exit loss weights and self-distillation, by training",
                        description="Search per-exit loss weights, self-distillation weight and temperature of a "
-                                   "spec's base configuration; each trial is a short training run.",
+                                   "spec's base configuration; each trial is a short training run; "
+                                   f"{MODEL_RULE}.",
                        epilog=LOSS_EPILOG, formatter_class=HelpFormatter)
     w.add_argument("spec", help="experiment spec (YAML); its 'base' is the configuration searched")
     w.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
@@ -109,8 +112,7 @@ def add_parser(subparsers) -> None:
     add_set(w)
     w.add_argument("--cost-range", metavar="LO,HI", help="GMACs range of the objective (default: first to last exit)")
     add_device(w)
-    w.add_argument("--study-dir", type=Path, default=None,
-                   help="study folder (default: <results_dir>/search/loss_weights)")
+    add_out(w, "DIR", "study folder (default: <results_dir>/search/loss_weights)", kind=Path, old=("--study-dir",))
     w.add_argument("--study-name", default=None, help="study name (default: loss-weights-<spec name>)")
     w.set_defaults(func=run_loss_weights)
 
@@ -125,7 +127,7 @@ def _quiet_optuna(args) -> None:
 def _budgets(spec: str, problem) -> list[float]:
     from dynexit.search import protocol_budgets
 
-    if spec in GRIDS:
+    if spec in GRIDS:  # --grid NAME alone, or its old spelling --budgets NAME
         return protocol_budgets(problem, spec)
     try:
         values = [float(v) for v in spec.split(",") if v.strip()]
@@ -155,6 +157,10 @@ def run_thresholds(args) -> int:
     from dynexit.utils import atomic_write_text
 
     _quiet_optuna(args)
+    if not args.pareto and args.budgets is None and args.grid is None:
+        raise ValueError("give --budgets B1,B2,..., --grid NAME (one study per point of a protocol grid) or --pareto")
+    if not args.pareto and args.budgets is None:
+        args.budgets = args.grid
     if args.trials is not None and args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
     calib_logits, calib_targets, test_logits, test_targets, costs, names = read_inputs(args)
@@ -251,7 +257,7 @@ def run_loss_weights(args) -> int:
         except ValueError:
             raise ValueError(f"--cost-range {args.cost_range!r}: expected LO,HI (two numbers, GMACs)") from None
         cost_range = (lo, hi)
-    study_dir = args.study_dir
+    study_dir = args.out
     if study_dir is None:
         study_dir = load_spec(args.spec, args.set).results_dir / "search" / "loss_weights"
     storage = open_storage(args.storage or sqlite_url(Path(study_dir) / STORAGE_FILE))

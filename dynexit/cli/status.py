@@ -4,11 +4,17 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dynexit.cli.options import HelpFormatter
+from dynexit.cli.options import SET_RULE, HelpFormatter, add_set
 
 EPILOG = """examples:
   dynexit status experiments/quickstart.yaml
-  dynexit status results/quickstart"""
+  dynexit status results/quickstart
+  dynexit status experiments/quickstart.yaml --set train.epochs=30
+
+--set KEY=VALUE takes what 'dynexit run' takes, so that status shows the runs that 'dynexit run SPEC --set
+...' makes (a run's id covers its settings).
+
+""" + SET_RULE
 
 
 def add_parser(subparsers) -> None:
@@ -21,6 +27,7 @@ def add_parser(subparsers) -> None:
                     "Takes the spec, or the results folder (which keeps a copy of the spec).",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("target", help="SPEC.yaml or RESULTS_DIR")
+    add_set(p)
     p.set_defaults(func=run)
 
 
@@ -90,9 +97,9 @@ def run(args) -> int:
         spec_copy = target / "experiment.yaml"
         if not spec_copy.is_file():
             raise FileNotFoundError(f"{target} holds no experiment.yaml; is it an experiment's results folder?")
-        experiment = load_spec(spec_copy, import_factories=False)  # a results folder is data
+        experiment = load_spec(spec_copy, args.set, import_factories=False)  # a results folder is data
         experiment.results_dir = target
     else:
-        experiment = load_spec(target)
+        experiment = load_spec(target, args.set)
     print_status(experiment)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dynexit.cli.options import SET_RULE, HelpFormatter, add_device, add_out, add_set
+from dynexit.cli.options import MODEL_RULE, SET_RULE, HelpFormatter, add_device, add_out, add_set
 
 EPILOG = """examples:
   dynexit train experiments/train_digits.yaml
@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train one run configuration (resumes from the run folder's checkpoint)",
         description="Train the model of a run configuration (a RunConfig YAML: model, data, train, eval, "
-                    "seed) and write checkpoints and per-epoch metrics into a run folder.",
+                    "seed) and write checkpoints and per-epoch metrics into a run folder; "
+                    f"{MODEL_RULE}.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("config", help="run configuration (YAML)")
     add_set(p)

@@ -18,24 +18,25 @@ class PerceiverConfig:
     that merges both branches. ``static`` builds the backbone alone with its single classifier.
     """
 
-    backbone: str = "regnet_y_800mf"
-    num_classes: int = 1000
-    input_size: int = 224
-    num_latents: int = 128
+    backbone: str = "regnet_y_800mf"  # the CNN branch: a torchvision or timm backbone (`dynexit models` lists them)
+    num_classes: int = 1000  # classes of every exit
+    input_size: int = 224  # image size in pixels the model is built and costed for
+    num_latents: int = 128  # latent tokens of the transformer branch
+    # per stage: self-attention layers = sa_layers x depth_factor
     depth_factor: list[int] = field(default_factory=lambda: [1, 1, 1, 2])
-    num_heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    num_heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # attention heads per stage
     sa_layers: list[int] = field(default_factory=lambda: [3, 3, 9, 3])  # before depth_factor
-    widening: int = 4
-    dropout: float = 0.0
+    widening: int = 4  # hidden width of the latent MLPs, a multiple of the token width
+    dropout: float = 0.0  # dropout in the latent branch
     token_grid: int = 7  # x2z pools each feature map to token_grid x token_grid tokens
-    x2z: bool = True
-    z2x: bool = True
-    dwc: bool = True
-    isc: bool = True
-    last_ca: bool = True
+    x2z: bool = True  # feature-to-latent cross-attention of stages 2-4 (ablation switch)
+    z2x: bool = True  # latent-to-feature cross-attention of stages 2-4 (ablation switch)
+    dwc: bool = True  # depthwise convolution before each x2z (ablation switch)
+    isc: bool = True  # an exit's logits feed the next latent exit (ablation switch)
+    last_ca: bool = True  # the final cross-attention that merges both branches (ablation switch)
     cnn_dropout: float | None = None  # None: the backbone's default
     drop_path: float | None = None  # None: the backbone's default
-    static: bool = False
+    static: bool = False  # the backbone alone with its single classifier (one exit)
 
     def __post_init__(self):
         validate(self)

@@ -71,7 +71,7 @@ def check_results_folder(experiment: Experiment) -> None:
     if not folder.is_dir():
         raise ValueError(f"results folder {folder} is a file; give the experiment another results_dir")
     marked = read_mark(folder)
-    where = "--results-dir or the spec's results_dir"
+    where = "--out or the spec's results_dir"
     if marked is not None:
         if marked != experiment.name:
             raise ValueError(f"results folder {folder} holds the results of experiment {marked!r}, not "

@@ -51,8 +51,8 @@ class ExecutorConfig:
     gpus_per_run: int = 1  # > 1: each run trains through torchrun on that many GPUs (all nodes together)
     nodes: int = 1  # > 1 (slurm only): each run spans that many nodes, gpus_per_run / nodes GPUs on each
     timeout_min: int = 60 * 24  # SLURM job time limit
-    slurm_partition: Optional[str] = None
-    slurm_account: Optional[str] = None
+    slurm_partition: Optional[str] = None  # SLURM partition; None: the cluster's default
+    slurm_account: Optional[str] = None  # SLURM account to charge; None: the user's default
     # CPUs of each training process (one per GPU); None: data.num_workers + 1, at most 8 (dynexit.runs.slurm)
     cpus_per_gpu: Optional[int] = None
     cpus_per_task: Optional[int] = None  # CPUs of the whole task instead (exclusive with cpus_per_gpu)
