@@ -179,7 +179,7 @@ class DataConfig:
     # the model takes them (no transform or normalisation is added). The calibration split is held out of
     # train as for the built-in data sets; ``name`` is then unused.
     factory: Optional[str] = None
-    options: Optional[dict[str, Any]] = None
+    options: Optional[dict[str, Any]] = None  # the factory's keyword arguments (a spec's other data keys)
 
 
 DATA_FIELDS = frozenset(f.name for f in dataclasses.fields(DataConfig))
