@@ -7,13 +7,13 @@ import logging
 import numpy as np
 import pandas as pd
 
-from dynexit.analysis.results import Results, _read_spec
+from dynexit.analysis.results import Results, read_spec
 from dynexit.policies import evaluate_thresholds, scores
 
 log = logging.getLogger(__name__)
 
 
-def _exit_column(frame: pd.DataFrame, prefix: str, name: str, position: int) -> str | None:
+def exit_column(frame: pd.DataFrame, prefix: str, name: str, position: int) -> str | None:
     """``<prefix><exit name>``, or ``<prefix><exit index>`` when the curve was written without names."""
     for column in (f"{prefix}{name}", f"{prefix}{position}"):
         if column in frame.columns:
@@ -30,7 +30,7 @@ def exit_shares(results: Results) -> pd.DataFrame:
         if len(names) < 2:  # a static run: everything leaves at its only exit
             continue
         for k, name in enumerate(names):
-            column = _exit_column(curve, "test_share_", name, k)
+            column = exit_column(curve, "test_share_", name, k)
             if column is None or curve[column].isna().all():
                 continue
             part = curve[["config", "run_id", "seed", "point", "test_expected_cost", "test_accuracy"]].copy()
@@ -40,16 +40,16 @@ def exit_shares(results: Results) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
 
-def _criterion(results: Results, run_id: str) -> str:
+def run_criterion(results: Results, run_id: str) -> str:
     """The confidence criterion a run's thresholds were set with (its config.yaml; else the spec's)."""
     config = results.run_folder(run_id) / "config.yaml"
-    raw = _read_spec(config) if config.is_file() else {}
+    raw = read_spec(config) if config.is_file() else {}
     value = (raw.get("eval") or {}).get("criterion") or \
         ((results.spec.get("base") or {}).get("eval") or {}).get("criterion")
     return str(value or "max_softmax")
 
 
-def _load_run_logits(results: Results, run_id: str, split: str):
+def load_run_logits(results: Results, run_id: str, split: str):
     from dynexit.logits import load_logits
 
     path = results.run_folder(run_id) / f"logits_{split}.npz"
@@ -68,17 +68,17 @@ def exit_accuracy(results: Results) -> pd.DataFrame:
     for run in results.runs.to_dict("records"):
         rid, names = run["run_id"], results.run_exits(run["run_id"])
         curve = results.curve(rid)
-        columns = [_exit_column(curve, "threshold_", n, k) for k, n in enumerate(names)]
+        columns = [exit_column(curve, "threshold_", n, k) for k, n in enumerate(names)]
         if len(names) < 2 or None in columns:
             continue
-        loaded = _load_run_logits(results, rid, "test")
+        loaded = load_run_logits(results, rid, "test")
         if loaded is None:
             continue
         logits, targets = loaded
         if logits.shape[0] != len(names):
             raise ValueError(f"{results.run_folder(rid)}/logits_test.npz has {logits.shape[0]} exits, "
                              f"runs.csv lists {len(names)} ({', '.join(names)})")
-        conf, pred = scores(logits, _criterion(results, rid))
+        conf, pred = scores(logits, run_criterion(results, rid))
         correct = pred == targets[None, :]
         costs = [run[f"gmacs_{n}"] for n in names]
         thresholds = curve[columns].to_numpy(dtype=np.float32)
@@ -103,7 +103,7 @@ def confidence_histograms(results: Results, bins: int = 20, split: str = "test")
     edges = np.linspace(0.0, 1.0, bins + 1)
     counts: dict[tuple[str, str], np.ndarray] = {}
     for run in results.runs.to_dict("records"):
-        loaded = _load_run_logits(results, run["run_id"], split)
+        loaded = load_run_logits(results, run["run_id"], split)
         if loaded is None:
             continue
         logits, targets = loaded

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from dynexit.analysis.results import Results
-from dynexit.analysis.tables import _reference_config, latex_table, markdown_table, run_metrics
+from dynexit.analysis.tables import latex_table, markdown_table, reference_config, run_metrics
 from dynexit.curves import interpolation_points
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def curve_outcomes(curve: pd.DataFrame, logits: np.ndarray, targets: np.ndarray,
     its thresholds (``threshold_<exit>``, by name or position), the curve's ``criterion`` and
     ``temperature_<exit>`` columns (else ``criterion``); a point whose replayed accuracy differs from the
     curve's is an error naming ``where``. A single-exit curve is its exit's outcome."""
-    from dynexit.analysis.behaviour import _exit_column
+    from dynexit.analysis.behaviour import exit_column
     from dynexit.policies import assign_exits, scores
 
     curve = curve.reset_index(drop=True)
@@ -137,13 +137,13 @@ def curve_outcomes(curve: pd.DataFrame, logits: np.ndarray, targets: np.ndarray,
         _, pred = scores(logits)
         correct = {i: pred[0] == targets for i in needed}
     else:
-        columns = [_exit_column(curve, "threshold_", n, k) for k, n in enumerate(names)]
+        columns = [exit_column(curve, "threshold_", n, k) for k, n in enumerate(names)]
         if None in columns:
             raise ValueError(f"{where}: no threshold_<exit> columns, so its operating points cannot be replayed "
                              "on the test logits")
         if "criterion" in curve and curve["criterion"].notna().any():
             criterion = str(curve["criterion"].dropna().iloc[0])
-        temps = [_exit_column(curve, "temperature_", n, k) for k, n in enumerate(names)]
+        temps = [exit_column(curve, "temperature_", n, k) for k, n in enumerate(names)]
         temperatures = (curve.loc[0, temps].to_numpy(dtype=float)
                         if None not in temps and curve[temps].notna().all().all() else None)
         conf, pred = scores(logits, criterion, temperatures)
@@ -166,9 +166,9 @@ def curve_outcomes(curve: pd.DataFrame, logits: np.ndarray, targets: np.ndarray,
 def run_outcomes(results: Results, run_id: str, budgets: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`curve_outcomes` of one run (its curve and its folder's test logits) and its test targets; None
     when the run folder has no test logits."""
-    from dynexit.analysis.behaviour import _criterion, _load_run_logits
+    from dynexit.analysis.behaviour import load_run_logits, run_criterion
 
-    loaded = _load_run_logits(results, run_id, "test")
+    loaded = load_run_logits(results, run_id, "test")
     if loaded is None:
         return None
     logits, targets = loaded
@@ -177,7 +177,7 @@ def run_outcomes(results: Results, run_id: str, budgets: Sequence[float]) -> tup
     if logits.shape[0] != len(names):
         raise ValueError(f"{folder}/logits_test.npz has {logits.shape[0]} exits, runs.csv lists {len(names)} "
                          f"({', '.join(names)})")
-    return curve_outcomes(results.curve(run_id), logits, targets, budgets, names, _criterion(results, run_id),
+    return curve_outcomes(results.curve(run_id), logits, targets, budgets, names, run_criterion(results, run_id),
                           f"run {run_id} ({folder})"), targets
 
 
@@ -194,7 +194,7 @@ def budget_table(results: Results, budgets: Sequence[float], resamples: int = RE
     samples = _bootstrap(results, budgets, resamples, seed) if budgets else None
     rows = []
     for c, config in enumerate(results.configs):
-        reference = _reference_config(results, config)
+        reference = reference_config(results, config)
         for b, budget in enumerate(budgets):
             row = {"configuration": config, "budget_gmacs": budget, "accuracy": point[config][b],
                    "ci_low": np.nan, "ci_high": np.nan, "delta": np.nan, "delta_ci_low": np.nan,

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from dynexit.analysis.results import Results, _read_spec
+from dynexit.analysis.results import Results, read_spec
 
 UNKNOWN = "not recorded"
 
@@ -28,7 +28,7 @@ def run_evaluations(results: Results) -> pd.DataFrame:
     for run in results.runs.to_dict("records"):
         rid = run["run_id"]
         folder = results.run_folder(rid)
-        config = _read_spec(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+        config = read_spec(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
         outputs = _eval_outputs(folder / "eval.json")
         static = len(results.run_exits(rid)) < 2
         curve = results.curve(rid)

@@ -47,7 +47,7 @@ PUBLISHED = pd.DataFrame(_rows, columns=["model", "kind", "exit", "gmacs", "accu
 del _rows
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -84,7 +84,7 @@ def plot_budgeted_curves(results: Results, ax=None, published: bool | str = "aut
     and (``published``: ``"auto"`` for the released ImageNet presets present) the published numbers.
     Returns the figure; the legend (outside the axes, right) has one entry per configuration."""
     paper = _published_for(results, published)
-    fig = _figure(8.0 if paper.empty else 9.0, 4.8) if ax is None else ax.figure
+    fig = new_figure(8.0 if paper.empty else 9.0, 4.8) if ax is None else ax.figure
     ax = ax if ax is not None else fig.add_subplot()
     colors = config_colors(results)
     band = curve_band(results)
@@ -191,7 +191,7 @@ def wrapped_panels(groups: Sequence[Sequence], width: float, height: float, ncol
         for i in range(len(group)):
             layout.append((row + i // ncols, i % ncols))
         row += math.ceil(len(group) / ncols) if len(group) else 0
-    fig = _figure(width * ncols + 0.4, height * max(row, 1) + extra_height)
+    fig = new_figure(width * ncols + 0.4, height * max(row, 1) + extra_height)
     grid = fig.add_gridspec(max(row, 1), ncols)
     axes, rows, first = {}, [], None
     keys = [key for group in groups for key in group]
@@ -207,7 +207,7 @@ def wrapped_panels(groups: Sequence[Sequence], width: float, height: float, ncol
 def _panel_grid(n: int, width: float = 4.0, height: float = 3.0, ncols: int = 3):
     ncols = max(1, min(ncols, n, MAX_COLUMNS))
     nrows = math.ceil(n / ncols)
-    fig = _figure(width * ncols, height * nrows + 0.6)
+    fig = new_figure(width * ncols, height * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)

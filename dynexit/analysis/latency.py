@@ -160,12 +160,12 @@ def plot_latency_curves(results: Results, table: pd.DataFrame):
     """Test accuracy against expected GMACs (left) and against expected latency per image at each measured
     batch size (right), one line per configuration (mean over seeds of each operating point), static models
     as squares. ``None`` when the table is empty."""
-    from dynexit.analysis.figures import ACC_LABEL, COST_LABEL, _figure, config_colors
+    from dynexit.analysis.figures import ACC_LABEL, COST_LABEL, config_colors, new_figure
 
     if table.empty:
         return None
     batches = sorted(set(table["batch_size"]))
-    fig = _figure(4.3 * (1 + len(batches)) + 1.8, 4.0)
+    fig = new_figure(4.3 * (1 + len(batches)) + 1.8, 4.0)
     axes = fig.subplots(1, 1 + len(batches), sharey=True, squeeze=False)[0]
     colors = config_colors(results)
     first = table[table["batch_size"] == batches[0]]

@@ -101,7 +101,7 @@ def load_results(results_dir: str | Path, allow_mixed: bool = False) -> Results:
             raise ValueError(f"{path / 'runs.csv'} has no {column!r} column")
     runs["run_id"] = runs["run_id"].astype(str)
     runs["variant"] = runs["variant"].astype(str)
-    spec = _read_spec(path / "experiment.yaml")
+    spec = read_spec(path / "experiment.yaml")
 
     run_exit_names = {rid: _exits_of(row, path / "runs" / rid / "costs.csv")
                       for rid, row in zip(runs["run_id"], runs.to_dict("records"))}
@@ -181,7 +181,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def _read_spec(path: Path) -> dict:
+def read_spec(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:

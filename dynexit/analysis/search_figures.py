@@ -46,10 +46,10 @@ def threshold_search_points(curve: pd.DataFrame, protocol: pd.DataFrame, grid: s
 def plot_threshold_search(points: pd.DataFrame, title: str = "threshold search"):
     """Test accuracy against expected cost of the searched curve and the protocol's; with Pareto points,
     a second panel of every complete trial and the front on the calibration split."""
-    from dynexit.analysis.figures import ACC_LABEL, COST_LABEL, _figure
+    from dynexit.analysis.figures import ACC_LABEL, COST_LABEL, new_figure
 
     pareto = bool((points["split"] == "calib").any())
-    fig = _figure(11.0 if pareto else 6.5, 4.2)
+    fig = new_figure(11.0 if pareto else 6.5, 4.2)
     axes = fig.subplots(1, 2 if pareto else 1, squeeze=False)[0]
     test = points[points["split"] == "test"]
     for (series, rows), style in zip(test.groupby("series", sort=False), ("o-", "x--")):
@@ -124,14 +124,14 @@ def loss_weight_figures(trials: pd.DataFrame) -> dict[str, tuple]:
     trials, and those plots' legends cover narrow axes."""
     import optuna
 
-    from dynexit.analysis.figures import _figure
+    from dynexit.analysis.figures import new_figure
 
     history = optimization_history(trials)
     out = {}
     if history.empty:
         log.info("loss-weight search: no complete trial, no figure")
         return out
-    fig = _figure(7.0, 3.8)
+    fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
     pruned = trials[trials["state"] == "PRUNED"]
     if "last_reported" in trials and not pruned.empty:
@@ -152,7 +152,7 @@ def loss_weight_figures(trials: pd.DataFrame) -> dict[str, tuple]:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         importances = optuna.importance.get_param_importances(study_from_trials(trials), evaluator=evaluator)
     data = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
-    fig = _figure(7.0, 0.45 * len(data) + 1.2)
+    fig = new_figure(7.0, 0.45 * len(data) + 1.2)
     ax = fig.add_subplot()
     shown = data.iloc[::-1]
     ax.barh(shown["parameter"], shown["importance"], color="tab:blue")

@@ -164,7 +164,7 @@ def ablation_table(results: Results, budgets: Sequence[float] | None = None,
             for column in (f"gmacs_{e}", f"share_{e}") if by_position else (f"gmacs_{e}",):
                 row[column] = float(runs[column].mean(skipna=False)) if column in runs else np.nan
         row["gmacs_final"] = float(runs["gmacs_final"].mean())
-        reference = _reference_config(results, config)
+        reference = reference_config(results, config)
         for column in ("auc", "acc_final"):
             mean, std = _paired_difference(runs, per_run[per_run["config"] == reference], column) \
                 if reference is not None else (float("nan"), float("nan"))
@@ -185,7 +185,7 @@ def ablation_table(results: Results, budgets: Sequence[float] | None = None,
     return table
 
 
-def _reference_config(results: Results, config: str) -> str | None:
+def reference_config(results: Results, config: str) -> str | None:
     """The reference variant's configuration with the same other settings as ``config``."""
     runs = results.runs
     row = runs[runs["config"] == config].iloc[0]

@@ -31,9 +31,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from dynexit.analysis.compare import compare_results, format_comparison
-    from dynexit.cli.report import _floats
+    from dynexit.cli.report import float_list
 
-    budgets = _floats(args.budgets, "--budgets") if args.budgets else None
+    budgets = float_list(args.budgets, "--budgets") if args.budgets else None
     comparison = compare_results(args.results_dir, args.reference_dir, budgets=budgets, sigmas=args.sigmas)
     print(format_comparison(comparison))
     return 0 if comparison.reproduced else 1

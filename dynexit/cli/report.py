@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _floats(text: str, option: str) -> list[float]:
+def float_list(text: str, option: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -61,7 +61,7 @@ def run(args) -> int:
 
     results_dir = Path(args.results_dir)
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
-    budgets = _floats(args.budgets, "--budgets") if args.budgets else None
+    budgets = float_list(args.budgets, "--budgets") if args.budgets else None
     written = write_report(results_dir, args.out, formats=formats, budgets=budgets,
                            published=False if args.no_published else "auto", allow_mixed=args.allow_mixed)
     markdown = next(p for p in written["ablation table"] if p.suffix == ".md")
