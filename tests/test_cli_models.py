@@ -50,3 +50,19 @@ def test_help_of_every_command_has_an_example(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert f"dynexit {command}" in capsys.readouterr().out.split("example")[-1], command
+
+
+def test_convert_from_names_the_source_and_gives_what_the_named_converters_give(tmp_path, capsys):
+    name = "mobilenetV3_0x75_perceiver_t128"
+    fixture = load_fixture(name)
+    args = argparse.Namespace(model=name, depth_factor=["1", "1", "1", "3"], nb_classes=1000, input_size=224)
+    source = tmp_path / "official.pth"
+    torch.save({"model": deterministic_weights(fixture["keys"]), "args": args}, source)
+    assert main(["convert", "--from", "official", str(source), str(tmp_path / "a.pt")]) == 0
+    assert main(["convert-official", str(source), str(tmp_path / "b.pt")]) == 0
+    a, b = load_model(tmp_path / "a.pt"), load_model(tmp_path / "b.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    capsys.readouterr()
+    assert main(["convert", "--from", "msdnet", str(source), str(tmp_path / "c.pt")]) == 1
+    assert "--from msdnet needs --model" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()

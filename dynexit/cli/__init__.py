@@ -18,6 +18,7 @@ from dynexit.cli import (
     bench,
     compare,
     convert,
+    convert_from,
     convert_msdnet,
     costs,
     curve,
@@ -32,8 +33,8 @@ from dynexit.cli import (
 from dynexit.cli.options import SET_RULE, HelpFormatter
 
 # Subcommand modules, in the order ``dynexit --help`` lists them.
-COMMANDS = (models, costs, bench, convert, convert_msdnet, train, run, status, curve, search, report, compare,
-            migrate_ids)
+COMMANDS = (models, costs, bench, convert_from, convert, convert_msdnet, train, run, status, curve, search, report,
+            compare, migrate_ids)
 
 EPILOG = f"""examples:
   dynexit models
