@@ -7,8 +7,8 @@ from dynexit.cli.options import SET_RULE, HelpFormatter, add_set
 SOURCES = ("official", "msdnet")
 
 EPILOG = """examples:
-  dynexit convert --from official reg800m_t128.pth reg800m_t128.dynexit.pt
-  dynexit convert --from msdnet cifar100_anytime.pth.tar cifar100_anytime.dynexit.pt --model msdnet_cifar_anytime
+  dynexit convert --from official reg800m_t128.pth reg800m_t128.converted.pt
+  dynexit convert --from msdnet cifar100_anytime.pth.tar cifar100.converted.pt --model msdnet_cifar_anytime
 
 --from official: an official Dynamic Perceiver checkpoint; its architecture is read from its training arguments
 (by preset name only) unless --model names it. --from msdnet: a checkpoint of the reference MSDNet code, which
