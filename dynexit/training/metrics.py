@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynexit.training.distributed import DistContext
-from dynexit.utils import atomic_write, flatten_dict, read_csv_file
+from dynexit.utils import atomic_write, eval_mode, flatten_dict, read_csv_file
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +112,16 @@ def evaluate(model: nn.Module, batches: Iterable, exit_names: Sequence[str], ctx
              amp: bool = False, channels_last: bool = False) -> ExitMetrics:
     """Per-exit cross-entropy and accuracy of ``model`` (eval mode) over ``batches`` of (images, labels),
     summed over all processes (each process passes its own shard)."""
-    was_training = model.training
-    model.eval()
     metrics = ExitMetrics(exit_names, ctx.device)
-    for images, labels in batches:
-        images = prepare_images(images, ctx.device, channels_last)
-        labels = labels.to(ctx.device, non_blocking=True)
-        with autocast(ctx.device, amp):
-            logits = model(images)
-        logits = [y.float() for y in logits]
-        loss = torch.stack([F.cross_entropy(y, labels) for y in logits])
-        metrics.update(logits, labels, loss)
-    model.train(was_training)
+    with eval_mode(model):  # restored even when a batch fails
+        for images, labels in batches:
+            images = prepare_images(images, ctx.device, channels_last)
+            labels = labels.to(ctx.device, non_blocking=True)
+            with autocast(ctx.device, amp):
+                logits = model(images)
+            logits = [y.float() for y in logits]
+            loss = torch.stack([F.cross_entropy(y, labels) for y in logits])
+            metrics.update(logits, labels, loss)
     return metrics.reduce(ctx)
 
 
