@@ -239,7 +239,7 @@ def test_model_sections_of_every_family_are_checked_at_load(user_modules, tmp_pa
         ("stage2", "stage3", "final"), 1.0)
     for model, message in [({"name": "msdnet_small", "x2z": False}, "model.x2z: not a setting of msdnet_small"),
                            ({"name": "tiny_perceiver_t16", "nBlocks": 3}, "model.nBlocks: not a setting of tiny"),
-                           ({"name": "no_such_preset"}, "model.name: unknown model 'no_such_preset'"),
+                           ({"name": "no_such_preset"}, "model.name: unknown preset 'no_such_preset'"),
                            ({"factory": "no_such_module_xyz:f"}, "model.factory: .*cannot import")]:
         with pytest.raises(ValueError, match=f"run.yaml: {message}"):
             load_run_config(write_config(tmp_path, model))
