@@ -138,7 +138,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "                    self.scaler.unscale_(self.optimizer)\n", "",
            ("tests/test_training.py::test_the_loops_scaled_fp16_steps_equal_unscaled_ones",)),
     Mutant("training: distributed evaluation loaders drop their workers", "dynexit/training/loop.py",
-           "persistent_workers=cfg.data.num_workers > 0)", "persistent_workers=False)",
+           "pin_memory=pin, persistent_workers=workers > 0)", "pin_memory=pin, persistent_workers=False)",
            ("tests/test_gpu_speed.py::test_distributed_evaluation_loaders_keep_their_workers",)),
     Mutant("runs: a default train field enters the run id", "dynexit/runs/spec.py",
            'IDENTITY_IF_SET = {"reference_batch": None, "scale_lr": False, "compile": False, "eval_calib": "every"}',
