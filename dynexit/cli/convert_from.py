@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dynexit.cli.options import SET_RULE, HelpFormatter, add_set
 
-SOURCES = ("official", "msdnet")
+# --from: the code base a checkpoint comes from (its own names, not the protocol grids of the same names)
+SOURCES = {"official": "the official Dynamic Perceiver release", "msdnet": "the reference MSDNet code"}
 
 EPILOG = """examples:
   dynexit convert --from official reg800m_t128.pth reg800m_t128.converted.pt
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> None:
                     "missing, unexpected or wrongly shaped key is an error) and write a dynexit checkpoint that "
                     "`dynexit.models.checkpoint.load_model` reads.",
         epilog=EPILOG, formatter_class=HelpFormatter)
-    p.add_argument("--from", dest="source", required=True, choices=SOURCES,
+    p.add_argument("--from", dest="source", required=True, choices=list(SOURCES),
                    help="the code base the checkpoint comes from")
     p.add_argument("input", help="the checkpoint to convert (.pth, .pth.tar)")
     p.add_argument("output", help="dynexit checkpoint to write")
