@@ -516,17 +516,15 @@ def validate_run_config(cfg: RunConfig, import_factories: bool = True) -> None:
     check_finite(to_container(cfg))
     check_seed(cfg.seed, "seed")
     _check_op_handles(cfg.model, import_factories)
+    exit_names: tuple[str, ...] = ()  # unknown without importing a factory: the checks that need them skipped
     if cfg.model.factory is not None and not import_factories:
         _check_factory_section(cfg.model)
-        validate_data_config(cfg.data, import_factories)
-        validate_train_config(cfg.train)
-        validate_eval_config(cfg.eval)
-        return
-    try:
-        exit_names = _checked_model(cfg.model)
-    except (ValueError, TypeError) as err:  # the model families speak of their own fields: name the key
-        key = key_in_message(str(err))
-        raise type(err)(f"{key}: {err}" if key and key not in str(err) else str(err)) from None
+    else:
+        try:
+            exit_names = _checked_model(cfg.model)
+        except (ValueError, TypeError) as err:  # the model families speak of their own fields: name the key
+            key = key_in_message(str(err))
+            raise type(err)(f"{key}: {err}" if key and key not in str(err) else str(err)) from None
     validate_data_config(cfg.data, import_factories)
     validate_train_config(cfg.train)
     if len(exit_names) > 1:  # one exit: plain cross-entropy, the weights are not used

@@ -79,14 +79,10 @@ def find_results_dir(default: str = DEFAULT_RESULTS, env: str = RESULTS_ENV) -> 
     return path
 
 
-# runs.csv's columns that say how a run was evaluated (dynexit.runs.aggregate.EVAL_COLUMNS)
-EVAL_COLUMNS = ("eval.criterion", "eval.grid", "eval.use_ema", "eval.batch_size")
-
-
 def load_results(results_dir: str | Path, allow_mixed: bool = False) -> Results:
     """Reads an experiment's results folder (``runs.csv``, ``curves.csv``, ``experiment.yaml``).
 
-    Runs of one configuration evaluated differently (``EVAL_COLUMNS``) are not pooled: ValueError naming
+    Runs of one configuration evaluated differently (runs.csv's ``eval.*`` columns) are not pooled: ValueError naming
     them, unless ``allow_mixed`` (then ``Results.mixed`` lists the configurations, and the report says so).
     Run folders that runs.csv leaves out (not finished, failed, or an incomplete evaluation) are listed in
     ``Results.left_out`` with the reason."""
@@ -136,6 +132,8 @@ def load_results(results_dir: str | Path, allow_mixed: bool = False) -> Results:
 
 def _mixed_evaluations(runs: pd.DataFrame, where: Path, allow_mixed: bool) -> list[str]:
     """The configurations whose runs were evaluated differently; ValueError naming them unless allowed."""
+    from dynexit.runs.aggregate import EVAL_COLUMNS  # what runs.csv records of each run's evaluation
+
     columns = [c for c in EVAL_COLUMNS if c in runs.columns]
     if not columns:  # a runs.csv written before it recorded evaluations: nothing to compare
         return []

@@ -99,6 +99,18 @@ def _read_calib_file(path: Path, name: str, n_train: int, n_calib: int) -> np.nd
     return np.sort(indices)
 
 
+def split_indices(cfg: DataConfig, name: str, n_train: int, n_test: int, run_dir: Path | str | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sorted indices of the training, calibration and test splits: the calibration split held out of
+    the training set (``calibration_indices``), then ``train_subset`` and ``test_subset`` thinning the rest."""
+    calib_idx = calibration_indices(cfg, name, n_train, Path(run_dir) if run_dir is not None else None)
+    rest = np.setdiff1d(np.arange(n_train), calib_idx, assume_unique=True)
+    train_idx = _subset(rest, cfg.train_subset, [cfg.split_seed, 1],
+                        "training images left after calibration", "train_subset")
+    test_idx = _subset(np.arange(n_test), cfg.test_subset, [cfg.split_seed, 2], "test images", "test_subset")
+    return train_idx, calib_idx, test_idx
+
+
 def _subset(indices: np.ndarray, size: Optional[int], seed: list[int], what: str, key: str) -> np.ndarray:
     if size is None:
         return indices
@@ -155,11 +167,7 @@ def build_datasets(cfg: DataConfig, run_dir: Path | str | None = None, uint8_tra
         n_train, n_test, classes = len(source[0]), len(source[1]), list(source[0].classes)
     num_classes = info.num_classes or len(classes)
 
-    calib_idx = calibration_indices(cfg, name, n_train, Path(run_dir) if run_dir is not None else None)
-    rest = np.setdiff1d(np.arange(n_train), calib_idx, assume_unique=True)
-    train_idx = _subset(rest, cfg.train_subset, [cfg.split_seed, 1],
-                        "training images left after calibration", "train_subset")
-    test_idx = _subset(np.arange(n_test), cfg.test_subset, [cfg.split_seed, 2], "test images", "test_subset")
+    train_idx, calib_idx, test_idx = split_indices(cfg, name, n_train, n_test, run_dir)
 
     if isinstance(source, _Arrays):
         train, calib, test = _in_memory_splits(cfg, source, info, train_idx, calib_idx, test_idx, uint8_train)
@@ -223,11 +231,7 @@ def _factory_splits(cfg: DataConfig, run_dir: Path | str | None) -> Splits:
         raise ValueError(f"data.factory {cfg.factory!r} gives {tuple(image.shape[1:])} images, but "
                          f"data.image_size is {cfg.image_size}; set data.image_size: {image.shape[-1]}")
     name = cfg.factory
-    calib_idx = calibration_indices(cfg, name, n_train, Path(run_dir) if run_dir is not None else None)
-    rest = np.setdiff1d(np.arange(n_train), calib_idx, assume_unique=True)
-    train_idx = _subset(rest, cfg.train_subset, [cfg.split_seed, 1],
-                        "training images left after calibration", "train_subset")
-    test_idx = _subset(np.arange(n_test), cfg.test_subset, [cfg.split_seed, 2], "test images", "test_subset")
+    train_idx, calib_idx, test_idx = split_indices(cfg, name, n_train, n_test, run_dir)
     classes = list(getattr(source_train, "classes", []) or [])
     num_classes = len(classes) or 1 + max(int(source_train[i][1]) for i in range(n_train))
     log.info("%s: %d train, %d calibration, %d test images, %d classes, %d px, as the factory gives them", name,

@@ -218,9 +218,10 @@ def experiment_status(experiment: Experiment) -> list[dict]:
     for run in folder_runs(experiment):
         folder = run_dir(experiment, run)
         state = run_state(folder, run.config.eval if run.run_id in own else None)
+        status = read_status(folder)
         rows.append({"run_id": run.run_id, "variant": run.variant, "state": state, "in_spec": run.run_id in own,
-                     "overrides": run.overrides, "job_id": read_status(folder).get("job_id", ""),
-                     "error": read_status(folder).get("error", "") if state in (FAILED, STALE) else "",
+                     "overrides": run.overrides, "job_id": status.get("job_id", ""),
+                     "error": status.get("error", "") if state in (FAILED, STALE) else "",
                      "eval_changes": evaluation_changes(folder, run.config.eval) if state == STALE else []})
     return rows
 
